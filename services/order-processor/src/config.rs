@@ -1,0 +1,138 @@
+//! order-processor settings (SPEC "Environment"), each with its default.
+
+use std::time::Duration;
+
+use order_runtime::config::{ConfigError, check_range, load};
+use order_runtime::CommonConfig;
+use serde::Deserialize;
+
+/// The processor's own block; see [`Config`] for the whole.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ProcessorSettings {
+    /// `HTTP_PORT` for `/healthz`, `/readyz`, `/metrics`, `/stats`. Default 8102; 0 picks a free
+    /// port (tests).
+    #[serde(default = "default_port")]
+    pub http_port: u16,
+    /// `CONSUMER_GROUP`. Default `order-processor`.
+    #[serde(default = "default_group")]
+    pub consumer_group: String,
+    /// `MAX_RETRIES`: retries after the first attempt of a temporary failure. Default 3.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    /// `RETRY_INITIAL_BACKOFF_MS`: wait before the first retry. Default 1000.
+    #[serde(default = "default_initial_backoff")]
+    pub retry_initial_backoff_ms: u64,
+    /// `RETRY_BACKOFF_MULTIPLIER`: each wait is the previous one times this. Default 2.0.
+    #[serde(default = "default_multiplier")]
+    pub retry_backoff_multiplier: f64,
+    /// `RETRY_MAX_BACKOFF_MS`: no single wait is longer. Default 30000.
+    #[serde(default = "default_max_backoff")]
+    pub retry_max_backoff_ms: u64,
+    /// `TRANSIENT_FAILURE_RATE`: the simulated chance that one processing attempt fails
+    /// temporarily, 0 to 1. Default 0.
+    #[serde(default)]
+    pub transient_failure_rate: f64,
+    /// `STATS_LOG_INTERVAL_MS`: how often the running average is logged while it moves.
+    /// Default 5000.
+    #[serde(default = "default_log_interval")]
+    pub stats_log_interval_ms: u64,
+}
+
+fn default_port() -> u16 {
+    8102
+}
+fn default_group() -> String {
+    "order-processor".to_owned()
+}
+fn default_max_retries() -> u32 {
+    3
+}
+fn default_initial_backoff() -> u64 {
+    1000
+}
+fn default_multiplier() -> f64 {
+    2.0
+}
+fn default_max_backoff() -> u64 {
+    30_000
+}
+fn default_log_interval() -> u64 {
+    5000
+}
+
+/// Everything the processor reads from the environment.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub common: CommonConfig,
+    pub processor: ProcessorSettings,
+}
+
+impl Config {
+    /// Reads and checks the configuration from `vars` (the process env in `main`).
+    pub fn from_vars(vars: &[(String, String)]) -> Result<Self, ConfigError> {
+        let common = CommonConfig::from_vars(vars)?;
+        let processor: ProcessorSettings = load(vars.iter().cloned())?;
+        let p = &processor;
+        check_range("MAX_RETRIES", p.max_retries, 0, 100)?;
+        check_range("RETRY_INITIAL_BACKOFF_MS", p.retry_initial_backoff_ms, 0, 600_000)?;
+        check_range("RETRY_BACKOFF_MULTIPLIER", p.retry_backoff_multiplier, 1.0, 100.0)?;
+        check_range("RETRY_MAX_BACKOFF_MS", p.retry_max_backoff_ms, p.retry_initial_backoff_ms, 600_000)?;
+        check_range("TRANSIENT_FAILURE_RATE", p.transient_failure_rate, 0.0, 1.0)?;
+        check_range("STATS_LOG_INTERVAL_MS", p.stats_log_interval_ms, 100, 3_600_000)?;
+        if p.consumer_group.trim().is_empty() {
+            return Err(ConfigError("CONSUMER_GROUP must not be empty".into()));
+        }
+        Ok(Config { common, processor })
+    }
+
+    /// The wait before retry number `retry` (1-based): initial × multiplier^(retry-1), capped.
+    pub fn backoff(&self, retry: u32) -> Duration {
+        let p = &self.processor;
+        let exp = i32::try_from(retry.saturating_sub(1)).unwrap_or(i32::MAX);
+        #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let ms = (p.retry_initial_backoff_ms as f64 * p.retry_backoff_multiplier.powi(exp))
+            .min(p.retry_max_backoff_ms as f64) as u64;
+        Duration::from_millis(ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn defaults_give_the_seed_backoff() {
+        let c = Config::from_vars(&[]).unwrap();
+        assert_eq!(c.processor.http_port, 8102);
+        assert_eq!(c.processor.consumer_group, "order-processor");
+        assert_eq!(c.processor.max_retries, 3);
+        let waits: Vec<u64> = (1..=3).map(|r| c.backoff(r).as_millis() as u64).collect();
+        assert_eq!(waits, [1000, 2000, 4000]);
+    }
+
+    #[test]
+    fn backoff_is_capped() {
+        let c = Config::from_vars(&vars(&[("RETRY_MAX_BACKOFF_MS", "3000")])).unwrap();
+        assert_eq!(c.backoff(3), Duration::from_millis(3000));
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        for (var, value) in [
+            ("MAX_RETRIES", "-1"),
+            ("MAX_RETRIES", "lots"),
+            ("TRANSIENT_FAILURE_RATE", "1.5"),
+            ("RETRY_BACKOFF_MULTIPLIER", "0.5"),
+            ("HTTP_PORT", "70000"),
+            ("RETRY_MAX_BACKOFF_MS", "10"),
+        ] {
+            let e = Config::from_vars(&vars(&[(var, value)])).unwrap_err();
+            assert!(e.to_string().contains(var), "{var}={value}: {e}");
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! Settings every service reads from the environment (SPEC "Environment").
+//!
+//! Services load this block and their own block from the same variables with [`load`], which
+//! takes any iterator of pairs, so tests build configs without touching the process env.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+/// Prefix of the variables passed through to librdkafka: `RDKAFKA_SECURITY_PROTOCOL=sasl_ssl`
+/// sets `security.protocol=sasl_ssl` on every client of the service.
+pub const RDKAFKA_PREFIX: &str = "RDKAFKA_";
+
+/// A bad or unreadable setting, always naming the variable.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+/// Reads `T` from `vars` with envy; every field must have a default, so only bad values fail.
+pub fn load<T: DeserializeOwned>(
+    vars: impl IntoIterator<Item = (String, String)>,
+) -> Result<T, ConfigError> {
+    envy::from_iter(vars).map_err(|e| ConfigError(envy_message(e)))
+}
+
+fn envy_message(e: envy::Error) -> String {
+    match e {
+        envy::Error::MissingValue(field) => {
+            format!("{} is required", field.to_uppercase())
+        }
+        // envy words these as "<parse error> while parsing value '<v>' provided by <VAR>"
+        envy::Error::Custom(msg) => msg,
+    }
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object a line, for log shippers.
+    Json,
+    /// Human-readable, coloured when a terminal is attached.
+    #[default]
+    Pretty,
+}
+
+/// The settings shared by all three services.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CommonConfig {
+    /// `KAFKA_BOOTSTRAP_SERVERS`, comma-separated `host:port` list. Default `127.0.0.1:9092`.
+    #[serde(default = "default_bootstrap")]
+    pub kafka_bootstrap_servers: String,
+    /// `SCHEMA_REGISTRY_URL`, the base URL a Confluent client uses (it may carry a path).
+    /// Default `http://127.0.0.1:8081`.
+    #[serde(default = "default_registry")]
+    pub schema_registry_url: String,
+    /// `ORDERS_TOPIC`, where orders are published. Default `orders`.
+    #[serde(default = "default_orders_topic")]
+    pub orders_topic: String,
+    /// `DLQ_TOPIC`, where failed orders go. Default `orders-dlq`.
+    #[serde(default = "default_dlq_topic")]
+    pub dlq_topic: String,
+    /// `LOG_FORMAT`, `json` or `pretty`. Default `pretty`.
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// librdkafka properties from `RDKAFKA_*` variables (not read by envy; see
+    /// [`CommonConfig::from_vars`]).
+    #[serde(skip)]
+    pub kafka_properties: BTreeMap<String, String>,
+}
+
+fn default_bootstrap() -> String {
+    "127.0.0.1:9092".to_owned()
+}
+fn default_registry() -> String {
+    "http://127.0.0.1:8081".to_owned()
+}
+fn default_orders_topic() -> String {
+    "orders".to_owned()
+}
+fn default_dlq_topic() -> String {
+    "orders-dlq".to_owned()
+}
+
+impl CommonConfig {
+    /// Reads the common block and the `RDKAFKA_*` pass-through properties.
+    pub fn from_vars(vars: &[(String, String)]) -> Result<Self, ConfigError> {
+        let mut config: CommonConfig = load(vars.iter().cloned())?;
+        for (key, value) in vars {
+            if let Some(name) = key.strip_prefix(RDKAFKA_PREFIX) {
+                if name.is_empty() {
+                    return Err(ConfigError(format!("{key} names no librdkafka property")));
+                }
+                config
+                    .kafka_properties
+                    .insert(name.to_lowercase().replace('_', "."), value.clone());
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let nonempty = [
+            ("KAFKA_BOOTSTRAP_SERVERS", &self.kafka_bootstrap_servers),
+            ("ORDERS_TOPIC", &self.orders_topic),
+            ("DLQ_TOPIC", &self.dlq_topic),
+        ];
+        for (name, value) in nonempty {
+            if value.trim().is_empty() {
+                return Err(ConfigError(format!("{name} must not be empty")));
+            }
+        }
+        if self.orders_topic == self.dlq_topic {
+            return Err(ConfigError(format!(
+                "ORDERS_TOPIC and DLQ_TOPIC are both {:?}; dead letters would be consumed as orders",
+                self.orders_topic
+            )));
+        }
+        if !(self.schema_registry_url.starts_with("http://")
+            || self.schema_registry_url.starts_with("https://"))
+        {
+            return Err(ConfigError(format!(
+                "SCHEMA_REGISTRY_URL {:?} is not an http(s) URL",
+                self.schema_registry_url
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The process environment as pairs, for `main`.
+pub fn process_env() -> Vec<(String, String)> {
+    std::env::vars().collect()
+}
+
+/// Checks a value is in range, naming the variable when it is not.
+pub fn check_range<T: PartialOrd + std::fmt::Display>(
+    name: &str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(ConfigError(format!(
+            "{name}={value} is out of range: expected {min} to {max}"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let c = CommonConfig::from_vars(&[]).unwrap();
+        assert_eq!(c.kafka_bootstrap_servers, "127.0.0.1:9092");
+        assert_eq!(c.schema_registry_url, "http://127.0.0.1:8081");
+        assert_eq!(c.orders_topic, "orders");
+        assert_eq!(c.dlq_topic, "orders-dlq");
+        assert_eq!(c.log_format, LogFormat::Pretty);
+        assert!(c.kafka_properties.is_empty());
+    }
+
+    #[test]
+    fn rdkafka_variables_pass_through() {
+        let c = CommonConfig::from_vars(&vars(&[
+            ("RDKAFKA_SECURITY_PROTOCOL", "sasl_ssl"),
+            ("RDKAFKA_SASL_MECHANISM", "PLAIN"),
+        ]))
+        .unwrap();
+        assert_eq!(c.kafka_properties["security.protocol"], "sasl_ssl");
+        assert_eq!(c.kafka_properties["sasl.mechanism"], "PLAIN");
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let e = CommonConfig::from_vars(&vars(&[("LOG_FORMAT", "xml")])).unwrap_err();
+        assert!(e.to_string().contains("LOG_FORMAT"), "{e}");
+        let e = CommonConfig::from_vars(&vars(&[("SCHEMA_REGISTRY_URL", "localhost")])).unwrap_err();
+        assert!(e.to_string().contains("SCHEMA_REGISTRY_URL"), "{e}");
+        let e = CommonConfig::from_vars(&vars(&[("DLQ_TOPIC", "orders")])).unwrap_err();
+        assert!(e.to_string().contains("DLQ_TOPIC"), "{e}");
+        let e = check_range("ORDER_RATE", 2.0, 0.0, 1.0).unwrap_err();
+        assert!(e.to_string().contains("ORDER_RATE=2"), "{e}");
+    }
+}

@@ -1,0 +1,196 @@
+//! The HTTP surface every service shares: `/healthz`, `/readyz`, `/metrics`.
+//!
+//! A service builds [`router`] with its [`Probe`] and metrics registry, merges its own routes
+//! (`/stats`, `/report`) and serves it with [`serve`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// What `/readyz` reports: each named condition must hold for the service to be ready.
+#[derive(Debug, Default)]
+pub struct Probe {
+    conditions: std::sync::Mutex<Vec<(&'static str, Arc<AtomicBool>)>>,
+}
+
+impl Probe {
+    /// Adds a condition (false until set) and returns its flag.
+    pub fn condition(&self, name: &'static str) -> Arc<AtomicBool> {
+        let flag = Arc::new(AtomicBool::new(false));
+        if let Ok(mut c) = self.conditions.lock() {
+            c.push((name, flag.clone()));
+        }
+        flag
+    }
+
+    /// Names of the conditions that do not hold; empty means ready.
+    pub fn unmet(&self) -> Vec<&'static str> {
+        self.conditions
+            .lock()
+            .map(|c| {
+                c.iter()
+                    .filter(|(_, f)| !f.load(Ordering::Acquire))
+                    .map(|(n, _)| *n)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+#[derive(Clone)]
+struct Shared {
+    probe: Arc<Probe>,
+    registry: Arc<Registry>,
+}
+
+/// `/healthz`, `/readyz` and `/metrics` over the given probe and metrics.
+pub fn router(probe: Arc<Probe>, registry: Arc<Registry>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(Shared { probe, registry })
+}
+
+async fn readyz(State(s): State<Shared>) -> Response {
+    let unmet = s.probe.unmet();
+    if unmet.is_empty() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}", unmet.join(", ")),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(s): State<Shared>) -> Response {
+    let mut body = String::with_capacity(8 * 1024);
+    match prometheus_client::encoding::text::encode(&mut body, &s.registry) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// Binds `127.0.0.1:0`-style addresses too: the caller reads the real port from the listener.
+pub async fn bind(port: u16) -> std::io::Result<TcpListener> {
+    TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).await
+}
+
+/// Serves `app` until `shutdown` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    async fn get(app: &Router, path: &str) -> (StatusCode, String) {
+        let res = app
+            .clone()
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = res.status();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn readiness_follows_every_condition() {
+        let probe = Arc::new(Probe::default());
+        let broker = probe.condition("broker");
+        let assigned = probe.condition("partitions assigned");
+        let app = router(probe, Arc::new(Registry::default()));
+
+        assert_eq!(get(&app, "/healthz").await.0, StatusCode::OK);
+        let (status, body) = get(&app, "/readyz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body, "not ready: broker, partitions assigned");
+
+        broker.store(true, Ordering::Release);
+        assert_eq!(get(&app, "/readyz").await.1, "not ready: partitions assigned");
+        assigned.store(true, Ordering::Release);
+        assert_eq!(get(&app, "/readyz").await, (StatusCode::OK, "ready".to_owned()));
+    }
+
+    #[tokio::test]
+    async fn metrics_are_prometheus_text() {
+        let mut registry = Registry::default();
+        let counter = prometheus_client::metrics::counter::Counter::<u64>::default();
+        registry.register("orders_test", "a test counter", counter.clone());
+        counter.inc_by(3);
+        let app = router(Arc::new(Probe::default()), Arc::new(registry));
+        let (status, body) = get(&app, "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("orders_test_total 3"), "{body}");
+    }
+}
+
+/// Keeps the `broker` and `registry` conditions of `probe` current: checked now and then
+/// every `every` until `shutdown`.
+pub fn watch_dependencies(
+    probe: &Probe,
+    common: &crate::CommonConfig,
+    every: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let broker = probe.condition("broker reachable");
+    let registry = probe.condition("schema registry reachable");
+    let common = common.clone();
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(3))
+        .build()
+        .unwrap_or_default();
+    let subjects = format!("{}/subjects", common.schema_registry_url.trim_end_matches('/'));
+    tokio::spawn(async move {
+        loop {
+            let c = common.clone();
+            let broker_ok = tokio::task::spawn_blocking(move || {
+                crate::kafka::broker_reachable(&c, std::time::Duration::from_secs(3))
+            })
+            .await
+            .unwrap_or(false);
+            broker.store(broker_ok, Ordering::Release);
+            let registry_ok = client
+                .get(&subjects)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            registry.store(registry_ok, Ordering::Release);
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+    });
+}

@@ -1,0 +1,126 @@
+//! Kafka client configurations with safe defaults, and the broker checks behind `/readyz`.
+//!
+//! Every builder starts from the service's [`CommonConfig`], applies our defaults, then the
+//! user's `RDKAFKA_*` properties, so an operator can override anything (security settings,
+//! tuning) without a code change.
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+use crate::config::CommonConfig;
+
+fn base(common: &CommonConfig, client_id: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &common.kafka_bootstrap_servers)
+        .set("client.id", client_id)
+        // librdkafka logs through its own callback; errors surface as events we log
+        .set("log.connection.close", "false");
+    c
+}
+
+fn with_user_properties(mut c: ClientConfig, common: &CommonConfig) -> ClientConfig {
+    for (k, v) in &common.kafka_properties {
+        c.set(k, v);
+    }
+    c
+}
+
+/// A producer that never duplicates or reorders within a partition (idempotence, acks=all),
+/// batching for throughput. `compression` is librdkafka's `compression.type`.
+pub fn producer_config(common: &CommonConfig, client_id: &str, compression: &str) -> ClientConfig {
+    let mut c = base(common, client_id);
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", compression)
+        .set("linger.ms", "5")
+        .set("batch.size", "262144")
+        // delivery is retried inside librdkafka for this long before a report says it failed
+        .set("message.timeout.ms", "120000")
+        // bound the memory the send queue may take (librdkafka's default is 1 GiB)
+        .set("queue.buffering.max.kbytes", "65536");
+    with_user_properties(c, common)
+}
+
+/// A consumer for at-least-once processing in the style of Vector's Kafka source: offsets are
+/// committed automatically, but only offsets the application *stored* after the message's
+/// outcome became durable.
+pub fn consumer_config(common: &CommonConfig, client_id: &str, group_id: &str) -> ClientConfig {
+    let mut c = base(common, client_id);
+    c.set("group.id", group_id)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("max.poll.interval.ms", "300000")
+        // librdkafka's defaults prefetch up to 64 MiB a partition; 8 MiB keeps memory flat
+        .set("queued.max.messages.kbytes", "8192")
+        .set("fetch.wait.max.ms", "100")
+        .set("isolation.level", "read_committed");
+    with_user_properties(c, common)
+}
+
+/// Asks the broker for cluster metadata: true when a broker answers in time.
+pub fn broker_reachable(common: &CommonConfig, timeout: Duration) -> bool {
+    let consumer: Result<BaseConsumer, _> = with_user_properties(base(common, "readiness-probe"), common).create();
+    match consumer {
+        Ok(c) => c.fetch_metadata(None, timeout).is_ok_and(|m| !m.brokers().is_empty()),
+        Err(_) => false,
+    }
+}
+
+/// Creates topics that do not exist yet; existing ones are left as they are.
+pub async fn ensure_topics(
+    common: &CommonConfig,
+    topics: &[(&str, i32)],
+) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> =
+        with_user_properties(base(common, "topic-setup"), common).create()?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics(&new, &opts).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(KafkaError::AdminOp(code)).inspect_err(|_| {
+                    tracing::error!(topic, %code, "could not create topic");
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Classifies a producer error: `true` when waiting and sending again can succeed (queue full,
+/// timeouts, a broker moving leadership), `false` for errors that will not go away (message
+/// too large, authorization, a fenced or fatal producer).
+pub fn is_retriable_produce_error(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    match e.rdkafka_error_code() {
+        Some(
+            C::QueueFull
+            | C::MessageTimedOut
+            | C::RequestTimedOut
+            | C::NotEnoughReplicas
+            | C::NotEnoughReplicasAfterAppend
+            | C::LeaderNotAvailable
+            | C::NotLeaderForPartition
+            | C::BrokerTransportFailure
+            | C::AllBrokersDown
+            | C::NetworkException,
+        ) => true,
+        Some(_) => false,
+        None => false,
+    }
+}
