@@ -1,1 +1,15 @@
-fn main() {}
+use dlq_analyzer::{Application, Config, SERVICE_NAME, report::summary_text};
+use order_runtime::{config::process_env, shutdown, telemetry};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let vars = process_env();
+    let config = Config::from_vars(&vars)?;
+    let _telemetry = telemetry::init(SERVICE_NAME, config.common.log_format, &vars)?;
+    let app = Application::build(config, shutdown::on_signal()).await?;
+    tracing::info!(port = app.port(), "HTTP listening");
+    let report = app.run_until_stopped().await?;
+    println!("{}", summary_text(&report));
+    println!("SUMMARY {}", serde_json::to_string(&report)?);
+    Ok(())
+}

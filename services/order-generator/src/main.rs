@@ -1,1 +1,15 @@
-fn main() {}
+use order_generator::{Application, Config, SERVICE_NAME, summary_text};
+use order_runtime::{config::process_env, shutdown, telemetry};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let vars = process_env();
+    let config = Config::from_vars(&vars)?;
+    let _telemetry = telemetry::init(SERVICE_NAME, config.common.log_format, &vars)?;
+    let app = Application::build(config, shutdown::on_signal()).await?;
+    tracing::info!(port = app.port(), "HTTP listening");
+    let stats = app.run_until_stopped().await?;
+    println!("{}", summary_text(&stats));
+    println!("SUMMARY {}", serde_json::to_string(&stats)?);
+    Ok(())
+}

@@ -1,0 +1,255 @@
+//! dlq-analyzer: reads the dead-letter topic and reports what failed and why.
+//!
+//! Layout:
+//! - [`Config`]: the environment (SPEC).
+//! - [`report`]: the running report: totals by category and error kind, the value of the
+//!   orders that failed (decoded where the bytes allow), by product, the latest failures.
+//! - [`Application`]: consumes the topic and serves `/report`.
+//!
+//! The analyzer reads the whole dead-letter topic from its beginning each time it starts and
+//! commits no offsets: its report always covers every dead letter still retained, not just
+//! the ones since its last restart. The consumer group (`CONSUMER_GROUP`) shares the
+//! partitions out when several analyzers run.
+
+pub mod report;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::routing::get;
+use axum::{Json, Router};
+use order_runtime::config::{ConfigError, load};
+use order_runtime::dead_letter::Metadata;
+use order_runtime::http::{self, Probe};
+use order_runtime::{CommonConfig, kafka, trace};
+use order_schema::OrderCodec;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::ClientContext;
+use serde::Deserialize;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, field, info, info_span, warn};
+
+pub use report::Report;
+
+pub const SERVICE_NAME: &str = "dlq-analyzer";
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AnalyzerSettings {
+    /// `HTTP_PORT`. Default 8103; 0 picks a free port.
+    #[serde(default = "default_port")]
+    pub http_port: u16,
+    /// `CONSUMER_GROUP`. Default `dlq-analyzer`.
+    #[serde(default = "default_group")]
+    pub consumer_group: String,
+    /// `SUMMARY_INTERVAL_MS`: how often the summary is logged. Default 10000.
+    #[serde(default = "default_interval")]
+    pub summary_interval_ms: u64,
+}
+
+fn default_port() -> u16 {
+    8103
+}
+fn default_group() -> String {
+    "dlq-analyzer".to_owned()
+}
+fn default_interval() -> u64 {
+    10_000
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub common: CommonConfig,
+    pub analyzer: AnalyzerSettings,
+}
+
+impl Config {
+    pub fn from_vars(vars: &[(String, String)]) -> Result<Self, ConfigError> {
+        let common = CommonConfig::from_vars(vars)?;
+        let analyzer: AnalyzerSettings = load(vars.iter().cloned())?;
+        order_runtime::config::check_range("SUMMARY_INTERVAL_MS", analyzer.summary_interval_ms, 100, 3_600_000)?;
+        if analyzer.consumer_group.trim().is_empty() {
+            return Err(ConfigError("CONSUMER_GROUP must not be empty".into()));
+        }
+        Ok(Config { common, analyzer })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("could not bind HTTP port {port}")]
+    Bind {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not set up the Kafka consumer")]
+    Kafka(#[source] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    Codec(#[from] order_schema::CodecError),
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CategoryLabel {
+    category: &'static str,
+}
+
+/// Marks the readiness condition when the group gives us our (possibly empty) assignment.
+pub struct AnalyzerContext {
+    joined: Arc<AtomicBool>,
+}
+
+impl ClientContext for AnalyzerContext {}
+
+impl ConsumerContext for AnalyzerContext {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            self.joined.store(true, Ordering::Release);
+            info!(partitions = tpl.count(), "dead-letter partitions assigned");
+        }
+    }
+}
+
+pub struct Application {
+    config: Config,
+    listener: TcpListener,
+    port: u16,
+    consumer: StreamConsumer<AnalyzerContext>,
+    codec: OrderCodec,
+    report: Arc<Mutex<Report>>,
+    probe: Arc<Probe>,
+    registry: Registry,
+    consumed: Family<CategoryLabel, Counter>,
+    shutdown: CancellationToken,
+}
+
+impl Application {
+    pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Self, StartError> {
+        let port = config.analyzer.http_port;
+        let listener = http::bind(port).await.map_err(|source| StartError::Bind { port, source })?;
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or(port);
+        let common = &config.common;
+        let codec = OrderCodec::new(&common.schema_registry_url, &common.orders_topic)?;
+        let probe = Arc::new(Probe::default());
+        let joined = probe.condition("joined consumer group");
+        let mut client = kafka::consumer_config(
+            common,
+            &format!("{SERVICE_NAME}-{}", order_runtime::telemetry::instance_id()),
+            &config.analyzer.consumer_group,
+        );
+        // the report covers the whole topic: start at the beginning and commit nothing
+        client.set("enable.auto.commit", "false").set("auto.offset.reset", "earliest");
+        let consumer: StreamConsumer<AnalyzerContext> =
+            client.create_with_context(AnalyzerContext { joined }).map_err(StartError::Kafka)?;
+        consumer.subscribe(&[common.dlq_topic.as_str()]).map_err(StartError::Kafka)?;
+        http::watch_dependencies(&probe, common, Duration::from_secs(5), shutdown.clone());
+        let mut registry = Registry::default();
+        let consumed = Family::<CategoryLabel, Counter>::default();
+        registry.register(
+            "messaging_client_consumed_messages",
+            "Dead letters read, by error category",
+            consumed.clone(),
+        );
+        Ok(Application {
+            config,
+            listener,
+            port,
+            consumer,
+            codec,
+            report: Arc::new(Mutex::new(Report::default())),
+            probe,
+            registry,
+            consumed,
+            shutdown,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub async fn run_until_stopped(self) -> anyhow::Result<Report> {
+        let Application { config, listener, consumer, codec, report, probe, registry, consumed, shutdown, .. } = self;
+        let r = report.clone();
+        let routes = Router::new().route(
+            "/report",
+            get(move || {
+                let r = r.clone();
+                async move { Json(r.lock().map(|r| r.clone()).unwrap_or_default()) }
+            }),
+        );
+        let server = tokio::spawn(http::serve(listener, http::router(probe, Arc::new(registry)).merge(routes), shutdown.clone()));
+        let topic = config.common.dlq_topic.clone();
+        let group = config.analyzer.consumer_group.clone();
+        let interval = Duration::from_millis(config.analyzer.summary_interval_ms);
+        let mut last_summary = Instant::now();
+        let mut last_total = 0;
+        info!(topic = %topic, "analysing dead letters");
+        loop {
+            let msg = tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(interval.saturating_sub(last_summary.elapsed())) => None,
+                m = consumer.recv() => Some(m),
+            };
+            match msg {
+                Some(Ok(m)) => {
+                    let key = m.key().and_then(|k| std::str::from_utf8(k).ok()).unwrap_or("");
+                    let span = info_span!(
+                        "process",
+                        otel.name = format!("process {topic}"),
+                        otel.kind = "consumer",
+                        messaging.system = "kafka",
+                        messaging.operation.type = "process",
+                        messaging.operation.name = "process",
+                        messaging.destination.name = %topic,
+                        messaging.destination.partition.id = m.partition().to_string(),
+                        messaging.kafka.offset = m.offset(),
+                        messaging.kafka.message.key = key,
+                        messaging.consumer.group.name = %group,
+                        error.type = field::Empty,
+                        dlq.category = field::Empty,
+                        trace_id = field::Empty,
+                        span_id = field::Empty,
+                    );
+                    trace::adopt(&span, &trace::extract(m.headers()));
+                    async {
+                        let meta = Metadata::from_headers(m.headers());
+                        let span = tracing::Span::current();
+                        span.record("dlq.category", meta.category.as_str());
+                        span.record("error.type", meta.category.as_str());
+                        let order = match m.payload() {
+                            Some(_) => codec.decode(m.payload()).await.ok(),
+                            None => None,
+                        };
+                        consumed.get_or_create(&CategoryLabel { category: meta.category.as_str() }).inc();
+                        if let Ok(mut r) = report.lock() {
+                            r.add(&meta, key, order.as_ref(), m.partition(), m.offset());
+                        }
+                    }
+                    .instrument(span)
+                    .await;
+                }
+                Some(Err(e)) => warn!(error = %e, "consumer error"),
+                None => {}
+            }
+            if last_summary.elapsed() >= interval {
+                last_summary = Instant::now();
+                if let Ok(r) = report.lock()
+                    && r.total != last_total
+                {
+                    last_total = r.total;
+                    info!(total = r.total, failed_value = r.failed_value.dollars(), by_category = ?r.by_category, "dead-letter summary");
+                }
+            }
+        }
+        let _ = server.await;
+        let final_report = report.lock().map(|r| r.clone()).unwrap_or_default();
+        Ok(final_report)
+    }
+}

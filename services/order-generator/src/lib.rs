@@ -1,0 +1,418 @@
+//! order-generator: publishes random orders (Avro, Confluent wire format) at a chosen rate.
+//!
+//! Layout:
+//! - [`Config`]: the environment (SPEC), with defaults.
+//! - [`orders`]: random valid orders, and invalid ones on purpose for the dead-letter path.
+//! - [`Application`]: registers the schema, binds HTTP, then sends until `ORDER_COUNT` or
+//!   shutdown; delivery reports are counted in the producer's callback, never awaited one by
+//!   one, and the producer is flushed before the summary.
+
+pub mod orders;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::routing::get;
+use axum::{Json, Router};
+use order_runtime::config::{ConfigError, check_range, load};
+use order_runtime::http::{self, Probe};
+use order_runtime::{CommonConfig, kafka, trace};
+use order_schema::{CodecError, OrderCodec};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{DeliveryResult, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{field, info, info_span, warn};
+
+pub const SERVICE_NAME: &str = "order-generator";
+
+/// The generator's own settings.
+#[derive(Debug, Clone, Deserialize)]
+pub struct GeneratorSettings {
+    /// `HTTP_PORT`. Default 8101; 0 picks a free port.
+    #[serde(default = "default_port")]
+    pub http_port: u16,
+    /// `ORDER_COUNT`: orders to send, then flush, print a summary and exit. 0 = no limit.
+    /// Default 0.
+    #[serde(default)]
+    pub order_count: u64,
+    /// `ORDER_RATE`: orders per second, 0 = as fast as the producer takes them. Default 10.
+    #[serde(default = "default_rate")]
+    pub order_rate: f64,
+    /// `INVALID_ORDER_RATIO`: share of orders that break a business rule on purpose, 0 to 1.
+    /// Default 0.
+    #[serde(default)]
+    pub invalid_order_ratio: f64,
+    /// `COMPRESSION_TYPE`: librdkafka `compression.type`. Default `snappy`.
+    #[serde(default = "default_compression")]
+    pub compression_type: String,
+    /// `REGISTRY_WAIT_MS`: how long start-up waits for an unreachable registry. Default 60000.
+    #[serde(default = "default_registry_wait")]
+    pub registry_wait_ms: u64,
+}
+
+fn default_port() -> u16 {
+    8101
+}
+fn default_rate() -> f64 {
+    10.0
+}
+fn default_compression() -> String {
+    "snappy".to_owned()
+}
+fn default_registry_wait() -> u64 {
+    60_000
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub common: CommonConfig,
+    pub generator: GeneratorSettings,
+}
+
+impl Config {
+    pub fn from_vars(vars: &[(String, String)]) -> Result<Self, ConfigError> {
+        let common = CommonConfig::from_vars(vars)?;
+        let generator: GeneratorSettings = load(vars.iter().cloned())?;
+        check_range("ORDER_RATE", generator.order_rate, 0.0, 10_000_000.0)?;
+        check_range("INVALID_ORDER_RATIO", generator.invalid_order_ratio, 0.0, 1.0)?;
+        if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&generator.compression_type.as_str()) {
+            return Err(ConfigError(format!(
+                "COMPRESSION_TYPE={} is not one of none, gzip, snappy, lz4, zstd",
+                generator.compression_type
+            )));
+        }
+        Ok(Config { common, generator })
+    }
+}
+
+/// Why the generator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("could not bind HTTP port {port}")]
+    Bind {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not create the Kafka producer")]
+    Producer(#[source] KafkaError),
+    #[error("the schema registry refused the Order schema for subject {subject}")]
+    SchemaRejected {
+        subject: String,
+        #[source]
+        source: CodecError,
+    },
+    #[error("the schema registry stayed unreachable for {waited_ms} ms")]
+    RegistryUnreachable {
+        waited_ms: u64,
+        #[source]
+        source: CodecError,
+    },
+    #[error(transparent)]
+    Codec(CodecError),
+}
+
+/// Counters the delivery callback and `/stats` share.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Handed to the producer.
+    pub sent: AtomicU64,
+    /// Acknowledged by the broker.
+    pub produced: AtomicU64,
+    /// Failed for good (after librdkafka's own retries), or could not be encoded or queued.
+    pub failed: AtomicU64,
+    /// Sent on purpose with a broken business rule.
+    pub invalid: AtomicU64,
+}
+
+/// The `/stats` document and the exit summary.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Stats {
+    pub sent: u64,
+    pub produced: u64,
+    pub failed: u64,
+    pub invalid: u64,
+    pub elapsed_s: f64,
+    pub rate_per_s: f64,
+}
+
+/// Delivery reports, counted in librdkafka's callback thread.
+pub struct DeliveryCounter {
+    counters: Arc<Counters>,
+    started: Instant,
+    latency: Histogram,
+    delivered: Counter,
+    errors: Counter,
+}
+
+impl ClientContext for DeliveryCounter {}
+
+impl ProducerContext for DeliveryCounter {
+    /// Microseconds since start-up when the record was handed over.
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, sent_at_us: usize) {
+        let now_us = self.started.elapsed().as_micros();
+        #[allow(clippy::cast_precision_loss)]
+        let latency_s = now_us.saturating_sub(sent_at_us as u128) as f64 / 1e6;
+        self.latency.observe(latency_s);
+        match result {
+            Ok(_) => {
+                self.counters.produced.fetch_add(1, Ordering::Relaxed);
+                self.delivered.inc();
+            }
+            Err((e, _)) => {
+                self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                self.errors.inc();
+                warn!(error = %e, "order not delivered");
+            }
+        }
+    }
+}
+
+/// A built generator, ready to run.
+pub struct Application {
+    config: Config,
+    listener: TcpListener,
+    port: u16,
+    producer: ThreadedProducer<DeliveryCounter>,
+    codec: OrderCodec,
+    counters: Arc<Counters>,
+    probe: Arc<Probe>,
+    registry: Registry,
+    shutdown: CancellationToken,
+}
+
+impl Application {
+    pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Self, StartError> {
+        let port = config.generator.http_port;
+        let listener = http::bind(port).await.map_err(|source| StartError::Bind { port, source })?;
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or(port);
+        let common = &config.common;
+
+        let codec = OrderCodec::new(&common.schema_registry_url, &common.orders_topic).map_err(StartError::Codec)?;
+        register_schema(&codec, Duration::from_millis(config.generator.registry_wait_ms), &shutdown).await?;
+
+        let mut registry = Registry::default();
+        let latency = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        let delivered = Counter::default();
+        let errors = Counter::default();
+        registry.register("messaging_client_sent_messages", "Orders acknowledged by the broker", delivered.clone());
+        registry.register("messaging_client_send_errors", "Orders the broker never acknowledged", errors.clone());
+        registry.register("messaging_client_operation_duration_seconds", "Time from send to delivery report", latency.clone());
+        let counters = Arc::new(Counters::default());
+        let context = DeliveryCounter { counters: counters.clone(), started: Instant::now(), latency, delivered, errors };
+        let producer: ThreadedProducer<DeliveryCounter> =
+            kafka::producer_config(common, SERVICE_NAME, &config.generator.compression_type)
+                .create_with_context(context)
+                .map_err(StartError::Producer)?;
+        let probe = Arc::new(Probe::default());
+        http::watch_dependencies(&probe, common, Duration::from_secs(5), shutdown.clone());
+        Ok(Application { config, listener, port, producer, codec, counters, probe, registry, shutdown })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    fn stats(counters: &Counters, started: Instant) -> Stats {
+        let elapsed = started.elapsed().as_secs_f64();
+        let produced = counters.produced.load(Ordering::Relaxed);
+        #[allow(clippy::cast_precision_loss)]
+        Stats {
+            sent: counters.sent.load(Ordering::Relaxed),
+            produced,
+            failed: counters.failed.load(Ordering::Relaxed),
+            invalid: counters.invalid.load(Ordering::Relaxed),
+            elapsed_s: (elapsed * 1000.0).round() / 1000.0,
+            rate_per_s: if elapsed > 0.0 { (produced as f64 / elapsed).round() } else { 0.0 },
+        }
+    }
+
+    /// Sends until `ORDER_COUNT` is reached or shutdown, then flushes and returns the summary.
+    pub async fn run_until_stopped(self) -> anyhow::Result<Stats> {
+        let Application { config, listener, producer, codec, counters, probe, registry, shutdown, .. } = self;
+        let started = Instant::now();
+        let stats_counters = counters.clone();
+        let stats = Router::new().route(
+            "/stats",
+            get(move || {
+                let c = stats_counters.clone();
+                async move { Json(Self::stats(&c, started)) }
+            }),
+        );
+        let server_stop = CancellationToken::new();
+        let server = tokio::spawn(http::serve(
+            listener,
+            http::router(probe, Arc::new(registry)).merge(stats),
+            server_stop.clone(),
+        ));
+
+        let g = &config.generator;
+        let topic = config.common.orders_topic.as_str();
+        info!(topic, rate = g.order_rate, count = g.order_count, invalid_ratio = g.invalid_order_ratio, "generating orders");
+        let mut pacer = orders::Pacer::new(g.order_rate);
+        let mut rng = rand::rng();
+        let mut last_log = Instant::now();
+        let mut n: u64 = 0;
+        while g.order_count == 0 || n < g.order_count {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            if let Some(wait) = pacer.wait_before_next() {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+            let (order, invalid) = orders::random_order(&mut rng, g.invalid_order_ratio);
+            let span = info_span!(
+                "send",
+                otel.name = format!("send {topic}"),
+                otel.kind = "producer",
+                messaging.system = "kafka",
+                messaging.operation.type = "send",
+                messaging.operation.name = "send",
+                messaging.destination.name = topic,
+                messaging.kafka.message.key = order.order_id.as_str(),
+                order.id = order.order_id.as_str(),
+                order.invalid = invalid,
+                trace_id = field::Empty,
+                span_id = field::Empty,
+            );
+            trace::record_ids(&span);
+            let payload = match codec.encode(&order).await {
+                Ok(p) => p,
+                Err(e) => {
+                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                    warn!(error = %e, "could not encode order");
+                    if e.is_temporary() {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    n += 1;
+                    continue;
+                }
+            };
+            let headers = trace::inject(&span, OwnedHeaders::new_with_capacity(3));
+            let sent_at = usize::try_from(started.elapsed().as_micros()).unwrap_or(usize::MAX);
+            let mut record = BaseRecord::with_opaque_to(topic, sent_at)
+                .key(order.order_id.as_bytes())
+                .payload(&payload)
+                .headers(headers);
+            // a full local queue is back-pressure, not failure: wait for deliveries to drain it
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        record = r;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((e, _)) => {
+                        counters.failed.fetch_add(1, Ordering::Relaxed);
+                        warn!(error = %e, "could not queue order");
+                        break;
+                    }
+                }
+            }
+            drop(span);
+            counters.sent.fetch_add(1, Ordering::Relaxed);
+            if invalid {
+                counters.invalid.fetch_add(1, Ordering::Relaxed);
+            }
+            n += 1;
+            if last_log.elapsed() >= Duration::from_secs(5) {
+                last_log = Instant::now();
+                let s = Self::stats(&counters, started);
+                info!(sent = s.sent, produced = s.produced, failed = s.failed, rate_per_s = s.rate_per_s, "progress");
+            }
+        }
+        info!("flushing the producer");
+        let flushed = tokio::task::spawn_blocking(move || {
+            let r = producer.flush(Duration::from_secs(30));
+            (r, producer)
+        })
+        .await?;
+        if let Err(e) = flushed.0 {
+            warn!(error = %e, "some orders were still unacknowledged after 30 s");
+        }
+        drop(flushed.1);
+        let summary = Self::stats(&counters, started);
+        server_stop.cancel();
+        let _ = server.await;
+        Ok(summary)
+    }
+}
+
+/// Registers the schema, waiting out a registry that is not up yet; a refusal is final.
+async fn register_schema(codec: &OrderCodec, wait: Duration, shutdown: &CancellationToken) -> Result<u32, StartError> {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(250);
+    loop {
+        match codec.register().await {
+            Ok(id) => {
+                info!(subject = %codec.subject(), schema_id = id, "Order schema registered");
+                return Ok(id);
+            }
+            Err(e) if e.is_temporary() && started.elapsed() < wait && !shutdown.is_cancelled() => {
+                warn!(error = %e, "schema registry not reachable yet; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(e) if e.is_temporary() => {
+                return Err(StartError::RegistryUnreachable {
+                    waited_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    source: e,
+                });
+            }
+            Err(e) => return Err(StartError::SchemaRejected { subject: codec.subject(), source: e }),
+        }
+    }
+}
+
+/// The summary printed at exit.
+pub fn summary_text(s: &Stats) -> String {
+    format!(
+        "order-generator summary\n  sent           {}\n  produced       {}\n  failed         {}\n  invalid (sent on purpose) {}\n  elapsed        {:.1} s ({} orders/s)",
+        s.sent, s.produced, s.failed, s.invalid, s.elapsed_s, s.rate_per_s
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::from_vars(&[]).unwrap();
+        assert_eq!(c.generator.http_port, 8101);
+        assert_eq!(c.generator.order_count, 0);
+        assert_eq!(c.generator.compression_type, "snappy");
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        for (var, value) in [
+            ("ORDER_COUNT", "-5"),
+            ("ORDER_RATE", "fast"),
+            ("ORDER_RATE", "-1"),
+            ("INVALID_ORDER_RATIO", "2"),
+            ("COMPRESSION_TYPE", "brotli"),
+        ] {
+            let e = Config::from_vars(&vars(&[(var, value)])).unwrap_err();
+            assert!(e.to_string().contains(var), "{var}={value}: {e}");
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! Random orders and the send pace.
+
+use std::time::{Duration, Instant};
+
+use order_schema::{Order, PRODUCTS};
+use rand::Rng;
+use rand::seq::IndexedRandom;
+
+/// A random order: a UUID id, one of the ten products, $10.00 to $1000.00 in whole cents.
+/// With probability `invalid_ratio` the order breaks one business rule on purpose; the bool
+/// says whether it does.
+pub fn random_order(rng: &mut impl Rng, invalid_ratio: f64) -> (Order, bool) {
+    let cents: i64 = rng.random_range(1_000..=100_000);
+    #[allow(clippy::cast_precision_loss)]
+    let mut order = Order {
+        order_id: uuid::Uuid::new_v4().to_string(),
+        product: (*PRODUCTS.choose(rng).unwrap_or(&PRODUCTS[0])).to_owned(),
+        price: cents as f64 / 100.0,
+    };
+    let invalid = invalid_ratio > 0.0 && rng.random::<f64>() < invalid_ratio;
+    if invalid {
+        match rng.random_range(0..3) {
+            0 => order.price = -order.price,
+            1 => order.price = 0.0,
+            _ => order.product = "unicorn".to_owned(),
+        }
+    }
+    (order, invalid)
+}
+
+/// Open-loop pacing: the n-th order is due at start + n / rate, whatever the sends before it
+/// cost, so a slow send shows up as latency rather than as a lower rate.
+#[derive(Debug)]
+pub struct Pacer {
+    interval: Option<Duration>,
+    start: Instant,
+    sent: u32,
+}
+
+impl Pacer {
+    pub fn new(rate_per_s: f64) -> Self {
+        Pacer {
+            interval: (rate_per_s > 0.0).then(|| Duration::from_secs_f64(1.0 / rate_per_s)),
+            start: Instant::now(),
+            sent: 0,
+        }
+    }
+
+    /// How long to wait before the next order (`None`: it is due now).
+    pub fn wait_before_next(&mut self) -> Option<Duration> {
+        let interval = self.interval?;
+        let due = self.start + interval * self.sent;
+        self.sent = self.sent.saturating_add(1);
+        due.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn valid_orders_pass_validation_and_invalid_ones_fail() {
+        let mut rng = rand::rng();
+        for _ in 0..2000 {
+            let (o, invalid) = random_order(&mut rng, 0.3);
+            assert_eq!(o.validate().is_err(), invalid, "{o:?}");
+            if !invalid {
+                let c = o.validate().unwrap().0;
+                assert!((1_000..=100_000).contains(&c));
+            }
+        }
+    }
+
+    #[test]
+    fn no_invalid_orders_at_ratio_zero() {
+        let mut rng = rand::rng();
+        assert!((0..1000).all(|_| !random_order(&mut rng, 0.0).1));
+    }
+
+    #[test]
+    fn pacer_spaces_sends() {
+        let mut p = Pacer::new(100.0);
+        assert_eq!(p.wait_before_next(), None);
+        let second = p.wait_before_next().unwrap();
+        assert!(second <= Duration::from_millis(10) && second > Duration::from_millis(5));
+        assert_eq!(Pacer::new(0.0).wait_before_next(), None);
+    }
+}
