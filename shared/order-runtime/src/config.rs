@@ -21,7 +21,24 @@ pub struct ConfigError(pub String);
 pub fn load<T: DeserializeOwned>(
     vars: impl IntoIterator<Item = (String, String)>,
 ) -> Result<T, ConfigError> {
-    envy::from_iter(vars).map_err(|e| ConfigError(envy_message(e)))
+    let vars: Vec<(String, String)> = vars.into_iter().collect();
+    envy::from_iter::<_, T>(vars.iter().cloned()).map_err(|e| {
+        // some envy errors (an unknown enum value) do not say which variable was wrong: find it
+        // by reading each variable alone, since every field has a default
+        let culprit = vars
+            .iter()
+            .find(|pair| envy::from_iter::<_, T>(std::iter::once((*pair).clone())).is_err());
+        match culprit {
+            Some((k, v)) if !envy_message_names(&e, k) => {
+                ConfigError(format!("{k}={v:?}: {}", envy_message(e)))
+            }
+            _ => ConfigError(envy_message(e)),
+        }
+    })
+}
+
+fn envy_message_names(e: &envy::Error, var: &str) -> bool {
+    e.to_string().contains(var)
 }
 
 fn envy_message(e: envy::Error) -> String {

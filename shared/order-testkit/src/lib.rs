@@ -1,0 +1,311 @@
+//! Helpers for integration tests against the real native stack (`make stack-up`).
+//!
+//! - [`Stack`]: the endpoints, from `KAFKA_BOOTSTRAP_SERVERS` / `SCHEMA_REGISTRY_URL` or the
+//!   native stack's defaults, and the variables a service needs to reach them.
+//! - [`unique`], [`Stack::create_topic`]: each test gets its own topics and groups.
+//! - [`Stack::produce_raw`], [`Stack::read_all`]: bytes in and out of Kafka, bypassing our
+//!   services, to set up inputs and check outputs independently of the code under test.
+//! - [`Service`]: a service binary as a child process, stopped with SIGTERM.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use order_runtime::CommonConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+/// Logs from the code under test, only when `TEST_LOG` is set.
+pub fn init_test_logging() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// A name no other test run uses.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// Where the native stack listens.
+#[derive(Debug, Clone)]
+pub struct Stack {
+    pub bootstrap: String,
+    pub registry: String,
+}
+
+impl Stack {
+    pub fn from_env() -> Self {
+        Stack {
+            bootstrap: std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:9092".into()),
+            registry: std::env::var("SCHEMA_REGISTRY_URL")
+                .unwrap_or_else(|_| "http://127.0.0.1:8081/apis/ccompat/v7".into()),
+        }
+    }
+
+    /// Variables that point a service at this stack, with its own topics.
+    pub fn vars(&self, orders: &str, dlq: &str) -> Vec<(String, String)> {
+        vec![
+            ("KAFKA_BOOTSTRAP_SERVERS".into(), self.bootstrap.clone()),
+            ("SCHEMA_REGISTRY_URL".into(), self.registry.clone()),
+            ("ORDERS_TOPIC".into(), orders.into()),
+            ("DLQ_TOPIC".into(), dlq.into()),
+            ("HTTP_PORT".into(), "0".into()),
+        ]
+    }
+
+    pub fn common(&self, orders: &str, dlq: &str) -> CommonConfig {
+        CommonConfig::from_vars(&self.vars(orders, dlq)).unwrap()
+    }
+
+    fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap);
+        c
+    }
+
+    pub async fn create_topic(&self, name: &str, partitions: i32) {
+        let admin: AdminClient<DefaultClientContext> = self.client().create().unwrap();
+        let res = admin
+            .create_topics(
+                &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
+            )
+            .await
+            .expect("create_topics");
+        for r in res {
+            r.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}")).unwrap();
+        }
+    }
+
+    pub fn producer(&self) -> FutureProducer {
+        self.client()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .create()
+            .unwrap()
+    }
+
+    /// Writes one record and waits for its acknowledgement.
+    pub async fn produce_raw(
+        &self,
+        producer: &FutureProducer,
+        topic: &str,
+        partition: Option<i32>,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: &[(&str, &str)],
+    ) -> (i32, i64) {
+        let mut h = OwnedHeaders::new();
+        for (k, v) in headers {
+            h = h.insert(Header { key: k, value: Some(v.as_bytes()) });
+        }
+        let mut r: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(h);
+        if let Some(p) = partition {
+            r = r.partition(p);
+        }
+        if let Some(k) = key {
+            r = r.key(k);
+        }
+        if let Some(p) = payload {
+            r = r.payload(p);
+        }
+        let d = producer.send(r, Duration::from_secs(30)).await.map_err(|(e, _)| e).expect("produce");
+        (d.partition, d.offset)
+    }
+
+    /// Every committed record of `topic` (read_committed, from the beginning), once the topic
+    /// holds `expected` of them or `timeout` passes; never more than are there.
+    pub fn read_all(&self, topic: &str, expected: usize, timeout: Duration) -> Vec<OwnedMessage> {
+        let consumer: BaseConsumer = self
+            .client()
+            .set("group.id", unique("reader"))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .create()
+            .unwrap();
+        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for t in md.topics() {
+            for p in t.partitions() {
+                tpl.add_partition_offset(topic, p.id(), Offset::Beginning).unwrap();
+            }
+        }
+        consumer.assign(&tpl).unwrap();
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        let mut quiet_since = Instant::now();
+        while Instant::now() < deadline {
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => {
+                    out.push(m.detach());
+                    quiet_since = Instant::now();
+                }
+                Some(Err(e)) => panic!("reading {topic}: {e}"),
+                None => {
+                    // past the expected count, wait a little for any surplus (duplicates)
+                    if out.len() >= expected && quiet_since.elapsed() > Duration::from_secs(2) {
+                        break;
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Header values of a record as strings.
+pub fn headers_of(m: &OwnedMessage) -> BTreeMap<String, String> {
+    use rdkafka::message::Headers as _;
+    let mut out = BTreeMap::new();
+    if let Some(h) = m.headers() {
+        for x in h.iter() {
+            out.insert(x.key.to_owned(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned());
+        }
+    }
+    out
+}
+
+/// Polls `f` until it returns `Some`, or fails after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A service binary running as a child process.
+#[derive(Debug)]
+pub struct Service {
+    pub name: String,
+    child: Child,
+    pub port: u16,
+    pub log: std::path::PathBuf,
+}
+
+/// A free TCP port on loopback (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Service {
+    /// Starts `bin` with `vars` (plus a free `HTTP_PORT`), logging to a temp file.
+    pub fn start(bin: &str, vars: &[(String, String)]) -> Self {
+        let name = Path::new(bin).file_name().unwrap().to_string_lossy().into_owned();
+        let port = free_port();
+        let log = std::env::temp_dir().join(format!("{}.log", unique(&name)));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(bin)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info,rdkafka=warn".into()))
+            .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("HTTP_PORT", port.to_string())
+            .stdout(Stdio::from(file.try_clone().unwrap()))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {bin}: {e}"));
+        Service { name, child, port, log }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET `path`: status and body (`None` while the port is closed).
+    pub async fn get(&self, path: &str) -> Option<(u16, String)> {
+        let r = reqwest::get(self.url(path)).await.ok()?;
+        let status = r.status().as_u16();
+        Some((status, r.text().await.unwrap_or_default()))
+    }
+
+    pub async fn get_json(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        let (status, body) = self.get(path).await.context("service not answering")?;
+        if status != 200 {
+            bail!("{path} answered {status}: {body}");
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// Waits until `path` answers 200.
+    pub async fn wait_for(&mut self, path: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((200, _)) = self.get(path).await {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("{} exited ({status}) before {path} answered; output:\n{}", self.name, self.output());
+            }
+            assert!(Instant::now() < deadline, "{} did not answer {path} in {timeout:?}; output:\n{}", self.name, self.output());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn terminate(self, timeout: Duration) -> (ExitStatus, String) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        self.wait(timeout)
+    }
+
+    /// Sends SIGKILL and waits for the exit.
+    pub fn kill(mut self) -> (ExitStatus, String) {
+        let _ = self.child.kill();
+        self.wait(Duration::from_secs(10))
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait(mut self, timeout: Duration) -> (ExitStatus, String) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return (status, self.output());
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("{} did not exit within {timeout:?}; output:\n{}", self.name, self.output());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The JSON after `SUMMARY ` in the output (printed at exit).
+    pub fn summary(output: &str) -> serde_json::Value {
+        let line = output.lines().rev().find_map(|l| l.strip_prefix("SUMMARY ")).expect("no SUMMARY line");
+        serde_json::from_str(line).unwrap()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
