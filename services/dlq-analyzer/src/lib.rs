@@ -27,9 +27,9 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
+use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::ClientContext;
 use serde::Deserialize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::net::TcpListener;
@@ -73,7 +73,12 @@ impl Config {
     pub fn from_vars(vars: &[(String, String)]) -> Result<Self, ConfigError> {
         let common = CommonConfig::from_vars(vars)?;
         let analyzer: AnalyzerSettings = load(vars.iter().cloned())?;
-        order_runtime::config::check_range("SUMMARY_INTERVAL_MS", analyzer.summary_interval_ms, 100, 3_600_000)?;
+        order_runtime::config::check_range(
+            "SUMMARY_INTERVAL_MS",
+            analyzer.summary_interval_ms,
+            100,
+            3_600_000,
+        )?;
         if analyzer.consumer_group.trim().is_empty() {
             return Err(ConfigError("CONSUMER_GROUP must not be empty".into()));
         }
@@ -132,7 +137,9 @@ pub struct Application {
 impl Application {
     pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Self, StartError> {
         let port = config.analyzer.http_port;
-        let listener = http::bind(port).await.map_err(|source| StartError::Bind { port, source })?;
+        let listener = http::bind(port)
+            .await
+            .map_err(|source| StartError::Bind { port, source })?;
         let port = listener.local_addr().map(|a| a.port()).unwrap_or(port);
         let common = &config.common;
         let codec = OrderCodec::new(&common.schema_registry_url, &common.orders_topic)?;
@@ -144,10 +151,15 @@ impl Application {
             &config.analyzer.consumer_group,
         );
         // the report covers the whole topic: start at the beginning and commit nothing
-        client.set("enable.auto.commit", "false").set("auto.offset.reset", "earliest");
-        let consumer: StreamConsumer<AnalyzerContext> =
-            client.create_with_context(AnalyzerContext { joined }).map_err(StartError::Kafka)?;
-        consumer.subscribe(&[common.dlq_topic.as_str()]).map_err(StartError::Kafka)?;
+        client
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest");
+        let consumer: StreamConsumer<AnalyzerContext> = client
+            .create_with_context(AnalyzerContext { joined })
+            .map_err(StartError::Kafka)?;
+        consumer
+            .subscribe(&[common.dlq_topic.as_str()])
+            .map_err(StartError::Kafka)?;
         http::watch_dependencies(&probe, common, Duration::from_secs(5), shutdown.clone());
         let mut registry = Registry::default();
         let consumed = Family::<CategoryLabel, Counter>::default();
@@ -175,7 +187,18 @@ impl Application {
     }
 
     pub async fn run_until_stopped(self) -> anyhow::Result<Report> {
-        let Application { config, listener, consumer, codec, report, probe, registry, consumed, shutdown, .. } = self;
+        let Application {
+            config,
+            listener,
+            consumer,
+            codec,
+            report,
+            probe,
+            registry,
+            consumed,
+            shutdown,
+            ..
+        } = self;
         let r = report.clone();
         let routes = Router::new().route(
             "/report",
@@ -184,7 +207,11 @@ impl Application {
                 async move { Json(r.lock().map(|r| r.clone()).unwrap_or_default()) }
             }),
         );
-        let server = tokio::spawn(http::serve(listener, http::router(probe, Arc::new(registry)).merge(routes), shutdown.clone()));
+        let server = tokio::spawn(http::serve(
+            listener,
+            http::router(probe, Arc::new(registry)).merge(routes),
+            shutdown.clone(),
+        ));
         let topic = config.common.dlq_topic.clone();
         let group = config.analyzer.consumer_group.clone();
         let interval = Duration::from_millis(config.analyzer.summary_interval_ms);
@@ -199,7 +226,10 @@ impl Application {
             };
             match msg {
                 Some(Ok(m)) => {
-                    let key = m.key().and_then(|k| std::str::from_utf8(k).ok()).unwrap_or("");
+                    let key = m
+                        .key()
+                        .and_then(|k| std::str::from_utf8(k).ok())
+                        .unwrap_or("");
                     let span = info_span!(
                         "process",
                         otel.name = format!("process {topic}"),
@@ -217,7 +247,8 @@ impl Application {
                         trace_id = field::Empty,
                         span_id = field::Empty,
                     );
-                    trace::adopt(&span, &trace::extract(m.headers()));
+                    let parent = trace::extract(m.headers());
+                    trace::adopt(&span, &parent);
                     async {
                         let meta = Metadata::from_headers(m.headers());
                         let span = tracing::Span::current();
@@ -227,9 +258,20 @@ impl Application {
                             Some(_) => codec.decode(m.payload()).await.ok(),
                             None => None,
                         };
-                        consumed.get_or_create(&CategoryLabel { category: meta.category.as_str() }).inc();
+                        consumed
+                            .get_or_create(&CategoryLabel {
+                                category: meta.category.as_str(),
+                            })
+                            .inc();
                         if let Ok(mut r) = report.lock() {
-                            r.add(&meta, key, order.as_ref(), m.partition(), m.offset());
+                            let trace_id = trace::context_trace_id(&parent);
+                            r.add(
+                                &meta,
+                                key,
+                                order.as_ref(),
+                                trace_id,
+                                (m.partition(), m.offset()),
+                            );
                         }
                     }
                     .instrument(span)

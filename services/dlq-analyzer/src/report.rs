@@ -22,6 +22,8 @@ pub struct Failure {
     pub dlq_partition: i32,
     pub dlq_offset: i64,
     pub order: Option<Order>,
+    /// The trace the dead letter belongs to (from its `traceparent` header), for Jaeger.
+    pub trace_id: Option<String>,
     #[serde(flatten)]
     pub meta: Metadata,
 }
@@ -45,10 +47,20 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn add(&mut self, meta: &Metadata, key: &str, order: Option<&Order>, partition: i32, offset: i64) {
+    pub fn add(
+        &mut self,
+        meta: &Metadata,
+        key: &str,
+        order: Option<&Order>,
+        trace_id: Option<String>,
+        (partition, offset): (i32, i64),
+    ) {
         self.total += 1;
         *self.by_category.entry(meta.category).or_default() += 1;
-        *self.by_kind.entry(format!("{}/{}", meta.category, meta.kind)).or_default() += 1;
+        *self
+            .by_kind
+            .entry(format!("{}/{}", meta.category, meta.kind))
+            .or_default() += 1;
         *self.by_attempts.entry(meta.attempts).or_default() += 1;
         if let Some(o) = order {
             self.decoded += 1;
@@ -68,6 +80,7 @@ impl Report {
             dlq_partition: partition,
             dlq_offset: offset,
             order: order.cloned(),
+            trace_id,
             meta: meta.clone(),
         });
     }
@@ -79,7 +92,11 @@ pub fn summary_text(r: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "dlq-analyzer summary");
     let _ = writeln!(s, "  dead letters   {}", r.total);
-    let _ = writeln!(s, "  failed value   {} ({} decodable orders)", r.failed_value, r.decoded);
+    let _ = writeln!(
+        s,
+        "  failed value   {} ({} decodable orders)",
+        r.failed_value, r.decoded
+    );
     let _ = write!(s, "  by category");
     for (c, n) in &r.by_category {
         let _ = write!(s, "\n    {c:<18} {n}");
@@ -106,12 +123,38 @@ mod tests {
     #[test]
     fn totals_by_category_and_value() {
         let mut r = Report::default();
-        let bad = Order { order_id: "a".into(), product: "unicorn".into(), price: 12.5 };
-        let neg = Order { order_id: "b".into(), product: "phone".into(), price: -3.0 };
-        r.add(&meta(Category::Validation, "unknown_product"), "a", Some(&bad), 0, 0);
-        r.add(&meta(Category::Validation, "non_positive_price"), "b", Some(&neg), 0, 1);
-        r.add(&meta(Category::Deserialization, "bad_magic_byte"), "c", None, 0, 2);
-        r.add(&meta(Category::Unknown, "unknown"), "", None, 1, 0);
+        let bad = Order {
+            order_id: "a".into(),
+            product: "unicorn".into(),
+            price: 12.5,
+        };
+        let neg = Order {
+            order_id: "b".into(),
+            product: "phone".into(),
+            price: -3.0,
+        };
+        r.add(
+            &meta(Category::Validation, "unknown_product"),
+            "a",
+            Some(&bad),
+            None,
+            (0, 0),
+        );
+        r.add(
+            &meta(Category::Validation, "non_positive_price"),
+            "b",
+            Some(&neg),
+            None,
+            (0, 1),
+        );
+        r.add(
+            &meta(Category::Deserialization, "bad_magic_byte"),
+            "c",
+            None,
+            None,
+            (0, 2),
+        );
+        r.add(&meta(Category::Unknown, "unknown"), "", None, None, (1, 0));
         assert_eq!(r.total, 4);
         assert_eq!(r.failed_value, Cents(1250));
         assert_eq!(r.by_category[&Category::Validation], 2);

@@ -22,10 +22,10 @@ use order_schema::{CodecError, OrderCodec};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::ClientContext;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -82,8 +82,14 @@ impl Config {
         let common = CommonConfig::from_vars(vars)?;
         let generator: GeneratorSettings = load(vars.iter().cloned())?;
         check_range("ORDER_RATE", generator.order_rate, 0.0, 10_000_000.0)?;
-        check_range("INVALID_ORDER_RATIO", generator.invalid_order_ratio, 0.0, 1.0)?;
-        if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&generator.compression_type.as_str()) {
+        check_range(
+            "INVALID_ORDER_RATIO",
+            generator.invalid_order_ratio,
+            0.0,
+            1.0,
+        )?;
+        if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&generator.compression_type.as_str())
+        {
             return Err(ConfigError(format!(
                 "COMPRESSION_TYPE={} is not one of none, gzip, snappy, lz4, zstd",
                 generator.compression_type
@@ -194,29 +200,65 @@ pub struct Application {
 impl Application {
     pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Self, StartError> {
         let port = config.generator.http_port;
-        let listener = http::bind(port).await.map_err(|source| StartError::Bind { port, source })?;
+        let listener = http::bind(port)
+            .await
+            .map_err(|source| StartError::Bind { port, source })?;
         let port = listener.local_addr().map(|a| a.port()).unwrap_or(port);
         let common = &config.common;
 
-        let codec = OrderCodec::new(&common.schema_registry_url, &common.orders_topic).map_err(StartError::Codec)?;
-        register_schema(&codec, Duration::from_millis(config.generator.registry_wait_ms), &shutdown).await?;
+        let codec = OrderCodec::new(&common.schema_registry_url, &common.orders_topic)
+            .map_err(StartError::Codec)?;
+        register_schema(
+            &codec,
+            Duration::from_millis(config.generator.registry_wait_ms),
+            &shutdown,
+        )
+        .await?;
 
         let mut registry = Registry::default();
         let latency = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         let delivered = Counter::default();
         let errors = Counter::default();
-        registry.register("messaging_client_sent_messages", "Orders acknowledged by the broker", delivered.clone());
-        registry.register("messaging_client_send_errors", "Orders the broker never acknowledged", errors.clone());
-        registry.register("messaging_client_operation_duration_seconds", "Time from send to delivery report", latency.clone());
+        registry.register(
+            "messaging_client_sent_messages",
+            "Orders acknowledged by the broker",
+            delivered.clone(),
+        );
+        registry.register(
+            "messaging_client_send_errors",
+            "Orders the broker never acknowledged",
+            errors.clone(),
+        );
+        registry.register(
+            "messaging_client_operation_duration_seconds",
+            "Time from send to delivery report",
+            latency.clone(),
+        );
         let counters = Arc::new(Counters::default());
-        let context = DeliveryCounter { counters: counters.clone(), started: Instant::now(), latency, delivered, errors };
+        let context = DeliveryCounter {
+            counters: counters.clone(),
+            started: Instant::now(),
+            latency,
+            delivered,
+            errors,
+        };
         let producer: ThreadedProducer<DeliveryCounter> =
             kafka::producer_config(common, SERVICE_NAME, &config.generator.compression_type)
                 .create_with_context(context)
                 .map_err(StartError::Producer)?;
         let probe = Arc::new(Probe::default());
         http::watch_dependencies(&probe, common, Duration::from_secs(5), shutdown.clone());
-        Ok(Application { config, listener, port, producer, codec, counters, probe, registry, shutdown })
+        Ok(Application {
+            config,
+            listener,
+            port,
+            producer,
+            codec,
+            counters,
+            probe,
+            registry,
+            shutdown,
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -233,13 +275,27 @@ impl Application {
             failed: counters.failed.load(Ordering::Relaxed),
             invalid: counters.invalid.load(Ordering::Relaxed),
             elapsed_s: (elapsed * 1000.0).round() / 1000.0,
-            rate_per_s: if elapsed > 0.0 { (produced as f64 / elapsed).round() } else { 0.0 },
+            rate_per_s: if elapsed > 0.0 {
+                (produced as f64 / elapsed).round()
+            } else {
+                0.0
+            },
         }
     }
 
     /// Sends until `ORDER_COUNT` is reached or shutdown, then flushes and returns the summary.
     pub async fn run_until_stopped(self) -> anyhow::Result<Stats> {
-        let Application { config, listener, producer, codec, counters, probe, registry, shutdown, .. } = self;
+        let Application {
+            config,
+            listener,
+            producer,
+            codec,
+            counters,
+            probe,
+            registry,
+            shutdown,
+            ..
+        } = self;
         let started = Instant::now();
         let stats_counters = counters.clone();
         let stats = Router::new().route(
@@ -258,7 +314,13 @@ impl Application {
 
         let g = &config.generator;
         let topic = config.common.orders_topic.as_str();
-        info!(topic, rate = g.order_rate, count = g.order_count, invalid_ratio = g.invalid_order_ratio, "generating orders");
+        info!(
+            topic,
+            rate = g.order_rate,
+            count = g.order_count,
+            invalid_ratio = g.invalid_order_ratio,
+            "generating orders"
+        );
         let mut pacer = orders::Pacer::new(g.order_rate);
         let mut rng = rand::rng();
         let mut last_log = Instant::now();
@@ -331,7 +393,13 @@ impl Application {
             if last_log.elapsed() >= Duration::from_secs(5) {
                 last_log = Instant::now();
                 let s = Self::stats(&counters, started);
-                info!(sent = s.sent, produced = s.produced, failed = s.failed, rate_per_s = s.rate_per_s, "progress");
+                info!(
+                    sent = s.sent,
+                    produced = s.produced,
+                    failed = s.failed,
+                    rate_per_s = s.rate_per_s,
+                    "progress"
+                );
             }
         }
         info!("flushing the producer");
@@ -352,7 +420,11 @@ impl Application {
 }
 
 /// Registers the schema, waiting out a registry that is not up yet; a refusal is final.
-async fn register_schema(codec: &OrderCodec, wait: Duration, shutdown: &CancellationToken) -> Result<u32, StartError> {
+async fn register_schema(
+    codec: &OrderCodec,
+    wait: Duration,
+    shutdown: &CancellationToken,
+) -> Result<u32, StartError> {
     let started = Instant::now();
     let mut pause = Duration::from_millis(250);
     loop {
@@ -372,7 +444,12 @@ async fn register_schema(codec: &OrderCodec, wait: Duration, shutdown: &Cancella
                     source: e,
                 });
             }
-            Err(e) => return Err(StartError::SchemaRejected { subject: codec.subject(), source: e }),
+            Err(e) => {
+                return Err(StartError::SchemaRejected {
+                    subject: codec.subject(),
+                    source: e,
+                });
+            }
         }
     }
 }
@@ -391,7 +468,10 @@ mod tests {
     use super::*;
 
     fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
     }
 
     #[test]

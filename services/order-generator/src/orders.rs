@@ -51,7 +51,8 @@ impl Pacer {
         let interval = self.interval?;
         let due = self.start + interval * self.sent;
         self.sent = self.sent.saturating_add(1);
-        due.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())
+        due.checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
     }
 }
 

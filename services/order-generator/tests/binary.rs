@@ -34,14 +34,24 @@ async fn sends_order_count_orders_then_exits_with_a_summary() {
     let mut broken = 0;
     for r in &records {
         let order = codec.decode(r.payload()).await.unwrap();
-        assert_eq!(r.key(), Some(order.order_id.as_bytes()), "the key is the orderId");
+        assert_eq!(
+            r.key(),
+            Some(order.order_id.as_bytes()),
+            "the key is the orderId"
+        );
         match order.validate() {
             Ok(cents) => assert!((1_000..=100_000).contains(&cents.0), "{order:?}"),
             Err(_) => broken += 1,
         }
     }
-    assert_eq!(broken, invalid, "the summary counts exactly the invalid orders sent");
-    assert!(invalid > 20 && invalid < 90, "about a quarter invalid, got {invalid}");
+    assert_eq!(
+        broken, invalid,
+        "the summary counts exactly the invalid orders sent"
+    );
+    assert!(
+        invalid > 20 && invalid < 90,
+        "about a quarter invalid, got {invalid}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -56,13 +66,24 @@ async fn runs_until_sigterm_then_flushes_and_exits_zero() {
     g.wait_for("/readyz", Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let stats = g.get_json("/stats").await.unwrap();
-    assert!(stats["produced"].is_u64() && stats["failed"] == 0, "{stats}");
+    assert!(
+        stats["produced"].is_u64() && stats["failed"] == 0,
+        "{stats}"
+    );
     let (status, output) = g.terminate(Duration::from_secs(30));
     assert_eq!(status.code(), Some(0), "{output}");
     let produced = Service::summary(&output)["produced"].as_u64().unwrap();
     assert!(produced > 0);
-    let stored = stack.read_all(&orders, usize::try_from(produced).unwrap(), Duration::from_secs(20));
-    assert_eq!(stored.len() as u64, produced, "every acknowledged order is in the topic");
+    let stored = stack.read_all(
+        &orders,
+        usize::try_from(produced).unwrap(),
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        stored.len() as u64,
+        produced,
+        "every acknowledged order is in the topic"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -72,7 +93,10 @@ async fn a_registry_that_refuses_the_schema_stops_it_with_a_clear_error() {
     // someone registered an unrelated schema for the subject; BACKWARD refuses ours
     let other = r#"{"type":"record","name":"Other","fields":[{"name":"x","type":"int"}]}"#;
     let res = reqwest::Client::new()
-        .post(format!("{}/subjects/{orders}-value/versions", stack.registry))
+        .post(format!(
+            "{}/subjects/{orders}-value/versions",
+            stack.registry
+        ))
         .header("Content-Type", "application/vnd.schemaregistry.v1+json")
         .json(&serde_json::json!({ "schema": other }))
         .send()
@@ -87,7 +111,11 @@ async fn a_registry_that_refuses_the_schema_stops_it_with_a_clear_error() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_configuration_exits_non_zero_and_names_the_variable() {
-    for (var, value) in [("ORDER_RATE", "fast"), ("INVALID_ORDER_RATIO", "1.5"), ("KAFKA_BOOTSTRAP_SERVERS", " ")] {
+    for (var, value) in [
+        ("ORDER_RATE", "fast"),
+        ("INVALID_ORDER_RATIO", "1.5"),
+        ("KAFKA_BOOTSTRAP_SERVERS", " "),
+    ] {
         let g = Service::start(BIN, &[(var.to_owned(), value.to_owned())]);
         let (status, output) = g.wait(Duration::from_secs(10));
         assert!(!status.success(), "{var}={value} was accepted");

@@ -71,7 +71,10 @@ impl PartitionState {
     pub fn merge(&mut self, other: &PartitionState) {
         self.total.merge(&other.total);
         for (product, agg) in &other.by_product {
-            self.by_product.entry(product.clone()).or_default().merge(agg);
+            self.by_product
+                .entry(product.clone())
+                .or_default()
+                .merge(agg);
         }
     }
 }

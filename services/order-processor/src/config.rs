@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use order_runtime::config::{ConfigError, check_range, load};
 use order_runtime::CommonConfig;
+use order_runtime::config::{ConfigError, check_range, load};
 use serde::Deserialize;
 
 /// The processor's own block; see [`Config`] for the whole.
@@ -74,11 +74,31 @@ impl Config {
         let processor: ProcessorSettings = load(vars.iter().cloned())?;
         let p = &processor;
         check_range("MAX_RETRIES", p.max_retries, 0, 100)?;
-        check_range("RETRY_INITIAL_BACKOFF_MS", p.retry_initial_backoff_ms, 0, 600_000)?;
-        check_range("RETRY_BACKOFF_MULTIPLIER", p.retry_backoff_multiplier, 1.0, 100.0)?;
-        check_range("RETRY_MAX_BACKOFF_MS", p.retry_max_backoff_ms, p.retry_initial_backoff_ms, 600_000)?;
+        check_range(
+            "RETRY_INITIAL_BACKOFF_MS",
+            p.retry_initial_backoff_ms,
+            0,
+            600_000,
+        )?;
+        check_range(
+            "RETRY_BACKOFF_MULTIPLIER",
+            p.retry_backoff_multiplier,
+            1.0,
+            100.0,
+        )?;
+        check_range(
+            "RETRY_MAX_BACKOFF_MS",
+            p.retry_max_backoff_ms,
+            p.retry_initial_backoff_ms,
+            600_000,
+        )?;
         check_range("TRANSIENT_FAILURE_RATE", p.transient_failure_rate, 0.0, 1.0)?;
-        check_range("STATS_LOG_INTERVAL_MS", p.stats_log_interval_ms, 100, 3_600_000)?;
+        check_range(
+            "STATS_LOG_INTERVAL_MS",
+            p.stats_log_interval_ms,
+            100,
+            3_600_000,
+        )?;
         if p.consumer_group.trim().is_empty() {
             return Err(ConfigError("CONSUMER_GROUP must not be empty".into()));
         }
@@ -89,7 +109,11 @@ impl Config {
     pub fn backoff(&self, retry: u32) -> Duration {
         let p = &self.processor;
         let exp = i32::try_from(retry.saturating_sub(1)).unwrap_or(i32::MAX);
-        #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        #[allow(
+            clippy::cast_precision_loss,
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss
+        )]
         let ms = (p.retry_initial_backoff_ms as f64 * p.retry_backoff_multiplier.powi(exp))
             .min(p.retry_max_backoff_ms as f64) as u64;
         Duration::from_millis(ms)
@@ -102,7 +126,10 @@ mod tests {
     use super::*;
 
     fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
     }
 
     #[test]

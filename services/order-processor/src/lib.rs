@@ -81,14 +81,20 @@ impl Application {
         shutdown: CancellationToken,
     ) -> Result<Self, StartError> {
         let port = config.processor.http_port;
-        let listener = http::bind(port).await.map_err(|source| StartError::Bind { port, source })?;
+        let listener = http::bind(port)
+            .await
+            .map_err(|source| StartError::Bind { port, source })?;
         let port = listener.local_addr().map(|a| a.port()).unwrap_or(port);
 
         let common = &config.common;
         let codec = OrderCodec::new(&common.schema_registry_url, &common.orders_topic)?;
-        let dlq: FutureProducer = kafka::producer_config(common, &format!("{SERVICE_NAME}-dlq"), "none")
-            .create()
-            .map_err(|source| StartError::Kafka { what: "dead-letter producer", source })?;
+        let dlq: FutureProducer =
+            kafka::producer_config(common, &format!("{SERVICE_NAME}-dlq"), "none")
+                .create()
+                .map_err(|source| StartError::Kafka {
+                    what: "dead-letter producer",
+                    source,
+                })?;
         let mut registry = Registry::default();
         let metrics = metrics::Metrics::register(&mut registry);
         let shared = Arc::new(Shared::new(config.clone(), codec, dlq, metrics, failures));
@@ -102,15 +108,29 @@ impl Application {
             &config.processor.consumer_group,
         )
         .create_with_context(context)
-        .map_err(|source| StartError::Kafka { what: "consumer", source })?;
+        .map_err(|source| StartError::Kafka {
+            what: "consumer",
+            source,
+        })?;
         let consumer = Arc::new(consumer);
         consumer.context().attach(&consumer);
         consumer
             .subscribe(&[common.orders_topic.as_str()])
-            .map_err(|source| StartError::Kafka { what: "subscription", source })?;
+            .map_err(|source| StartError::Kafka {
+                what: "subscription",
+                source,
+            })?;
         http::watch_dependencies(&probe, common, Duration::from_secs(5), shutdown.clone());
 
-        Ok(Application { listener, port, shared, probe, registry, consumer, shutdown })
+        Ok(Application {
+            listener,
+            port,
+            shared,
+            probe,
+            registry,
+            consumer,
+            shutdown,
+        })
     }
 
     /// The HTTP port actually bound.
@@ -121,7 +141,14 @@ impl Application {
     /// The routes: shared health and metrics plus `/stats`.
     pub fn router(shared: Arc<Shared>, probe: Arc<Probe>, registry: Registry) -> Router {
         let stats = Router::new()
-            .route("/stats", get(|axum::extract::State(s): axum::extract::State<Arc<Shared>>| async move { Json(s.report()) }))
+            .route(
+                "/stats",
+                get(
+                    |axum::extract::State(s): axum::extract::State<Arc<Shared>>| async move {
+                        Json(s.report())
+                    },
+                ),
+            )
             .with_state(shared);
         http::router(probe, Arc::new(registry)).merge(stats)
     }
@@ -129,7 +156,15 @@ impl Application {
     /// Runs until the shutdown token is cancelled, then stops the partition tasks, commits the
     /// stored offsets, flushes the dead-letter producer and returns the final stats.
     pub async fn run_until_stopped(self) -> anyhow::Result<aggregate::StatsReport> {
-        let Application { listener, shared, probe, registry, consumer, shutdown, .. } = self;
+        let Application {
+            listener,
+            shared,
+            probe,
+            registry,
+            consumer,
+            shutdown,
+            ..
+        } = self;
         let server = tokio::spawn(http::serve(
             listener,
             Self::router(shared.clone(), probe, registry),
@@ -186,7 +221,12 @@ pub fn summary_text(r: &aggregate::StatsReport) -> String {
     let _ = writeln!(s, "  processed      {}", r.processed);
     let _ = writeln!(s, "  revenue        {}", r.revenue);
     let _ = writeln!(s, "  average        ${:.2}", r.average.unwrap_or(0.0));
-    let _ = writeln!(s, "  min / max      {} / {}", r.min.unwrap_or_default(), r.max.unwrap_or_default());
+    let _ = writeln!(
+        s,
+        "  min / max      {} / {}",
+        r.min.unwrap_or_default(),
+        r.max.unwrap_or_default()
+    );
     let _ = writeln!(s, "  retries        {}", r.retries);
     let _ = write!(s, "  dead-lettered  {}", r.dead_lettered);
     for (c, n) in &r.dead_lettered_by_category {

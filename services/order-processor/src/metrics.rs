@@ -67,7 +67,9 @@ impl Metrics {
             m.revenue_cents.clone(),
         );
         for c in Category::ALL {
-            let _ = m.dead_letters.get_or_create(&CategoryLabel { category: c.as_str() });
+            let _ = m.dead_letters.get_or_create(&CategoryLabel {
+                category: c.as_str(),
+            });
         }
         m
     }

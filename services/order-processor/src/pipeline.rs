@@ -101,22 +101,41 @@ impl Shared {
                 merged.merge(s);
             }
         }
-        let dead = self.dead_lettered.lock().map(|d| d.clone()).unwrap_or_default();
+        let dead = self
+            .dead_lettered
+            .lock()
+            .map(|d| d.clone())
+            .unwrap_or_default();
         let partitions = self
             .assigned
             .lock()
             .map(|a| a.iter().copied().collect())
             .unwrap_or_default();
-        StatsReport::new(&merged, dead, self.retries.load(Ordering::Relaxed), partitions)
+        StatsReport::new(
+            &merged,
+            dead,
+            self.retries.load(Ordering::Relaxed),
+            partitions,
+        )
     }
 
     fn record_success(&self, partition: i32, order: &Order, price: Cents) {
         let processed = {
-            let Ok(mut state) = self.state.lock() else { return };
-            state.entry(partition).or_default().add(&order.product, price);
+            let Ok(mut state) = self.state.lock() else {
+                return;
+            };
+            state
+                .entry(partition)
+                .or_default()
+                .add(&order.product, price);
             state.values().map(|s| s.total.count).sum::<u64>()
         };
-        self.metrics.consumed.get_or_create(&OutcomeLabel { outcome: "processed" }).inc();
+        self.metrics
+            .consumed
+            .get_or_create(&OutcomeLabel {
+                outcome: "processed",
+            })
+            .inc();
         #[allow(clippy::cast_sign_loss)]
         self.metrics.revenue_cents.inc_by(price.0.max(0) as u64);
         self.maybe_log_progress(processed);
@@ -151,7 +170,10 @@ impl Shared {
     async fn handle(&self, msg: &BorrowedMessage<'_>, cancel: &CancellationToken) -> Outcome {
         let started = Instant::now();
         let topic = msg.topic();
-        let key = msg.key().and_then(|k| std::str::from_utf8(k).ok()).unwrap_or("");
+        let key = msg
+            .key()
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .unwrap_or("");
         let span = info_span!(
             "process",
             otel.name = format!("process {topic}"),
@@ -173,18 +195,31 @@ impl Shared {
         );
         trace::adopt(&span, &trace::extract(msg.headers()));
         let outcome = self.handle_in_span(msg, cancel).instrument(span).await;
-        self.metrics.process_duration.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .process_duration
+            .observe(started.elapsed().as_secs_f64());
         outcome
     }
 
-    async fn handle_in_span(&self, msg: &BorrowedMessage<'_>, cancel: &CancellationToken) -> Outcome {
+    async fn handle_in_span(
+        &self,
+        msg: &BorrowedMessage<'_>,
+        cancel: &CancellationToken,
+    ) -> Outcome {
         let order = match self.decode(msg, cancel).await {
             Ok(order) => order,
             Err(None) => return Outcome::Interrupted,
             Err(Some(e)) => {
                 let kind = malformed_kind(msg.payload(), &e);
                 return self
-                    .dead_letter(msg, Category::Deserialization, kind, &e.to_string(), 1, cancel)
+                    .dead_letter(
+                        msg,
+                        Category::Deserialization,
+                        kind,
+                        &e.to_string(),
+                        1,
+                        cancel,
+                    )
                     .await;
             }
         };
@@ -193,7 +228,14 @@ impl Shared {
             Ok(p) => p,
             Err(e) => {
                 return self
-                    .dead_letter(msg, Category::Validation, e.kind(), &e.to_string(), 1, cancel)
+                    .dead_letter(
+                        msg,
+                        Category::Validation,
+                        e.kind(),
+                        &e.to_string(),
+                        1,
+                        cancel,
+                    )
                     .await;
             }
         };
@@ -223,7 +265,14 @@ impl Shared {
             if attempt > max_retries {
                 let message = format!("temporary failure persisted through {attempt} attempts");
                 return self
-                    .dead_letter(msg, Category::RetriesExhausted, "transient_failure", &message, attempt, cancel)
+                    .dead_letter(
+                        msg,
+                        Category::RetriesExhausted,
+                        "transient_failure",
+                        &message,
+                        attempt,
+                        cancel,
+                    )
                     .await;
             }
             let wait = self.config.backoff(attempt);
@@ -235,7 +284,11 @@ impl Shared {
                 retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
                 "temporary failure, will retry"
             );
-            let backoff = info_span!("backoff", otel.kind = "internal", backoff.ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
+            let backoff = info_span!(
+                "backoff",
+                otel.kind = "internal",
+                backoff.ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)
+            );
             let interrupted = async {
                 tokio::select! {
                     () = cancel.cancelled() => true,
@@ -329,7 +382,8 @@ impl Shared {
         let mut wait = Duration::from_millis(200);
         loop {
             let headers = trace::inject(&span, dead_letter::headers(msg.headers(), &meta));
-            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(dlq_topic).headers(headers);
+            let mut record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(dlq_topic).headers(headers);
             if let Some(key) = msg.key() {
                 record = record.key(key);
             }
@@ -343,13 +397,26 @@ impl Shared {
                 .await;
             match sent {
                 Ok(delivery) => {
-                    span.record("messaging.destination.partition.id", delivery.partition.to_string());
+                    span.record(
+                        "messaging.destination.partition.id",
+                        delivery.partition.to_string(),
+                    );
                     span.record("messaging.kafka.offset", delivery.offset);
                     if let Ok(mut d) = self.dead_lettered.lock() {
                         *d.entry(category).or_default() += 1;
                     }
-                    self.metrics.dead_letters.get_or_create(&CategoryLabel { category: category.as_str() }).inc();
-                    self.metrics.consumed.get_or_create(&OutcomeLabel { outcome: "dead_lettered" }).inc();
+                    self.metrics
+                        .dead_letters
+                        .get_or_create(&CategoryLabel {
+                            category: category.as_str(),
+                        })
+                        .inc();
+                    self.metrics
+                        .consumed
+                        .get_or_create(&OutcomeLabel {
+                            outcome: "dead_lettered",
+                        })
+                        .inc();
                     return Outcome::Final;
                 }
                 Err((e, _)) => {
@@ -382,7 +449,8 @@ fn malformed_kind(payload: Option<&[u8]>, e: &CodecError) -> &'static str {
         Some(b) if b[0] != 0 => "bad_magic_byte",
         Some(_) => {
             let text = e.to_string();
-            if text.contains("status 404") || text.contains("raw schema") || text.contains("40403") {
+            if text.contains("status 404") || text.contains("raw schema") || text.contains("40403")
+            {
                 "unknown_schema_id"
             } else {
                 "invalid_avro"
@@ -463,7 +531,10 @@ impl ProcessorContext {
             let _ = done_tx.send(());
         });
         if let Ok(mut tasks) = self.tasks.lock() {
-            tasks.insert((topic.to_owned(), partition), PartitionTask { cancel, done });
+            tasks.insert(
+                (topic.to_owned(), partition),
+                PartitionTask { cancel, done },
+            );
         }
         if let Ok(mut a) = self.shared.assigned.lock() {
             a.insert(partition);
@@ -548,9 +619,14 @@ impl ConsumerContext for ProcessorContext {
         }
     }
 
-    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, _: &rdkafka::TopicPartitionList) {
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        _: &rdkafka::TopicPartitionList,
+    ) {
         match result {
-            Ok(()) | Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+            Ok(())
+            | Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
             Err(e) => warn!(error = %e, "offset commit failed"),
         }
     }

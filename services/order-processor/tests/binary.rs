@@ -28,7 +28,11 @@ async fn starts_answers_healthz_and_exits_cleanly_on_sigterm() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_configuration_exits_non_zero_and_names_the_variable() {
-    for (var, value) in [("MAX_RETRIES", "three"), ("TRANSIENT_FAILURE_RATE", "2"), ("LOG_FORMAT", "xml")] {
+    for (var, value) in [
+        ("MAX_RETRIES", "three"),
+        ("TRANSIENT_FAILURE_RATE", "2"),
+        ("LOG_FORMAT", "xml"),
+    ] {
         let p = Service::start(BIN, &[(var.to_owned(), value.to_owned())]);
         let (status, output) = p.wait(Duration::from_secs(10));
         assert!(!status.success(), "{var}={value} was accepted");
@@ -58,7 +62,11 @@ async fn stopped_with_sigterm_mid_stream_and_restarted_it_loses_nothing() {
         let cents = rng.random_range(1_000..=100_000i64);
         revenue_cents += cents;
         #[allow(clippy::cast_precision_loss)]
-        let o = Order { order_id: uuid::Uuid::new_v4().to_string(), product: PRODUCTS[rng.random_range(0..10)].into(), price: cents as f64 / 100.0 };
+        let o = Order {
+            order_id: uuid::Uuid::new_v4().to_string(),
+            product: PRODUCTS[rng.random_range(0..10)].into(),
+            price: cents as f64 / 100.0,
+        };
         payloads.push((o.order_id.clone(), codec.encode(&o).await.unwrap()));
     }
     // orders keep arriving while the processor is stopped and restarted
@@ -68,7 +76,16 @@ async fn stopped_with_sigterm_mid_stream_and_restarted_it_loses_nothing() {
         tokio::spawn(async move {
             let producer = stack.producer();
             for (i, (key, bytes)) in payloads.iter().enumerate() {
-                stack.produce_raw(&producer, &orders, None, Some(key.as_bytes()), Some(bytes), &[]).await;
+                stack
+                    .produce_raw(
+                        &producer,
+                        &orders,
+                        None,
+                        Some(key.as_bytes()),
+                        Some(bytes),
+                        &[],
+                    )
+                    .await;
                 if i % 100 == 0 {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
@@ -78,24 +95,35 @@ async fn stopped_with_sigterm_mid_stream_and_restarted_it_loses_nothing() {
 
     let mut first = Service::start(BIN, &vars);
     first.wait_for("/healthz", Duration::from_secs(20)).await;
-    eventually("the first run to process some orders", Duration::from_secs(60), || async {
-        let s = first.get_json("/stats").await.ok()?;
-        (s["processed"].as_u64()? > 300).then_some(())
-    })
+    eventually(
+        "the first run to process some orders",
+        Duration::from_secs(60),
+        || async {
+            let s = first.get_json("/stats").await.ok()?;
+            (s["processed"].as_u64()? > 300).then_some(())
+        },
+    )
     .await;
     let (status, output) = first.terminate(Duration::from_secs(30));
     assert_eq!(status.code(), Some(0), "{output}");
     let run1 = Service::summary(&output);
     let done1 = run1["processed"].as_u64().unwrap();
-    assert!(done1 < N as u64, "the first run finished everything; nothing was mid-stream");
+    assert!(
+        done1 < N as u64,
+        "the first run finished everything; nothing was mid-stream"
+    );
 
     let mut second = Service::start(BIN, &vars);
     second.wait_for("/healthz", Duration::from_secs(20)).await;
     feeder.await.unwrap();
-    eventually("the second run to process the rest", Duration::from_secs(120), || async {
-        let s = second.get_json("/stats").await.ok()?;
-        (s["processed"].as_u64()? + done1 >= N as u64).then_some(())
-    })
+    eventually(
+        "the second run to process the rest",
+        Duration::from_secs(120),
+        || async {
+            let s = second.get_json("/stats").await.ok()?;
+            (s["processed"].as_u64()? + done1 >= N as u64).then_some(())
+        },
+    )
     .await;
     // give a duplicate, if there were one, the chance to show up
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -103,10 +131,20 @@ async fn stopped_with_sigterm_mid_stream_and_restarted_it_loses_nothing() {
     assert_eq!(status.code(), Some(0), "{output}");
     let run2 = Service::summary(&output);
 
-    assert_eq!(done1 + run2["processed"].as_u64().unwrap(), N as u64, "every order counted exactly once across the restart");
+    assert_eq!(
+        done1 + run2["processed"].as_u64().unwrap(),
+        N as u64,
+        "every order counted exactly once across the restart"
+    );
     let revenue = run1["revenue"].as_f64().unwrap() + run2["revenue"].as_f64().unwrap();
     #[allow(clippy::cast_precision_loss)]
     let expected = revenue_cents as f64 / 100.0;
-    assert!((revenue - expected).abs() < 0.005, "revenue {revenue} != {expected}");
-    assert_eq!(run1["dead_lettered"].as_u64().unwrap() + run2["dead_lettered"].as_u64().unwrap(), 0);
+    assert!(
+        (revenue - expected).abs() < 0.005,
+        "revenue {revenue} != {expected}"
+    );
+    assert_eq!(
+        run1["dead_lettered"].as_u64().unwrap() + run2["dead_lettered"].as_u64().unwrap(),
+        0
+    );
 }

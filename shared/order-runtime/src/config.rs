@@ -173,7 +173,10 @@ mod tests {
     use super::*;
 
     fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
     }
 
     #[test]
@@ -202,7 +205,8 @@ mod tests {
     fn bad_values_name_the_variable() {
         let e = CommonConfig::from_vars(&vars(&[("LOG_FORMAT", "xml")])).unwrap_err();
         assert!(e.to_string().contains("LOG_FORMAT"), "{e}");
-        let e = CommonConfig::from_vars(&vars(&[("SCHEMA_REGISTRY_URL", "localhost")])).unwrap_err();
+        let e =
+            CommonConfig::from_vars(&vars(&[("SCHEMA_REGISTRY_URL", "localhost")])).unwrap_err();
         assert!(e.to_string().contains("SCHEMA_REGISTRY_URL"), "{e}");
         let e = CommonConfig::from_vars(&vars(&[("DLQ_TOPIC", "orders")])).unwrap_err();
         assert!(e.to_string().contains("DLQ_TOPIC"), "{e}");

@@ -153,8 +153,12 @@ impl Metadata {
             kind: get(KIND).unwrap_or("unknown").to_owned(),
             message: get(MESSAGE).unwrap_or("").to_owned(),
             original_topic: get(ORIGINAL_TOPIC).unwrap_or("").to_owned(),
-            original_partition: get(ORIGINAL_PARTITION).and_then(|v| v.parse().ok()).unwrap_or(-1),
-            original_offset: get(ORIGINAL_OFFSET).and_then(|v| v.parse().ok()).unwrap_or(-1),
+            original_partition: get(ORIGINAL_PARTITION)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(-1),
+            original_offset: get(ORIGINAL_OFFSET)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(-1),
             original_timestamp: get(ORIGINAL_TIMESTAMP).and_then(|v| v.parse().ok()),
             attempts: get(ATTEMPTS).and_then(|v| v.parse().ok()).unwrap_or(0),
             failed_service: get(FAILED_SERVICE).unwrap_or("").to_owned(),
@@ -186,9 +190,18 @@ mod tests {
     #[test]
     fn headers_round_trip_and_keep_the_originals() {
         let original = OwnedHeaders::new()
-            .insert(Header { key: "source", value: Some("web".as_bytes()) })
-            .insert(Header { key: "traceparent", value: Some("00-stale".as_bytes()) })
-            .insert(Header { key: CATEGORY, value: Some("validation".as_bytes()) });
+            .insert(Header {
+                key: "source",
+                value: Some("web".as_bytes()),
+            })
+            .insert(Header {
+                key: "traceparent",
+                value: Some("00-stale".as_bytes()),
+            })
+            .insert(Header {
+                key: CATEGORY,
+                value: Some("validation".as_bytes()),
+            });
         let out = headers(Some(&original), &meta());
         let keys: Vec<&str> = out.iter().map(|h| h.key).collect();
         assert_eq!(keys[0], "source");
@@ -202,7 +215,13 @@ mod tests {
     fn records_without_our_headers_are_unknown() {
         let m = Metadata::from_headers::<OwnedHeaders>(None);
         assert_eq!(m.category, Category::Unknown);
-        let odd = OwnedHeaders::new().insert(Header { key: CATEGORY, value: Some("alien".as_bytes()) });
-        assert_eq!(Metadata::from_headers(Some(&odd)).category, Category::Unknown);
+        let odd = OwnedHeaders::new().insert(Header {
+            key: CATEGORY,
+            value: Some("alien".as_bytes()),
+        });
+        assert_eq!(
+            Metadata::from_headers(Some(&odd)).category,
+            Category::Unknown
+        );
     }
 }

@@ -105,6 +105,48 @@ pub async fn serve(
         .await
 }
 
+/// Keeps the `broker` and `registry` conditions of `probe` current: checked now and then
+/// every `every` until `shutdown`.
+pub fn watch_dependencies(
+    probe: &Probe,
+    common: &crate::CommonConfig,
+    every: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let broker = probe.condition("broker reachable");
+    let registry = probe.condition("schema registry reachable");
+    let common = common.clone();
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(3))
+        .build()
+        .unwrap_or_default();
+    let subjects = format!(
+        "{}/subjects",
+        common.schema_registry_url.trim_end_matches('/')
+    );
+    tokio::spawn(async move {
+        loop {
+            let c = common.clone();
+            let broker_ok = tokio::task::spawn_blocking(move || {
+                crate::kafka::broker_reachable(&c, std::time::Duration::from_secs(3))
+            })
+            .await
+            .unwrap_or(false);
+            broker.store(broker_ok, Ordering::Release);
+            let registry_ok = client
+                .get(&subjects)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            registry.store(registry_ok, Ordering::Release);
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -138,9 +180,15 @@ mod tests {
         assert_eq!(body, "not ready: broker, partitions assigned");
 
         broker.store(true, Ordering::Release);
-        assert_eq!(get(&app, "/readyz").await.1, "not ready: partitions assigned");
+        assert_eq!(
+            get(&app, "/readyz").await.1,
+            "not ready: partitions assigned"
+        );
         assigned.store(true, Ordering::Release);
-        assert_eq!(get(&app, "/readyz").await, (StatusCode::OK, "ready".to_owned()));
+        assert_eq!(
+            get(&app, "/readyz").await,
+            (StatusCode::OK, "ready".to_owned())
+        );
     }
 
     #[tokio::test]
@@ -154,43 +202,4 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("orders_test_total 3"), "{body}");
     }
-}
-
-/// Keeps the `broker` and `registry` conditions of `probe` current: checked now and then
-/// every `every` until `shutdown`.
-pub fn watch_dependencies(
-    probe: &Probe,
-    common: &crate::CommonConfig,
-    every: std::time::Duration,
-    shutdown: CancellationToken,
-) {
-    let broker = probe.condition("broker reachable");
-    let registry = probe.condition("schema registry reachable");
-    let common = common.clone();
-    let client = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(3))
-        .build()
-        .unwrap_or_default();
-    let subjects = format!("{}/subjects", common.schema_registry_url.trim_end_matches('/'));
-    tokio::spawn(async move {
-        loop {
-            let c = common.clone();
-            let broker_ok = tokio::task::spawn_blocking(move || {
-                crate::kafka::broker_reachable(&c, std::time::Duration::from_secs(3))
-            })
-            .await
-            .unwrap_or(false);
-            broker.store(broker_ok, Ordering::Release);
-            let registry_ok = client
-                .get(&subjects)
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success());
-            registry.store(registry_ok, Ordering::Release);
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                () = tokio::time::sleep(every) => {}
-            }
-        }
-    });
 }

@@ -70,9 +70,12 @@ pub fn consumer_config(common: &CommonConfig, client_id: &str, group_id: &str) -
 
 /// Asks the broker for cluster metadata: true when a broker answers in time.
 pub fn broker_reachable(common: &CommonConfig, timeout: Duration) -> bool {
-    let consumer: Result<BaseConsumer, _> = with_user_properties(base(common, "readiness-probe"), common).create();
+    let consumer: Result<BaseConsumer, _> =
+        with_user_properties(base(common, "readiness-probe"), common).create();
     match consumer {
-        Ok(c) => c.fetch_metadata(None, timeout).is_ok_and(|m| !m.brokers().is_empty()),
+        Ok(c) => c
+            .fetch_metadata(None, timeout)
+            .is_ok_and(|m| !m.brokers().is_empty()),
         Err(_) => false,
     }
 }

@@ -95,10 +95,7 @@ pub fn build_subscriber(
             .with_tracer(p.tracer(service_name))
             .with_error_records_to_exceptions(true)
     });
-    Registry::default()
-        .with(filter())
-        .with(fmt)
-        .with(otel)
+    Registry::default().with(filter()).with(fmt).with(otel)
 }
 
 /// Installs logging and tracing for the process. Call once, first thing in `main`.

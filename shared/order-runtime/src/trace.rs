@@ -89,3 +89,10 @@ pub fn trace_id(span: &tracing::Span) -> Option<String> {
     let sc = cx.span().span_context().clone();
     sc.is_valid().then(|| sc.trace_id().to_string())
 }
+
+/// The trace id a context carries (for example one extracted from headers), in hex.
+pub fn context_trace_id(cx: &Context) -> Option<String> {
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| sc.trace_id().to_string())
+}

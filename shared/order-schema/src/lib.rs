@@ -100,7 +100,8 @@ impl Order {
         if self.price.is_nan() || self.price <= 0.0 {
             return Err(ValidationError::NonPositivePrice(self.price));
         }
-        let cents = Cents::from_dollars(self.price).ok_or(ValidationError::NotWholeCents(self.price))?;
+        let cents =
+            Cents::from_dollars(self.price).ok_or(ValidationError::NotWholeCents(self.price))?;
         if cents.0 > MAX_PRICE_CENTS {
             return Err(ValidationError::PriceTooHigh(self.price));
         }
@@ -180,9 +181,15 @@ fn registry_error_is_temporary(e: &SRCError) -> bool {
         return true;
     }
     let text = e.to_string();
-    ["status 500", "status 502", "status 503", "status 504", "status 429"]
-        .iter()
-        .any(|s| text.contains(s))
+    [
+        "status 500",
+        "status 502",
+        "status 503",
+        "status 504",
+        "status 429",
+    ]
+    .iter()
+    .any(|s| text.contains(s))
 }
 
 /// Settings for talking to a Confluent-compatible registry.
@@ -235,7 +242,11 @@ impl OrderCodec {
     /// returns its id. A registry whose compatibility rules refuse it gives `RegistryRejected`.
     pub async fn register(&self) -> Result<u32, CodecError> {
         let subject = self.subject();
-        match self.encoder.get_schema_and_id(&subject, self.strategy()).await {
+        match self
+            .encoder
+            .get_schema_and_id(&subject, self.strategy())
+            .await
+        {
             Ok(schema) => Ok(schema.id),
             Err(e) => {
                 self.encoder.remove_errors_from_cache();
@@ -271,7 +282,11 @@ impl OrderCodec {
     /// shape are `Malformed`; an unreachable registry is `RegistryUnavailable`.
     pub async fn decode(&self, payload: Option<&[u8]>) -> Result<Order, CodecError> {
         let bytes = match payload {
-            None => return Err(CodecError::Malformed("record has no value (tombstone)".into())),
+            None => {
+                return Err(CodecError::Malformed(
+                    "record has no value (tombstone)".into(),
+                ));
+            }
             Some(b) if b.len() < 5 => {
                 return Err(CodecError::Malformed(format!(
                     "{} bytes is shorter than the 5-byte Confluent header",
@@ -350,8 +365,16 @@ mod tests {
         assert_eq!(manual, from_serde);
 
         // and a full Avro round trip through the schema gives the same Order back
-        let datum = apache_avro::to_avro_datum(&schema, Value::Record(manual)).unwrap();
-        let read = apache_avro::from_avro_datum(&schema, &mut datum.as_slice(), None).unwrap();
+        let datum = apache_avro::writer::datum::GenericDatumWriter::builder(&schema)
+            .build()
+            .unwrap()
+            .write_value_to_vec(Value::Record(manual))
+            .unwrap();
+        let read = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
+            .build()
+            .unwrap()
+            .read_value(&mut datum.as_slice())
+            .unwrap();
         assert_eq!(Order::from_avro_value(read).unwrap(), order());
         assert_eq!(
             apache_avro::from_value::<Order>(&Value::Record(from_serde)).unwrap(),

@@ -48,7 +48,12 @@ impl std::ops::AddAssign for Cents {
 impl std::fmt::Display for Cents {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let sign = if self.0 < 0 { "-" } else { "" };
-        write!(f, "{sign}${}.{:02}", self.0.unsigned_abs() / 100, self.0.unsigned_abs() % 100)
+        write!(
+            f,
+            "{sign}${}.{:02}",
+            self.0.unsigned_abs() / 100,
+            self.0.unsigned_abs() % 100
+        )
     }
 }
 
@@ -82,7 +87,10 @@ mod tests {
             dollars += 0.1;
         }
         assert_eq!(cents, Cents(10_000_000));
-        assert_ne!(dollars, 100_000.0, "a double sum drifts; that is why we keep cents");
+        assert_ne!(
+            dollars, 100_000.0,
+            "a double sum drifts; that is why we keep cents"
+        );
         assert_eq!(cents.to_string(), "$100000.00");
         assert_eq!(serde_json::to_string(&Cents(123_456)).unwrap(), "1234.56");
     }

@@ -27,8 +27,21 @@ async fn an_order_encoded_through_the_registry_crosses_the_broker_unchanged() {
     let producer = stack.producer();
     for o in &sent {
         let bytes = codec.encode(o).await.unwrap();
-        assert_eq!(OrderCodec::schema_id(&bytes), Some(id), "Confluent header names the registered id");
-        stack.produce_raw(&producer, &topic, None, Some(o.order_id.as_bytes()), Some(&bytes), &[]).await;
+        assert_eq!(
+            OrderCodec::schema_id(&bytes),
+            Some(id),
+            "Confluent header names the registered id"
+        );
+        stack
+            .produce_raw(
+                &producer,
+                &topic,
+                None,
+                Some(o.order_id.as_bytes()),
+                Some(&bytes),
+                &[],
+            )
+            .await;
     }
 
     // a second codec with cold caches decodes what the broker hands back
@@ -50,7 +63,10 @@ async fn the_registry_rejects_an_incompatible_order_schema() {
 
     // a new required field without a default cannot read the old data: BACKWARD refuses it
     let mut schema: serde_json::Value = serde_json::from_str(ORDER_SCHEMA).unwrap();
-    schema["fields"].as_array_mut().unwrap().push(serde_json::json!({"name": "customerId", "type": "string"}));
+    schema["fields"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"name": "customerId", "type": "string"}));
     let url = format!("{}/subjects/{}/versions", stack.registry, codec.subject());
     let client = reqwest::Client::new();
     let post = |s: serde_json::Value| {
@@ -61,12 +77,21 @@ async fn the_registry_rejects_an_incompatible_order_schema() {
             .send()
     };
     let refused = post(schema.clone()).await.unwrap();
-    assert_eq!(refused.status().as_u16(), 409, "{}", refused.text().await.unwrap());
+    assert_eq!(
+        refused.status().as_u16(),
+        409,
+        "{}",
+        refused.text().await.unwrap()
+    );
 
     // the same field with a default is a compatible evolution and is accepted
     schema["fields"][3]["default"] = serde_json::json!("anonymous");
     let accepted = post(schema).await.unwrap();
-    assert!(accepted.status().is_success(), "{}", accepted.text().await.unwrap());
+    assert!(
+        accepted.status().is_success(),
+        "{}",
+        accepted.text().await.unwrap()
+    );
 }
 
 #[tokio::test]
@@ -98,7 +123,10 @@ async fn bytes_that_are_not_an_order_are_malformed_not_temporary() {
 async fn an_unreachable_registry_is_a_temporary_error() {
     let port = order_testkit::free_port();
     let codec = OrderCodec::new(&format!("http://127.0.0.1:{port}"), "orders").unwrap();
-    let err = codec.decode(Some(&[0, 0, 0, 0, 1, 2, 3])).await.unwrap_err();
+    let err = codec
+        .decode(Some(&[0, 0, 0, 0, 1, 2, 3]))
+        .await
+        .unwrap_err();
     assert!(err.is_temporary(), "{err}");
     assert!(codec.register().await.unwrap_err().is_temporary());
 }

@@ -26,7 +26,10 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 pub fn init_test_logging() {
     if std::env::var_os("TEST_LOG").is_some() {
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "info".into()),
+            )
             .with_test_writer()
             .try_init();
     }
@@ -34,7 +37,10 @@ pub fn init_test_logging() {
 
 /// A name no other test run uses.
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
 }
 
 /// Where the native stack listens.
@@ -47,7 +53,8 @@ pub struct Stack {
 impl Stack {
     pub fn from_env() -> Self {
         Stack {
-            bootstrap: std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:9092".into()),
+            bootstrap: std::env::var("KAFKA_BOOTSTRAP_SERVERS")
+                .unwrap_or_else(|_| "127.0.0.1:9092".into()),
             registry: std::env::var("SCHEMA_REGISTRY_URL")
                 .unwrap_or_else(|_| "http://127.0.0.1:8081/apis/ccompat/v7".into()),
         }
@@ -84,7 +91,8 @@ impl Stack {
             .await
             .expect("create_topics");
         for r in res {
-            r.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}")).unwrap();
+            r.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))
+                .unwrap();
         }
     }
 
@@ -109,7 +117,10 @@ impl Stack {
     ) -> (i32, i64) {
         let mut h = OwnedHeaders::new();
         for (k, v) in headers {
-            h = h.insert(Header { key: k, value: Some(v.as_bytes()) });
+            h = h.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
         }
         let mut r: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(h);
         if let Some(p) = partition {
@@ -121,7 +132,11 @@ impl Stack {
         if let Some(p) = payload {
             r = r.payload(p);
         }
-        let d = producer.send(r, Duration::from_secs(30)).await.map_err(|(e, _)| e).expect("produce");
+        let d = producer
+            .send(r, Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("produce");
         (d.partition, d.offset)
     }
 
@@ -135,11 +150,14 @@ impl Stack {
             .set("isolation.level", "read_committed")
             .create()
             .unwrap();
-        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+        let md = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .unwrap();
         let mut tpl = TopicPartitionList::new();
         for t in md.topics() {
             for p in t.partitions() {
-                tpl.add_partition_offset(topic, p.id(), Offset::Beginning).unwrap();
+                tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+                    .unwrap();
             }
         }
         consumer.assign(&tpl).unwrap();
@@ -171,7 +189,10 @@ pub fn headers_of(m: &OwnedMessage) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     if let Some(h) = m.headers() {
         for x in h.iter() {
-            out.insert(x.key.to_owned(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned());
+            out.insert(
+                x.key.to_owned(),
+                String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
+            );
         }
     }
     out
@@ -188,7 +209,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -204,27 +228,43 @@ pub struct Service {
 
 /// A free TCP port on loopback (bound, then released).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Service {
     /// Starts `bin` with `vars` (plus a free `HTTP_PORT`), logging to a temp file.
     pub fn start(bin: &str, vars: &[(String, String)]) -> Self {
-        let name = Path::new(bin).file_name().unwrap().to_string_lossy().into_owned();
+        let name = Path::new(bin)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
         let port = free_port();
         let log = std::env::temp_dir().join(format!("{}.log", unique(&name)));
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(bin)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info,rdkafka=warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info,rdkafka=warn".into()),
+            )
             .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("HTTP_PORT", port.to_string())
             .stdout(Stdio::from(file.try_clone().unwrap()))
             .stderr(Stdio::from(file))
             .spawn()
             .unwrap_or_else(|e| panic!("starting {bin}: {e}"));
-        Service { name, child, port, log }
+        Service {
+            name,
+            child,
+            port,
+            log,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -258,9 +298,18 @@ impl Service {
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("{} exited ({status}) before {path} answered; output:\n{}", self.name, self.output());
+                panic!(
+                    "{} exited ({status}) before {path} answered; output:\n{}",
+                    self.name,
+                    self.output()
+                );
             }
-            assert!(Instant::now() < deadline, "{} did not answer {path} in {timeout:?}; output:\n{}", self.name, self.output());
+            assert!(
+                Instant::now() < deadline,
+                "{} did not answer {path} in {timeout:?}; output:\n{}",
+                self.name,
+                self.output()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -288,7 +337,11 @@ impl Service {
             if Instant::now() > deadline {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                panic!("{} did not exit within {timeout:?}; output:\n{}", self.name, self.output());
+                panic!(
+                    "{} did not exit within {timeout:?}; output:\n{}",
+                    self.name,
+                    self.output()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -296,7 +349,11 @@ impl Service {
 
     /// The JSON after `SUMMARY ` in the output (printed at exit).
     pub fn summary(output: &str) -> serde_json::Value {
-        let line = output.lines().rev().find_map(|l| l.strip_prefix("SUMMARY ")).expect("no SUMMARY line");
+        let line = output
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("SUMMARY "))
+            .expect("no SUMMARY line");
         serde_json::from_str(line).unwrap()
     }
 }
