@@ -120,9 +120,12 @@ install_kafka() {
   local start; start=$(now)
   say "installing Apache Kafka $KAFKA_VERSION from Maven Central"
   rm -rf "$kafka_home"; mkdir -p "$kafka_home/libs"
-  mvn -B -q -Dstyle.color=never -f "$stack_src/kafka/pom.xml" -Dkafka.version="$KAFKA_VERSION" \
-    dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$kafka_home/libs" \
-    || die "could not resolve Kafka $KAFKA_VERSION from Maven Central (see the Maven output above)"
+  if ! mvn -B -q -Dstyle.color=never -f "$stack_src/kafka/pom.xml" -Dkafka.version="$KAFKA_VERSION" \
+      dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$kafka_home/libs" \
+      >"$STACK_DIR/logs/kafka-install.log" 2>&1; then
+    cat "$STACK_DIR/logs/kafka-install.log" >&2
+    die "could not resolve Kafka $KAFKA_VERSION from Maven Central (Maven's output above)"
+  fi
   touch "$kafka_home/.installed"
   say "Kafka installed in $(elapsed "$start")s"
 }

@@ -1,8 +1,15 @@
 use dlq_analyzer::{Application, Config, SERVICE_NAME, report::summary_text};
 use order_runtime::{config::process_env, shutdown, telemetry};
 
+fn main() -> anyhow::Result<std::process::ExitCode> {
+    if std::env::args().nth(1).as_deref() == Some("healthcheck") {
+        return Ok(order_runtime::http::healthcheck_command(8103));
+    }
+    run()
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn run() -> anyhow::Result<std::process::ExitCode> {
     let vars = process_env();
     let config = Config::from_vars(&vars)?;
     let _telemetry = telemetry::init(SERVICE_NAME, config.common.log_format, &vars)?;
@@ -11,5 +18,5 @@ async fn main() -> anyhow::Result<()> {
     let report = app.run_until_stopped().await?;
     println!("{}", summary_text(&report));
     println!("SUMMARY {}", serde_json::to_string(&report)?);
-    Ok(())
+    Ok(std::process::ExitCode::SUCCESS)
 }

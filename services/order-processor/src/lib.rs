@@ -102,16 +102,25 @@ impl Application {
         let probe = Arc::new(Probe::default());
         let joined = probe.condition("joined consumer group");
         let context = ProcessorContext::new(shared.clone(), shutdown.child_token(), joined);
-        let consumer: ProcessorConsumer = kafka::consumer_config(
+        let mut client = kafka::consumer_config(
             common,
             &format!("{SERVICE_NAME}-{}", order_runtime::telemetry::instance_id()),
             &config.processor.consumer_group,
-        )
-        .create_with_context(context)
-        .map_err(|source| StartError::Kafka {
-            what: "consumer",
-            source,
-        })?;
+        );
+        if !common
+            .kafka_properties
+            .contains_key("statistics.interval.ms")
+        {
+            // feeds the consumer-lag gauge
+            client.set("statistics.interval.ms", "5000");
+        }
+        let consumer: ProcessorConsumer =
+            client
+                .create_with_context(context)
+                .map_err(|source| StartError::Kafka {
+                    what: "consumer",
+                    source,
+                })?;
         let consumer = Arc::new(consumer);
         consumer.context().attach(&consumer);
         consumer

@@ -4,12 +4,19 @@ use order_runtime::dead_letter::Category;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CategoryLabel {
     pub category: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabel {
+    pub topic: String,
+    pub partition: i32,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -30,6 +37,8 @@ pub struct Metrics {
     pub dead_letters: Family<CategoryLabel, Counter>,
     /// Revenue of processed orders, in cents.
     pub revenue_cents: Counter,
+    /// Records behind the partition's end, from librdkafka's statistics (every 5 s).
+    pub consumer_lag: Family<PartitionLabel, Gauge>,
 }
 
 impl Metrics {
@@ -40,6 +49,7 @@ impl Metrics {
             retries: Counter::default(),
             dead_letters: Family::default(),
             revenue_cents: Counter::default(),
+            consumer_lag: Family::default(),
         };
         registry.register(
             "messaging_client_consumed_messages",
@@ -65,6 +75,11 @@ impl Metrics {
             "orders_revenue_cents",
             "Revenue of processed orders in cents",
             m.revenue_cents.clone(),
+        );
+        registry.register(
+            "messaging_kafka_consumer_lag",
+            "Records between the committed position and the end of each assigned partition",
+            m.consumer_lag.clone(),
         );
         for c in Category::ALL {
             let _ = m.dead_letters.get_or_create(&CategoryLabel {

@@ -581,6 +581,25 @@ impl ClientContext for ProcessorContext {
     fn error(&self, error: KafkaError, reason: &str) {
         warn!(error = %error, reason, "kafka client error");
     }
+
+    /// librdkafka's statistics (`statistics.interval.ms`): we keep the consumer lag.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                // -1 is librdkafka's "unknown" and the internal partition -1 is not a partition
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    self.shared
+                        .metrics
+                        .consumer_lag
+                        .get_or_create(&crate::metrics::PartitionLabel {
+                            topic: topic.clone(),
+                            partition: *partition,
+                        })
+                        .set(p.consumer_lag);
+                }
+            }
+        }
+    }
 }
 
 impl ConsumerContext for ProcessorContext {

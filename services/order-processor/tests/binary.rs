@@ -21,6 +21,18 @@ async fn starts_answers_healthz_and_exits_cleanly_on_sigterm() {
     p.wait_for("/readyz", Duration::from_secs(30)).await;
     let metrics = p.get("/metrics").await.unwrap().1;
     assert!(metrics.contains("orders_dead_letters_total"), "{metrics}");
+    // the container health check: the binary asks its own /readyz
+    let probe = |port: u16| {
+        std::process::Command::new(BIN)
+            .arg("healthcheck")
+            .env("HTTP_PORT", port.to_string())
+            .output()
+            .unwrap()
+    };
+    assert!(probe(p.port).status.success());
+    let closed = probe(order_testkit::free_port());
+    assert!(!closed.status.success());
+    assert!(String::from_utf8_lossy(&closed.stderr).contains("no answer"));
     let (status, output) = p.terminate(Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "{output}");
     assert!(output.contains("order-processor summary"), "{output}");

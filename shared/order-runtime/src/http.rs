@@ -147,6 +147,39 @@ pub fn watch_dependencies(
     });
 }
 
+/// `<service> healthcheck`: asks the service on this host (`HTTP_PORT`, else `default_port`)
+/// for `/readyz` and exits 0 when it answers 200. Container images have no curl or wget, so
+/// Docker and Compose health checks run the binary itself.
+pub fn healthcheck_command(default_port: u16) -> std::process::ExitCode {
+    use std::io::{Read as _, Write as _};
+    let port = std::env::var("HTTP_PORT")
+        .ok()
+        .and_then(|p| p.parse::<u16>().ok())
+        .unwrap_or(default_port);
+    let timeout = std::time::Duration::from_secs(2);
+    let answer = (|| -> std::io::Result<String> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream
+            .write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    })();
+    match answer {
+        Ok(r) if r.starts_with("HTTP/1.1 200") => std::process::ExitCode::SUCCESS,
+        Ok(r) => {
+            eprintln!("{}", r.lines().last().unwrap_or("not ready"));
+            std::process::ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("no answer on port {port}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -44,12 +44,13 @@ pub fn export_configured(vars: &[(String, String)]) -> bool {
         .any(|(k, v)| k == "OTEL_TRACES_EXPORTER" && v.trim() == "none")
 }
 
-fn tracer_provider(service_name: &'static str) -> anyhow::Result<SdkTracerProvider> {
-    // http/protobuf is the OTLP default; the exporter reads endpoint, headers and timeout from
-    // the OTEL_EXPORTER_OTLP_* variables itself
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .build()?;
+/// The tracer provider: it always makes spans (so trace context flows from producer to
+/// consumer and log lines carry trace ids even when nothing is exported), and exports them
+/// over OTLP/HTTP only when `export` is true.
+pub fn tracer_provider(
+    service_name: &'static str,
+    export: bool,
+) -> anyhow::Result<SdkTracerProvider> {
     let mut resource = Resource::builder().with_attributes([
         KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
         KeyValue::new("service.instance.id", instance_id()),
@@ -58,10 +59,16 @@ fn tracer_provider(service_name: &'static str) -> anyhow::Result<SdkTracerProvid
     if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
         resource = resource.with_service_name(service_name);
     }
-    Ok(SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        .with_resource(resource.build())
-        .build())
+    let mut builder = SdkTracerProvider::builder().with_resource(resource.build());
+    if export {
+        // http/protobuf is the OTLP default; the exporter reads endpoint, headers and timeout
+        // from the OTEL_EXPORTER_OTLP_* variables itself
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .build()?;
+        builder = builder.with_batch_exporter(exporter);
+    }
+    Ok(builder.build())
 }
 
 /// Host name and pid: unique per replica, readable in Jaeger.
@@ -76,26 +83,32 @@ fn filter() -> EnvFilter {
     EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
-/// The subscriber for `format`, with an OpenTelemetry layer when `provider` is given.
+/// The subscriber for `format`, with the OpenTelemetry layer of `provider`.
 pub fn build_subscriber(
     service_name: &'static str,
     format: LogFormat,
-    provider: Option<&SdkTracerProvider>,
+    provider: &SdkTracerProvider,
 ) -> impl Subscriber + Send + Sync + for<'a> LookupSpan<'a> {
     let fmt = match format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(true)
-            .with_span_list(false)
+            .with_span_list(true)
             .boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer().with_target(false).boxed(),
     };
-    let otel = provider.map(|p| {
-        tracing_opentelemetry::layer()
-            .with_tracer(p.tracer(service_name))
-            .with_error_records_to_exceptions(true)
-    });
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer(service_name))
+        .with_error_records_to_exceptions(true);
     Registry::default().with(filter()).with(fmt).with(otel)
+}
+
+/// W3C trace context and baggage, the propagators every service uses for Kafka headers.
+pub fn install_propagators() {
+    opentelemetry::global::set_text_map_propagator(TextMapCompositePropagator::new(vec![
+        Box::new(TraceContextPropagator::new()),
+        Box::new(BaggagePropagator::new()),
+    ]));
 }
 
 /// Installs logging and tracing for the process. Call once, first thing in `main`.
@@ -104,22 +117,11 @@ pub fn init(
     format: LogFormat,
     vars: &[(String, String)],
 ) -> anyhow::Result<TelemetryGuard> {
-    opentelemetry::global::set_text_map_propagator(TextMapCompositePropagator::new(vec![
-        Box::new(TraceContextPropagator::new()),
-        Box::new(BaggagePropagator::new()),
-    ]));
-    let provider = if export_configured(vars) {
-        Some(tracer_provider(service_name)?)
-    } else {
-        None
-    };
-    if let Some(p) = &provider {
-        opentelemetry::global::set_tracer_provider(p.clone());
-    }
-    tracing::subscriber::set_global_default(build_subscriber(
-        service_name,
-        format,
-        provider.as_ref(),
-    ))?;
-    Ok(TelemetryGuard { provider })
+    install_propagators();
+    let provider = tracer_provider(service_name, export_configured(vars))?;
+    opentelemetry::global::set_tracer_provider(provider.clone());
+    tracing::subscriber::set_global_default(build_subscriber(service_name, format, &provider))?;
+    Ok(TelemetryGuard {
+        provider: Some(provider),
+    })
 }

@@ -96,3 +96,74 @@ pub fn context_trace_id(cx: &Context) -> Option<String> {
     let sc = span.span_context();
     sc.is_valid().then(|| sc.trace_id().to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::config::LogFormat;
+    use crate::telemetry;
+
+    fn header(h: &OwnedHeaders, key: &str) -> Option<String> {
+        h.iter()
+            .find(|x| x.key == key)
+            .and_then(|x| x.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
+    #[test]
+    fn context_and_baggage_flow_from_consumed_headers_to_produced_ones() {
+        telemetry::install_propagators();
+        let provider = telemetry::tracer_provider("test", false).unwrap();
+        let subscriber = telemetry::build_subscriber("test", LogFormat::Pretty, &provider);
+        tracing::subscriber::with_default(subscriber, || {
+            let incoming = OwnedHeaders::new()
+                .insert(Header {
+                    key: "traceparent",
+                    value: Some(
+                        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".as_bytes(),
+                    ),
+                })
+                .insert(Header {
+                    key: "baggage",
+                    value: Some("tenant=acme".as_bytes()),
+                });
+            let parent = extract(Some(&incoming));
+            assert_eq!(
+                context_trace_id(&parent).as_deref(),
+                Some("0af7651916cd43dd8448eb211c80319c")
+            );
+
+            let span = tracing::info_span!(
+                "process",
+                trace_id = tracing::field::Empty,
+                span_id = tracing::field::Empty
+            );
+            adopt(&span, &parent);
+            assert_eq!(
+                trace_id(&span).as_deref(),
+                Some("0af7651916cd43dd8448eb211c80319c")
+            );
+            let send = span.in_scope(|| tracing::info_span!("send"));
+            let out = inject(&send, OwnedHeaders::new());
+
+            let traceparent = header(&out, "traceparent").unwrap();
+            assert!(
+                traceparent.starts_with("00-0af7651916cd43dd8448eb211c80319c-"),
+                "{traceparent}"
+            );
+            assert!(
+                !traceparent.contains("b7ad6b7169203331"),
+                "the send span is a new span"
+            );
+            assert_eq!(header(&out, "baggage").as_deref(), Some("tenant=acme"));
+        });
+    }
+
+    #[test]
+    fn no_headers_no_parent() {
+        telemetry::install_propagators();
+        assert_eq!(context_trace_id(&extract::<OwnedHeaders>(None)), None);
+        assert_eq!(context_trace_id(&extract(Some(&OwnedHeaders::new()))), None);
+    }
+}

@@ -366,3 +366,32 @@ impl Drop for Service {
         }
     }
 }
+
+/// The path of a workspace service binary, built (once per test process) with the same cargo
+/// and profile that runs the tests, so a test can start services of other packages.
+pub fn service_bin(name: &str) -> std::path::PathBuf {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "order-generator",
+                "-p",
+                "order-processor",
+                "-p",
+                "dlq-analyzer",
+            ])
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "cargo build of the services failed");
+    });
+    // tests run from target/<profile>/deps/<test>; the binaries sit in target/<profile>/
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = dir.join(name);
+    assert!(bin.exists(), "{} is missing", bin.display());
+    bin
+}

@@ -1,0 +1,269 @@
+//! One trace per order across the three services, as Jaeger (the native stack's) stores it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use order_testkit::{Service, Stack, eventually, service_bin, unique};
+use serde_json::Value;
+
+const JAEGER: &str = "http://127.0.0.1:16686";
+
+/// A span as Jaeger's query API returns it, reduced to what the tests look at.
+#[derive(Debug, Clone)]
+struct Span {
+    id: String,
+    service: String,
+    name: String,
+    tags: HashMap<String, String>,
+    /// span ids this span references (parent or link)
+    refs: Vec<String>,
+}
+
+fn spans_of(trace: &Value) -> Vec<Span> {
+    let processes: HashMap<String, String> = trace["processes"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v["serviceName"].as_str().unwrap().to_owned()))
+        .collect();
+    trace["spans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| Span {
+            id: s["spanID"].as_str().unwrap().to_owned(),
+            service: processes[s["processID"].as_str().unwrap()].clone(),
+            name: s["operationName"].as_str().unwrap().to_owned(),
+            tags: s["tags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| {
+                    let v = match &t["value"] {
+                        Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    };
+                    (t["key"].as_str().unwrap().to_owned(), v)
+                })
+                .collect(),
+            refs: s["references"]
+                .as_array()
+                .map(|r| {
+                    r.iter()
+                        .map(|x| x["spanID"].as_str().unwrap().to_owned())
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
+        .collect()
+}
+
+async fn trace_from_jaeger(trace_id: &str, wanted: impl Fn(&[Span]) -> bool) -> Vec<Span> {
+    eventually(
+        &format!("trace {trace_id} in Jaeger"),
+        Duration::from_secs(30),
+        || async {
+            let body: Value = reqwest::get(format!("{JAEGER}/api/traces/{trace_id}"))
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let spans = spans_of(body["data"].get(0)?);
+            wanted(&spans).then_some(spans)
+        },
+    )
+    .await
+}
+
+fn one<'a>(spans: &'a [Span], service: &str, name: &str) -> &'a Span {
+    let found: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.service == service && s.name == name)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one {service} span {name:?} in {spans:#?}"
+    );
+    found[0]
+}
+
+fn assert_messaging(span: &Span, kind: &str, operation: &str, destination: &str) {
+    let t = &span.tags;
+    assert_eq!(
+        t.get("span.kind").map(String::as_str),
+        Some(kind),
+        "{span:#?}"
+    );
+    assert_eq!(t["messaging.system"], "kafka", "{span:#?}");
+    assert_eq!(t["messaging.operation.type"], operation, "{span:#?}");
+    assert_eq!(t["messaging.destination.name"], destination, "{span:#?}");
+}
+
+/// Runs the three services with export to Jaeger: two invalid orders, then two valid ones that
+/// always fail temporarily; returns the analyzer's report once it has all four dead letters,
+/// and the processor's (JSON) log.
+async fn run_pipeline(orders: &str, dlq: &str, group: &str) -> (Value, String) {
+    let stack = Stack::from_env();
+    stack.create_topic(orders, 2).await;
+    stack.create_topic(dlq, 1).await;
+    let telemetry = |service: &str| -> Vec<(String, String)> {
+        let mut v = stack.vars(orders, dlq);
+        v.extend([
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
+                "http://127.0.0.1:4318".to_owned(),
+            ),
+            ("OTEL_SERVICE_NAME".to_owned(), service.to_owned()),
+            ("OTEL_BSP_SCHEDULE_DELAY".to_owned(), "200".to_owned()),
+            ("LOG_FORMAT".to_owned(), "json".to_owned()),
+        ]);
+        v
+    };
+    let mut pv = telemetry("order-processor");
+    pv.extend([
+        ("CONSUMER_GROUP".to_owned(), group.to_owned()),
+        ("TRANSIENT_FAILURE_RATE".to_owned(), "1".to_owned()),
+        ("MAX_RETRIES".to_owned(), "2".to_owned()),
+        ("RETRY_INITIAL_BACKOFF_MS".to_owned(), "100".to_owned()),
+    ]);
+    let mut processor = Service::start(env!("CARGO_BIN_EXE_order-processor"), &pv);
+    let mut av = telemetry("dlq-analyzer");
+    av.push(("CONSUMER_GROUP".to_owned(), unique("analyzer")));
+    let mut analyzer = Service::start(service_bin("dlq-analyzer").to_str().unwrap(), &av);
+    processor.wait_for("/readyz", Duration::from_secs(30)).await;
+    analyzer.wait_for("/readyz", Duration::from_secs(30)).await;
+
+    for ratio in ["1", "0"] {
+        let mut gv = telemetry("order-generator");
+        gv.extend([
+            ("ORDER_COUNT".to_owned(), "2".to_owned()),
+            ("ORDER_RATE".to_owned(), "0".to_owned()),
+            ("INVALID_ORDER_RATIO".to_owned(), ratio.to_owned()),
+        ]);
+        let (status, out) = Service::start(service_bin("order-generator").to_str().unwrap(), &gv)
+            .wait(Duration::from_secs(30));
+        assert!(status.success(), "{out}");
+    }
+    let report = eventually(
+        "four dead letters analysed",
+        Duration::from_secs(60),
+        || async {
+            let r = analyzer.get_json("/report").await.ok()?;
+            (r["total"] == 4).then_some(r)
+        },
+    )
+    .await;
+    // stopping flushes the exporters
+    let (status, processor_log) = processor.terminate(Duration::from_secs(20));
+    assert!(status.success(), "{processor_log}");
+    assert!(analyzer.terminate(Duration::from_secs(20)).0.success());
+    (report, processor_log)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_lettered_order_is_one_trace_across_the_three_services() {
+    let (orders, dlq, group) = (unique("orders"), unique("orders-dlq"), unique("processor"));
+    let (report, processor_log) = run_pipeline(&orders, &dlq, &group).await;
+    let recent = report["recent"].as_array().unwrap();
+    assert_eq!(recent.len(), 4);
+    for failure in recent {
+        let trace_id = failure["trace_id"]
+            .as_str()
+            .expect("every dead letter carries its trace id");
+        let order_id = failure["key"].as_str().unwrap();
+        let category = failure["category"].as_str().unwrap();
+        // the processor's log line about this dead letter leads to the trace
+        let logged = processor_log.lines().any(|l| {
+            l.contains("dead-lettering record")
+                && l.contains(&format!("\"trace_id\":\"{trace_id}\""))
+        });
+        assert!(
+            logged,
+            "no JSON log line with trace_id {trace_id}:\n{processor_log}"
+        );
+        let spans = trace_from_jaeger(trace_id, |s| {
+            ["order-generator", "order-processor", "dlq-analyzer"]
+                .iter()
+                .all(|svc| s.iter().any(|x| x.service == *svc))
+        })
+        .await;
+
+        let send = one(&spans, "order-generator", &format!("send {orders}"));
+        assert_messaging(send, "producer", "send", &orders);
+        assert_eq!(send.tags["messaging.kafka.message.key"], order_id);
+
+        let process = one(&spans, "order-processor", &format!("process {orders}"));
+        assert_messaging(process, "consumer", "process", &orders);
+        assert!(
+            process.refs.contains(&send.id),
+            "the consumer span continues the producer's"
+        );
+        assert_eq!(process.tags["messaging.consumer.group.name"], group);
+        assert_eq!(process.tags["messaging.kafka.message.key"], order_id);
+        assert!(
+            process
+                .tags
+                .contains_key("messaging.destination.partition.id")
+        );
+        assert!(process.tags.contains_key("messaging.kafka.offset"));
+        assert_eq!(process.tags["error.type"], category);
+
+        let dead_letter = one(&spans, "order-processor", &format!("send {dlq}"));
+        assert_messaging(dead_letter, "producer", "send", &dlq);
+        assert!(dead_letter.refs.contains(&process.id));
+        assert_eq!(dead_letter.tags["error.type"], category);
+
+        let analysed = one(&spans, "dlq-analyzer", &format!("process {dlq}"));
+        assert_messaging(analysed, "consumer", "process", &dlq);
+        assert!(
+            analysed.refs.contains(&dead_letter.id),
+            "the analyzer continues the dead letter's send"
+        );
+        assert_eq!(analysed.tags["error.type"], category);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retries_are_attempt_spans_under_one_processing_span() {
+    let (orders, dlq, group) = (unique("orders"), unique("orders-dlq"), unique("processor"));
+    let (report, _) = run_pipeline(&orders, &dlq, &group).await;
+    let exhausted: Vec<&Value> = report["recent"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["category"] == "retries_exhausted")
+        .collect();
+    assert_eq!(exhausted.len(), 2);
+    for failure in exhausted {
+        let trace_id = failure["trace_id"].as_str().unwrap();
+        let spans =
+            trace_from_jaeger(trace_id, |s| s.iter().any(|x| x.service == "dlq-analyzer")).await;
+        let process = one(&spans, "order-processor", &format!("process {orders}"));
+        let children: Vec<&Span> = spans
+            .iter()
+            .filter(|s| s.refs.contains(&process.id))
+            .collect();
+        for n in 1..=3 {
+            let attempt = one(&spans, "order-processor", &format!("process attempt {n}"));
+            assert!(
+                attempt.refs.contains(&process.id),
+                "attempt {n} is a child of the processing span"
+            );
+            assert_eq!(attempt.tags["error.type"], "transient_failure");
+        }
+        let mut backoffs: Vec<&str> = children
+            .iter()
+            .filter(|s| s.name == "backoff")
+            .map(|s| s.tags["backoff.ms"].as_str())
+            .collect();
+        backoffs.sort_unstable();
+        assert_eq!(
+            backoffs,
+            ["100", "200"],
+            "a backoff span between attempts: {children:#?}"
+        );
+    }
+}
