@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Proves what can be proved about the deployment files without a Docker engine or a cluster,
+# with the real tools: hadolint on the Dockerfile; compose-go (the loader `docker compose`
+# uses) on docker-compose.yml; helm lint and helm template, the rendered objects validated
+# strictly against the Kubernetes schemas (kubernetes-validate); values.schema.json refusing
+# bad values; k8s/ manifests current with the chart; the release build the Dockerfile runs.
+#
+#   scripts/check-deploy.sh            everything
+#   scripts/check-deploy.sh manifests  regenerate k8s/order-pipeline.yaml from the chart
+#   scripts/check-deploy.sh tools      only install the tools (helm, compose-check, hadolint, ...)
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+
+HELM_VERSION=v3.22.0
+bin="$repo/.stack/bin"
+helm="$bin/helm-$HELM_VERSION"
+compose_check="$bin/compose-check"
+venv="$repo/.venv"
+chart=helm/order-pipeline
+manifests=k8s/order-pipeline.yaml
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+step() { printf '\n==> %s\n' "$*"; }
+fail() { printf 'check-deploy: %s\n' "$*" >&2; exit 1; }
+
+tools() {
+  mkdir -p "$bin"
+  # helm and compose-check from the Go module proxy, versions pinned in tools/go.mod and go.sum
+  if [ ! -x "$helm" ]; then
+    echo "building helm $HELM_VERSION from the Go module proxy"
+    (cd tools && go build -trimpath -o "$helm.part" helm.sh/helm/v3/cmd/helm) && mv "$helm.part" "$helm"
+  fi
+  if [ ! -x "$compose_check" ] || [ tools/compose-check/main.go -nt "$compose_check" ]; then
+    (cd tools && go build -o "$compose_check" ./compose-check)
+  fi
+  if [ ! -f "$venv/.deploy-tools" ] || [ tools/requirements.txt -nt "$venv/.deploy-tools" ]; then
+    [ -x "$venv/bin/pip" ] || python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r tools/requirements.txt
+    touch "$venv/.deploy-tools"
+  fi
+}
+
+render_manifests() {
+  {
+    echo "# Generated from the Helm chart by 'make k8s-manifests' (scripts/check-deploy.sh manifests)."
+    echo "# Do not edit: change helm/order-pipeline and regenerate. Apply with:"
+    echo "#   kubectl create namespace order-pipeline && kubectl apply -n order-pipeline -f k8s/order-pipeline.yaml"
+    "$helm" template order-pipeline "$chart" --namespace order-pipeline
+  }
+}
+
+validate() { # file
+  "$venv/bin/kubernetes-validate" --strict --quiet "$1" || fail "$1 does not validate against the Kubernetes schemas"
+}
+
+kinds_in() { "$venv/bin/python" -c 'import sys, yaml; print(" ".join(sorted(d["kind"] for d in yaml.safe_load_all(open(sys.argv[1])) if d)))' "$1"; }
+
+replicas_of() { # file deployment-suffix
+  "$venv/bin/python" - "$1" "$2" <<'EOF'
+import sys, yaml
+for d in yaml.safe_load_all(open(sys.argv[1])):
+    if d and d["kind"] == "Deployment" and d["metadata"]["name"].endswith(sys.argv[2]):
+        print(d["spec"].get("replicas", "unset"))
+EOF
+}
+
+tools
+if [ "${1:-}" = tools ]; then
+  exit 0
+fi
+if [ "${1:-}" = manifests ]; then
+  render_manifests >"$manifests"
+  echo "wrote $manifests"
+  exit 0
+fi
+
+step "hadolint Dockerfile"
+"$venv/bin/hadolint" Dockerfile && echo "no findings"
+
+step "docker-compose.yml through compose-go"
+"$compose_check" docker-compose.yml | tee "$work/compose.txt"
+for s in kafka kafka-init schema-registry jaeger order-generator order-processor dlq-analyzer kafka-ui; do
+  grep -q "^$s"$'\t' "$work/compose.txt" || fail "docker-compose.yml has no service $s"
+done
+grep -v '^kafka-init' "$work/compose.txt" | grep -q 'healthcheck=false' && fail "a long-running service has no health check"
+grep '^order-processor' "$work/compose.txt" | grep -q 'container_name="".*published=\[\]' \
+  || fail "order-processor must have no fixed container name or host port, or it cannot scale"
+echo "every service present; all long-running ones have health checks; the processor scales"
+
+step "helm lint"
+"$helm" lint "$chart"
+"$helm" lint "$chart" --set kafka.enabled=false,kafka.bootstrapServers=kafka:9092 \
+  --set schemaRegistry.enabled=false,schemaRegistry.url=http://registry:8081 --set jaeger.enabled=false
+
+step "helm template, default values (in-cluster Kafka, Schema Registry, Jaeger)"
+"$helm" template op "$chart" >"$work/default.yaml"
+validate "$work/default.yaml"
+echo "objects: $(kinds_in "$work/default.yaml")"
+
+step "helm template, infrastructure off, external endpoints"
+"$helm" template op "$chart" \
+  --set kafka.enabled=false,kafka.bootstrapServers=kafka.example:9092 \
+  --set schemaRegistry.enabled=false,schemaRegistry.url=https://registry.example \
+  --set jaeger.enabled=false,jaeger.otlpEndpoint=http://otel-collector.example:4318 >"$work/external.yaml"
+validate "$work/external.yaml"
+kinds=$(kinds_in "$work/external.yaml")
+echo "objects: $kinds"
+case "$kinds" in *StatefulSet*|*Job*) fail "infrastructure rendered although switched off";; esac
+grep -q 'value: "kafka.example:9092"' "$work/external.yaml" || fail "external bootstrap servers not used"
+grep -q 'value: "https://registry.example"' "$work/external.yaml" || fail "external registry URL not used"
+
+step "helm template --set orderProcessor.replicas=3, autoscaling on"
+"$helm" template op "$chart" --set orderProcessor.replicas=3 >"$work/scaled.yaml"
+[ "$(replicas_of "$work/scaled.yaml" order-processor)" = 3 ] || fail "orderProcessor.replicas=3 did not give 3 replicas"
+echo "order-processor replicas: 3"
+"$helm" template op "$chart" --set orderProcessor.autoscaling.enabled=true >"$work/hpa.yaml"
+validate "$work/hpa.yaml"
+grep -q 'kind: HorizontalPodAutoscaler' "$work/hpa.yaml" || fail "no HorizontalPodAutoscaler"
+[ "$(replicas_of "$work/hpa.yaml" order-processor)" = unset ] || fail "with an HPA the Deployment must not fix replicas"
+echo "HorizontalPodAutoscaler rendered; the Deployment leaves replicas to it"
+
+step "values.schema.json refuses bad values"
+bad=(
+  "orderProcessor.replicas=-1"
+  "orderProcessor.replica=3"
+  "orderGenerator.image.pullPolicy=Sometimes"
+  "kafka.enabled=false"
+  "schemaRegistry.enabled=false,schemaRegistry.url=registry:8081"
+  "orderProcessor.resources.limits.memory=lots"
+)
+for b in "${bad[@]}"; do
+  if "$helm" template op "$chart" --set "$b" >/dev/null 2>"$work/err"; then fail "--set $b was accepted"; fi
+  echo "refused --set $b: $(grep -m1 -E "at '|required" "$work/err" | sed 's/^ *//')"
+done
+
+step "k8s/ manifests are current with the chart"
+render_manifests >"$work/manifests.yaml"
+diff -u "$manifests" "$work/manifests.yaml" >/dev/null \
+  || fail "$manifests is stale: run 'make k8s-manifests'"
+validate "$manifests"
+echo "$manifests is current and valid"
+
+if [ "${SKIP_RELEASE_BUILD:-}" != 1 ]; then
+  step "the release build the Dockerfile runs"
+  cargo build --release --locked -p order-generator -p order-processor -p dlq-analyzer
+  ls -l target/release/order-generator target/release/order-processor target/release/dlq-analyzer
+fi
+
+echo
+echo "deployment checks passed"
