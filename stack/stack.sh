@@ -158,6 +158,9 @@ offsets.topic.num.partitions=10
 transaction.state.log.replication.factor=1
 transaction.state.log.min.isr=1
 transaction.state.log.num.partitions=10
+# a crashed transactional producer's open transaction is aborted soon after it times out
+# (default 10 s between checks), so the partitions it blocked move on quickly in development
+transaction.abort.timed.out.transaction.cleanup.interval.ms=1000
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 # consumers in tests and demos join at once instead of waiting 3 s for more members

@@ -1,38 +1,37 @@
-//! Running aggregates, kept per partition so that they can be merged (across partitions now,
-//! across replicas with the exactly-once work), in integer cents so that sums never drift.
+//! Running aggregates, kept per partition so that they merge (across partitions, and across
+//! replicas through the changelog), in integer cents so that sums never drift.
 
 use std::collections::BTreeMap;
 
 use order_runtime::dead_letter::Category;
 use order_schema::Cents;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-/// Count, revenue, min and max of the orders one partition has processed, overall and per
-/// product.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+/// Count, revenue, min and max of a set of orders.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Aggregate {
     pub count: u64,
-    pub revenue: Cents,
-    pub min: Option<Cents>,
-    pub max: Option<Cents>,
+    pub revenue_cents: i64,
+    pub min_cents: Option<i64>,
+    pub max_cents: Option<i64>,
 }
 
 impl Aggregate {
     pub fn add(&mut self, price: Cents) {
         self.count += 1;
-        self.revenue += price;
-        self.min = Some(self.min.map_or(price, |m| m.min(price)));
-        self.max = Some(self.max.map_or(price, |m| m.max(price)));
+        self.revenue_cents += price.0;
+        self.min_cents = Some(self.min_cents.map_or(price.0, |m| m.min(price.0)));
+        self.max_cents = Some(self.max_cents.map_or(price.0, |m| m.max(price.0)));
     }
 
     pub fn merge(&mut self, other: &Aggregate) {
         self.count += other.count;
-        self.revenue += other.revenue;
-        self.min = match (self.min, other.min) {
+        self.revenue_cents += other.revenue_cents;
+        self.min_cents = match (self.min_cents, other.min_cents) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        self.max = match (self.max, other.max) {
+        self.max_cents = match (self.max_cents, other.max_cents) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
         };
@@ -42,17 +41,23 @@ impl Aggregate {
     pub fn average(&self) -> Option<f64> {
         (self.count > 0).then(|| {
             #[allow(clippy::cast_precision_loss)]
-            let avg_cents = (self.revenue.0 as f64 / self.count as f64).round();
+            let avg_cents = (self.revenue_cents as f64 / self.count as f64).round();
             avg_cents / 100.0
         })
     }
 }
 
-/// One partition's state.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// Everything known about one partition of the orders topic: what its orders add up to, what
+/// was dead-lettered and retried, and the offset of the next record to take. In exactly-once
+/// mode this is what the changelog topic stores, keyed by partition.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionState {
     pub total: Aggregate,
     pub by_product: BTreeMap<String, Aggregate>,
+    pub dead_lettered: BTreeMap<Category, u64>,
+    pub retries: u64,
+    /// Offset of the next record of the partition (the offset committed with this state).
+    pub next_offset: i64,
 }
 
 impl PartitionState {
@@ -68,6 +73,10 @@ impl PartitionState {
         }
     }
 
+    pub fn dead_letter(&mut self, category: Category) {
+        *self.dead_lettered.entry(category).or_default() += 1;
+    }
+
     pub fn merge(&mut self, other: &PartitionState) {
         self.total.merge(&other.total);
         for (product, agg) in &other.by_product {
@@ -76,6 +85,10 @@ impl PartitionState {
                 .or_default()
                 .merge(agg);
         }
+        for (c, n) in &other.dead_lettered {
+            *self.dead_lettered.entry(*c).or_default() += n;
+        }
+        self.retries += other.retries;
     }
 }
 
@@ -92,6 +105,7 @@ pub struct StatsReport {
     pub dead_lettered_by_category: BTreeMap<Category, u64>,
     pub retries: u64,
     pub by_product: BTreeMap<String, ProductReport>,
+    /// The partitions the figures cover.
     pub partitions: Vec<i32>,
 }
 
@@ -103,22 +117,24 @@ pub struct ProductReport {
 }
 
 impl StatsReport {
-    pub fn new(
-        state: &PartitionState,
-        dead_lettered_by_category: BTreeMap<Category, u64>,
-        retries: u64,
-        partitions: Vec<i32>,
-    ) -> Self {
+    /// The report over `states`, one per partition.
+    pub fn new<'a>(states: impl IntoIterator<Item = (i32, &'a PartitionState)>) -> Self {
+        let mut merged = PartitionState::default();
+        let mut partitions = Vec::new();
+        for (p, s) in states {
+            merged.merge(s);
+            partitions.push(p);
+        }
         StatsReport {
-            processed: state.total.count,
-            revenue: state.total.revenue,
-            average: state.total.average(),
-            min: state.total.min,
-            max: state.total.max,
-            dead_lettered: dead_lettered_by_category.values().sum(),
-            dead_lettered_by_category,
-            retries,
-            by_product: state
+            processed: merged.total.count,
+            revenue: Cents(merged.total.revenue_cents),
+            average: merged.total.average(),
+            min: merged.total.min_cents.map(Cents),
+            max: merged.total.max_cents.map(Cents),
+            dead_lettered: merged.dead_lettered.values().sum(),
+            dead_lettered_by_category: merged.dead_lettered,
+            retries: merged.retries,
+            by_product: merged
                 .by_product
                 .iter()
                 .map(|(p, a)| {
@@ -126,7 +142,7 @@ impl StatsReport {
                         p.clone(),
                         ProductReport {
                             processed: a.count,
-                            revenue: a.revenue,
+                            revenue: Cents(a.revenue_cents),
                             average: a.average(),
                         },
                     )
@@ -151,27 +167,44 @@ mod tests {
             whole.add("phone", Cents(*p));
             parts[i % 2].add("phone", Cents(*p));
         }
+        whole.dead_letter(Category::Validation);
+        parts[1].dead_letter(Category::Validation);
         let mut merged = PartitionState::default();
         merged.merge(&parts[0]);
         merged.merge(&parts[1]);
         assert_eq!(merged, whole);
         assert_eq!(whole.total.count, 5);
-        assert_eq!(whole.total.revenue, Cents(106_331));
-        assert_eq!(whole.total.min, Some(Cents(5)));
-        assert_eq!(whole.total.max, Some(Cents(100_000)));
+        assert_eq!(whole.total.revenue_cents, 106_331);
+        assert_eq!(whole.total.min_cents, Some(5));
+        assert_eq!(whole.total.max_cents, Some(100_000));
         assert_eq!(whole.total.average(), Some(212.66));
+    }
+
+    #[test]
+    fn state_survives_the_changelog_encoding() {
+        let mut s = PartitionState::default();
+        s.add("laptop", Cents(123_456));
+        s.dead_letter(Category::RetriesExhausted);
+        s.retries = 7;
+        s.next_offset = 42;
+        let bytes = serde_json::to_vec(&s).unwrap();
+        assert_eq!(serde_json::from_slice::<PartitionState>(&bytes).unwrap(), s);
     }
 
     #[test]
     fn report_serializes_money_as_dollars() {
         let mut s = PartitionState::default();
         s.add("laptop", Cents(123_456));
-        let r = StatsReport::new(&s, BTreeMap::from([(Category::Validation, 2)]), 3, vec![0]);
+        s.dead_letter(Category::Validation);
+        s.dead_letter(Category::Validation);
+        s.retries = 3;
+        let r = StatsReport::new([(0, &s)]);
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["revenue"], 1234.56);
         assert_eq!(json["average"], 1234.56);
         assert_eq!(json["dead_lettered"], 2);
         assert_eq!(json["dead_lettered_by_category"]["validation"], 2);
+        assert_eq!(json["retries"], 3);
         assert_eq!(json["by_product"]["laptop"]["processed"], 1);
     }
 }

@@ -6,6 +6,18 @@ use order_runtime::CommonConfig;
 use order_runtime::config::{ConfigError, check_range, load};
 use serde::Deserialize;
 
+/// How outcomes and offsets are made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Guarantee {
+    /// Kafka transactions: dead letters, the changelog of per-partition state and the
+    /// consumer offsets commit together, so totals are exact under crashes and rebalances.
+    #[default]
+    ExactlyOnce,
+    /// Offsets stored after each outcome is durable; a crash can redo records.
+    AtLeastOnce,
+}
+
 /// The processor's own block; see [`Config`] for the whole.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ProcessorSettings {
@@ -36,6 +48,20 @@ pub struct ProcessorSettings {
     /// Default 5000.
     #[serde(default = "default_log_interval")]
     pub stats_log_interval_ms: u64,
+    /// `PROCESSING_GUARANTEE`: `exactly_once` (default) or `at_least_once`.
+    #[serde(default)]
+    pub processing_guarantee: Guarantee,
+    /// `STATE_TOPIC`: the compacted changelog of per-partition state (exactly-once).
+    /// Default `<CONSUMER_GROUP>-aggregates-changelog`.
+    #[serde(default)]
+    pub state_topic: Option<String>,
+    /// `COMMIT_INTERVAL_MS`: how often a transaction commits (exactly-once). Default 100.
+    #[serde(default = "default_commit_interval")]
+    pub commit_interval_ms: u64,
+    /// `TRANSACTION_TIMEOUT_MS`: the broker aborts a transaction left open this long (a
+    /// crashed replica's). Default 10000.
+    #[serde(default = "default_transaction_timeout")]
+    pub transaction_timeout_ms: u64,
 }
 
 fn default_port() -> u16 {
@@ -58,6 +84,12 @@ fn default_max_backoff() -> u64 {
 }
 fn default_log_interval() -> u64 {
     5000
+}
+fn default_commit_interval() -> u64 {
+    100
+}
+fn default_transaction_timeout() -> u64 {
+    10_000
 }
 
 /// Everything the processor reads from the environment.
@@ -99,10 +131,37 @@ impl Config {
             100,
             3_600_000,
         )?;
+        check_range("COMMIT_INTERVAL_MS", p.commit_interval_ms, 10, 60_000)?;
+        check_range(
+            "TRANSACTION_TIMEOUT_MS",
+            p.transaction_timeout_ms,
+            1_000,
+            900_000,
+        )?;
+        if p.commit_interval_ms * 2 > p.transaction_timeout_ms {
+            return Err(ConfigError(format!(
+                "COMMIT_INTERVAL_MS={} must be well below TRANSACTION_TIMEOUT_MS={}",
+                p.commit_interval_ms, p.transaction_timeout_ms
+            )));
+        }
         if p.consumer_group.trim().is_empty() {
             return Err(ConfigError("CONSUMER_GROUP must not be empty".into()));
         }
+        if p.state_topic
+            .as_deref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
+            return Err(ConfigError("STATE_TOPIC must not be empty".into()));
+        }
         Ok(Config { common, processor })
+    }
+
+    /// The changelog topic of per-partition state.
+    pub fn state_topic(&self) -> String {
+        self.processor
+            .state_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}-aggregates-changelog", self.processor.consumer_group))
     }
 
     /// The wait before retry number `retry` (1-based): initial × multiplier^(retry-1), capped.
@@ -138,6 +197,8 @@ mod tests {
         assert_eq!(c.processor.http_port, 8102);
         assert_eq!(c.processor.consumer_group, "order-processor");
         assert_eq!(c.processor.max_retries, 3);
+        assert_eq!(c.processor.processing_guarantee, Guarantee::ExactlyOnce);
+        assert_eq!(c.state_topic(), "order-processor-aggregates-changelog");
         let waits: Vec<u64> = (1..=3).map(|r| c.backoff(r).as_millis() as u64).collect();
         assert_eq!(waits, [1000, 2000, 4000]);
     }
@@ -157,6 +218,8 @@ mod tests {
             ("RETRY_BACKOFF_MULTIPLIER", "0.5"),
             ("HTTP_PORT", "70000"),
             ("RETRY_MAX_BACKOFF_MS", "10"),
+            ("PROCESSING_GUARANTEE", "exactly_twice"),
+            ("COMMIT_INTERVAL_MS", "5"),
         ] {
             let e = Config::from_vars(&vars(&[(var, value)])).unwrap_err();
             assert!(e.to_string().contains(var), "{var}={value}: {e}");

@@ -3,8 +3,10 @@
 //!
 //! Layout:
 //! - [`config`]: the environment (SPEC) and the backoff schedule.
-//! - [`pipeline`]: the consumer, one task per partition, at-least-once offset handling,
-//!   decoding, validation, retries and dead letters.
+//! - [`pipeline`]: the consumer, one task per partition: decoding, validation, retries and
+//!   dead letters, then the outcome made durable (exactly-once or at-least-once).
+//! - [`eos`]: the exactly-once core: one Kafka transaction for dead letters, the changelog of
+//!   per-partition state and the consumer offsets; restore on assignment; `/stats/global`.
 //! - [`aggregate`]: per-partition count, revenue, min, max in integer cents, mergeable.
 //! - [`metrics`]: Prometheus series.
 //! - [`Application`]: builds all of it (binding the HTTP port first, port 0 in tests) and runs
@@ -12,6 +14,7 @@
 
 pub mod aggregate;
 pub mod config;
+pub mod eos;
 pub mod metrics;
 pub mod pipeline;
 
@@ -19,6 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 use order_runtime::http::{self, Probe};
@@ -27,13 +31,15 @@ use order_schema::OrderCodec;
 use prometheus_client::registry::Registry;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::Producer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-pub use config::Config;
-use pipeline::{FailureInjector, ProcessorConsumer, ProcessorContext, RandomFailures, Shared};
+pub use config::{Config, Guarantee};
+use pipeline::{
+    Durability, FailureInjector, ProcessorConsumer, ProcessorContext, RandomFailures, Shared,
+};
 
 pub const SERVICE_NAME: &str = "order-processor";
 
@@ -46,7 +52,7 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    #[error("could not create the Kafka {what}")]
+    #[error("could not set up the Kafka {what}")]
     Kafka {
         what: &'static str,
         #[source]
@@ -88,25 +94,45 @@ impl Application {
 
         let common = &config.common;
         let codec = OrderCodec::new(&common.schema_registry_url, &common.orders_topic)?;
-        let dlq: FutureProducer =
-            kafka::producer_config(common, &format!("{SERVICE_NAME}-dlq"), "none")
-                .create()
-                .map_err(|source| StartError::Kafka {
-                    what: "dead-letter producer",
-                    source,
-                })?;
+        let client_id = format!("{SERVICE_NAME}-{}", order_runtime::telemetry::instance_id());
+        let durability = match config.processor.processing_guarantee {
+            Guarantee::ExactlyOnce => Durability::ExactlyOnce(Box::new(
+                eos::Core::new(&config, &client_id)
+                    .await
+                    .map_err(|source| StartError::Kafka {
+                        what: "transactional producer and changelog topic",
+                        source,
+                    })?,
+            )),
+            Guarantee::AtLeastOnce => Durability::AtLeastOnce {
+                state: std::sync::Mutex::default(),
+                dlq: kafka::producer_config(common, &format!("{client_id}-dlq"), "none")
+                    .create()
+                    .map_err(|source| StartError::Kafka {
+                        what: "dead-letter producer",
+                        source,
+                    })?,
+            },
+        };
         let mut registry = Registry::default();
         let metrics = metrics::Metrics::register(&mut registry);
-        let shared = Arc::new(Shared::new(config.clone(), codec, dlq, metrics, failures));
+        let shared = Arc::new(Shared::new(
+            config.clone(),
+            codec,
+            durability,
+            metrics,
+            failures,
+        ));
 
         let probe = Arc::new(Probe::default());
         let joined = probe.condition("joined consumer group");
         let context = ProcessorContext::new(shared.clone(), shutdown.child_token(), joined);
-        let mut client = kafka::consumer_config(
-            common,
-            &format!("{SERVICE_NAME}-{}", order_runtime::telemetry::instance_id()),
-            &config.processor.consumer_group,
-        );
+        let mut client =
+            kafka::consumer_config(common, &client_id, &config.processor.consumer_group);
+        if config.processor.processing_guarantee == Guarantee::ExactlyOnce {
+            // offsets are committed by the transactions only
+            client.set("enable.auto.commit", "false");
+        }
         if !common
             .kafka_properties
             .contains_key("statistics.interval.ms")
@@ -147,23 +173,20 @@ impl Application {
         self.port
     }
 
-    /// The routes: shared health and metrics plus `/stats`.
+    /// The routes: shared health and metrics, `/stats` and `/stats/global`.
     pub fn router(shared: Arc<Shared>, probe: Arc<Probe>, registry: Registry) -> Router {
         let stats = Router::new()
             .route(
                 "/stats",
-                get(
-                    |axum::extract::State(s): axum::extract::State<Arc<Shared>>| async move {
-                        Json(s.report())
-                    },
-                ),
+                get(|State(s): State<Arc<Shared>>| async move { Json(s.report()) }),
             )
+            .route("/stats/global", get(global_stats))
             .with_state(shared);
         http::router(probe, Arc::new(registry)).merge(stats)
     }
 
-    /// Runs until the shutdown token is cancelled, then stops the partition tasks, commits the
-    /// stored offsets, flushes the dead-letter producer and returns the final stats.
+    /// Runs until the shutdown token is cancelled, then stops the partition tasks, commits what
+    /// is done, and returns the final stats.
     pub async fn run_until_stopped(self) -> anyhow::Result<aggregate::StatsReport> {
         let Application {
             listener,
@@ -179,7 +202,20 @@ impl Application {
             Self::router(shared.clone(), probe, registry),
             shutdown.clone(),
         ));
-        info!(topic = %shared.config.common.orders_topic, group = %shared.config.processor.consumer_group, "processing orders");
+        info!(
+            topic = %shared.config.common.orders_topic,
+            group = %shared.config.processor.consumer_group,
+            guarantee = ?shared.config.processor.processing_guarantee,
+            "processing orders"
+        );
+        let committer = match &shared.durability {
+            Durability::ExactlyOnce(_) => Some(tokio::spawn(commit_loop(
+                consumer.clone(),
+                Duration::from_millis(shared.config.processor.commit_interval_ms),
+                shutdown.clone(),
+            ))),
+            Durability::AtLeastOnce { .. } => None,
+        };
         loop {
             // this loop keeps the consumer polled (rebalances, liveness) while the partition
             // tasks do the work; records only come here for a partition not yet split
@@ -197,14 +233,20 @@ impl Application {
             }
         }
         info!("stopping: finishing records in hand");
+        if let Some(c) = committer {
+            let _ = c.await;
+        }
         consumer.context().stop_partitions(None);
-        pipeline::commit_stored(consumer.as_ref());
+        let c = consumer.clone();
+        let _ = tokio::task::spawn_blocking(move || c.context().commit(c.as_ref())).await;
+        let report = shared.report();
         consumer.unsubscribe();
-        if let Err(e) = shared.dlq.flush(Duration::from_secs(10)) {
+        if let Durability::AtLeastOnce { dlq, .. } = &shared.durability
+            && let Err(e) = dlq.flush(Duration::from_secs(10))
+        {
             warn!(error = %e, "dead-letter producer did not flush");
         }
         let _ = server.await;
-        let report = shared.report();
         info!(
             processed = report.processed,
             revenue = %report.revenue,
@@ -219,6 +261,43 @@ impl Application {
     /// True once the consumer has joined its group.
     pub fn joined(&self) -> bool {
         self.consumer.context().joined.load(Ordering::Acquire)
+    }
+}
+
+/// Commits the open transaction every `interval` until shutdown (exactly-once).
+async fn commit_loop(
+    consumer: Arc<ProcessorConsumer>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let c = consumer.clone();
+        let _ = tokio::task::spawn_blocking(move || c.context().commit(c.as_ref())).await;
+    }
+}
+
+/// `GET /stats/global`: the whole group's committed totals (exactly-once only).
+async fn global_stats(State(s): State<Arc<Shared>>) -> axum::response::Response {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    if s.config.processor.processing_guarantee != Guarantee::ExactlyOnce {
+        return (
+            StatusCode::CONFLICT,
+            "global totals come from the exactly-once changelog; this replica runs PROCESSING_GUARANTEE=at_least_once",
+        )
+            .into_response();
+    }
+    let config = s.config.clone();
+    match tokio::task::spawn_blocking(move || eos::global_report(&config)).await {
+        Ok(Ok(report)) => Json(report).into_response(),
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }
 

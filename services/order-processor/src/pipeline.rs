@@ -1,15 +1,20 @@
-//! The consuming side: one task per assigned partition, at-least-once offset handling.
+//! The consuming side: one task per assigned partition.
 //!
-//! The model is Vector's Kafka source. Auto-commit is on but automatic offset *store* is off:
-//! a record's offset is stored only once its outcome is final (counted, or its dead letter
-//! acknowledged by the broker), and the background commit only ever commits stored offsets.
 //! Each partition is split into its own queue and handled by its own task, so a record in
 //! retry backoff holds back only its own partition, while the main loop keeps polling the
-//! consumer (rebalances, `max.poll.interval.ms`). On revocation the partition's task is
-//! stopped and stored offsets are committed synchronously before the partition goes.
+//! consumer (rebalances, `max.poll.interval.ms`). A record is first *evaluated* (decode,
+//! validate, attempts with backoff: no side effects), then its outcome is made durable by the
+//! chosen guarantee:
+//!
+//! - exactly-once ([`crate::eos`]): the outcome joins the open Kafka transaction; offsets
+//!   commit with it.
+//! - at-least-once, the way Vector's Kafka source does it: auto-commit on, automatic offset
+//!   *store* off; the offset is stored once the outcome is durable (counted, or its dead
+//!   letter acknowledged by the broker), and stored offsets are committed synchronously when
+//!   partitions are revoked and at shutdown.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -21,7 +26,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::{BorrowedMessage, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Timestamp};
 use tokio_util::sync::CancellationToken;
@@ -29,6 +34,7 @@ use tracing::{Instrument, Span, field, info, info_span, warn};
 
 use crate::aggregate::{PartitionState, StatsReport};
 use crate::config::Config;
+use crate::eos::{Applied, Core, Effect};
 use crate::metrics::{CategoryLabel, Metrics, OutcomeLabel};
 
 /// Decides whether one processing attempt fails temporarily (the seed's simulated outage).
@@ -47,127 +53,108 @@ impl FailureInjector for RandomFailures {
     }
 }
 
+/// What evaluating a record concluded.
+#[derive(Debug)]
+enum Verdict {
+    Processed {
+        order: Order,
+        price: Cents,
+        retries: u32,
+    },
+    DeadLetter {
+        category: Category,
+        kind: &'static str,
+        message: String,
+        attempts: u32,
+        retries: u32,
+    },
+}
+
+/// How outcomes become durable.
+pub enum Durability {
+    /// This replica's per-partition totals, and the producer that writes dead letters.
+    AtLeastOnce {
+        state: Mutex<BTreeMap<i32, PartitionState>>,
+        dlq: FutureProducer,
+    },
+    ExactlyOnce(Box<Core>),
+}
+
 /// What the processing tasks share.
 pub struct Shared {
     pub config: Config,
     pub codec: OrderCodec,
-    pub dlq: FutureProducer,
+    pub durability: Durability,
     pub metrics: Metrics,
     pub failures: Arc<dyn FailureInjector>,
-    /// This replica's aggregates, per partition it has processed.
-    state: Mutex<BTreeMap<i32, PartitionState>>,
-    dead_lettered: Mutex<BTreeMap<Category, u64>>,
-    retries: AtomicU64,
-    assigned: Mutex<BTreeSet<i32>>,
     last_progress_log: Mutex<(Instant, u64)>,
-}
-
-/// How handling a record ended.
-#[derive(Debug, PartialEq, Eq)]
-enum Outcome {
-    /// Counted or dead-lettered: the offset may be stored.
-    Final,
-    /// Stopped by shutdown or revocation before an outcome: the record will be seen again.
-    Interrupted,
 }
 
 impl Shared {
     pub fn new(
         config: Config,
         codec: OrderCodec,
-        dlq: FutureProducer,
+        durability: Durability,
         metrics: Metrics,
         failures: Arc<dyn FailureInjector>,
     ) -> Self {
         Shared {
             config,
             codec,
-            dlq,
+            durability,
             metrics,
             failures,
-            state: Mutex::default(),
-            dead_lettered: Mutex::default(),
-            retries: AtomicU64::new(0),
-            assigned: Mutex::default(),
             last_progress_log: Mutex::new((Instant::now(), 0)),
         }
     }
 
-    /// This replica's share, as `/stats` serves it.
+    /// This replica's share, as `/stats` serves it: in exactly-once mode the partitions it
+    /// holds (restored totals plus its progress), in at-least-once mode what it has processed.
     pub fn report(&self) -> StatsReport {
-        let mut merged = PartitionState::default();
-        if let Ok(state) = self.state.lock() {
-            for s in state.values() {
-                merged.merge(s);
-            }
+        match &self.durability {
+            Durability::ExactlyOnce(core) => core.owned_report(),
+            Durability::AtLeastOnce { state, .. } => match state.lock() {
+                Ok(s) => StatsReport::new(s.iter().map(|(p, st)| (*p, st))),
+                Err(_) => StatsReport::new(std::iter::empty()),
+            },
         }
-        let dead = self
-            .dead_lettered
-            .lock()
-            .map(|d| d.clone())
-            .unwrap_or_default();
-        let partitions = self
-            .assigned
-            .lock()
-            .map(|a| a.iter().copied().collect())
-            .unwrap_or_default();
-        StatsReport::new(
-            &merged,
-            dead,
-            self.retries.load(Ordering::Relaxed),
-            partitions,
-        )
-    }
-
-    fn record_success(&self, partition: i32, order: &Order, price: Cents) {
-        let processed = {
-            let Ok(mut state) = self.state.lock() else {
-                return;
-            };
-            state
-                .entry(partition)
-                .or_default()
-                .add(&order.product, price);
-            state.values().map(|s| s.total.count).sum::<u64>()
-        };
-        self.metrics
-            .consumed
-            .get_or_create(&OutcomeLabel {
-                outcome: "processed",
-            })
-            .inc();
-        #[allow(clippy::cast_sign_loss)]
-        self.metrics.revenue_cents.inc_by(price.0.max(0) as u64);
-        self.maybe_log_progress(processed);
     }
 
     /// Logs the running average as it moves, at most once per `STATS_LOG_INTERVAL_MS`.
-    fn maybe_log_progress(&self, processed: u64) {
+    fn maybe_log_progress(&self) {
         let interval = Duration::from_millis(self.config.processor.stats_log_interval_ms);
-        let due = match self.last_progress_log.lock() {
-            Ok(mut last) if last.0.elapsed() >= interval && last.1 != processed => {
-                *last = (Instant::now(), processed);
-                true
-            }
-            _ => false,
-        };
-        if due {
-            let r = self.report();
-            info!(
-                processed = r.processed,
-                revenue = %r.revenue,
-                average = r.average.unwrap_or(0.0),
-                min = r.min.map_or(0.0, Cents::dollars),
-                max = r.max.map_or(0.0, Cents::dollars),
-                dead_lettered = r.dead_lettered,
-                retries = r.retries,
-                "running average"
-            );
+        let due = matches!(self.last_progress_log.lock(), Ok(last) if last.0.elapsed() >= interval);
+        if !due {
+            return;
         }
+        let r = self.report();
+        if let Ok(mut last) = self.last_progress_log.lock() {
+            if last.1 == r.processed {
+                return;
+            }
+            *last = (Instant::now(), r.processed);
+        }
+        info!(
+            processed = r.processed,
+            revenue = %r.revenue,
+            average = r.average.unwrap_or(0.0),
+            min = r.min.map_or(0.0, Cents::dollars),
+            max = r.max.map_or(0.0, Cents::dollars),
+            dead_lettered = r.dead_lettered,
+            retries = r.retries,
+            "running average"
+        );
     }
 
-    /// Takes one record to its final outcome.
-    async fn handle(&self, msg: &BorrowedMessage<'_>, cancel: &CancellationToken) -> Outcome {
+    /// Takes one record to its final outcome; `false` when interrupted (shutdown, revocation,
+    /// rewind) before the outcome became durable: the record will be seen again.
+    async fn handle(
+        &self,
+        consumer: &ProcessorConsumer,
+        msg: &BorrowedMessage<'_>,
+        epoch: u64,
+        cancel: &CancellationToken,
+    ) -> bool {
         let started = Instant::now();
         let topic = msg.topic();
         let key = msg
@@ -194,49 +181,54 @@ impl Shared {
             span_id = field::Empty,
         );
         trace::adopt(&span, &trace::extract(msg.headers()));
-        let outcome = self.handle_in_span(msg, cancel).instrument(span).await;
+        let done = async {
+            let Some(verdict) = self.evaluate(msg, cancel).await else {
+                return false;
+            };
+            self.make_durable(consumer, msg, epoch, verdict, cancel)
+                .await
+        }
+        .instrument(span)
+        .await;
         self.metrics
             .process_duration
             .observe(started.elapsed().as_secs_f64());
-        outcome
+        if done {
+            self.maybe_log_progress();
+        }
+        done
     }
 
-    async fn handle_in_span(
+    /// Decode, validate, process with retries. No side effects but metrics and logs.
+    async fn evaluate(
         &self,
         msg: &BorrowedMessage<'_>,
         cancel: &CancellationToken,
-    ) -> Outcome {
+    ) -> Option<Verdict> {
         let order = match self.decode(msg, cancel).await {
             Ok(order) => order,
-            Err(None) => return Outcome::Interrupted,
+            Err(None) => return None,
             Err(Some(e)) => {
-                let kind = malformed_kind(msg.payload(), &e);
-                return self
-                    .dead_letter(
-                        msg,
-                        Category::Deserialization,
-                        kind,
-                        &e.to_string(),
-                        1,
-                        cancel,
-                    )
-                    .await;
+                return Some(Verdict::DeadLetter {
+                    category: Category::Deserialization,
+                    kind: malformed_kind(msg.payload(), &e),
+                    message: e.to_string(),
+                    attempts: 1,
+                    retries: 0,
+                });
             }
         };
         Span::current().record("order.id", order.order_id.as_str());
         let price = match order.validate() {
             Ok(p) => p,
             Err(e) => {
-                return self
-                    .dead_letter(
-                        msg,
-                        Category::Validation,
-                        e.kind(),
-                        &e.to_string(),
-                        1,
-                        cancel,
-                    )
-                    .await;
+                return Some(Verdict::DeadLetter {
+                    category: Category::Validation,
+                    kind: e.kind(),
+                    message: e.to_string(),
+                    attempts: 1,
+                    retries: 0,
+                });
             }
         };
         let max_retries = self.config.processor.max_retries;
@@ -260,35 +252,26 @@ impl Shared {
                 failed
             };
             if !failed {
-                break;
+                return Some(Verdict::Processed {
+                    order,
+                    price,
+                    retries: attempt - 1,
+                });
             }
             if attempt > max_retries {
-                let message = format!("temporary failure persisted through {attempt} attempts");
-                return self
-                    .dead_letter(
-                        msg,
-                        Category::RetriesExhausted,
-                        "transient_failure",
-                        &message,
-                        attempt,
-                        cancel,
-                    )
-                    .await;
+                return Some(Verdict::DeadLetter {
+                    category: Category::RetriesExhausted,
+                    kind: "transient_failure",
+                    message: format!("temporary failure persisted through {attempt} attempts"),
+                    attempts: attempt,
+                    retries: attempt - 1,
+                });
             }
             let wait = self.config.backoff(attempt);
-            self.retries.fetch_add(1, Ordering::Relaxed);
+            let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
             self.metrics.retries.inc();
-            info!(
-                order_id = %order.order_id,
-                attempt,
-                retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
-                "temporary failure, will retry"
-            );
-            let backoff = info_span!(
-                "backoff",
-                otel.kind = "internal",
-                backoff.ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)
-            );
+            info!(order_id = %order.order_id, attempt, retry_in_ms = wait_ms, "temporary failure, will retry");
+            let backoff = info_span!("backoff", otel.kind = "internal", backoff.ms = wait_ms);
             let interrupted = async {
                 tokio::select! {
                     () = cancel.cancelled() => true,
@@ -298,12 +281,10 @@ impl Shared {
             .instrument(backoff)
             .await;
             if interrupted {
-                return Outcome::Interrupted;
+                return None;
             }
             attempt += 1;
         }
-        self.record_success(msg.partition(), &order, price);
-        Outcome::Final
     }
 
     /// `Err(None)` when cancelled while the registry was unreachable.
@@ -330,23 +311,151 @@ impl Shared {
         }
     }
 
-    /// Writes the record to the dead-letter topic and waits for the broker's acknowledgement;
-    /// only then is its outcome final. Failures to write are retried until they succeed or the
-    /// task is stopped: a record is never dropped.
-    async fn dead_letter(
+    async fn make_durable(
         &self,
+        consumer: &ProcessorConsumer,
         msg: &BorrowedMessage<'_>,
-        category: Category,
-        kind: &str,
-        message: &str,
-        attempts: u32,
+        epoch: u64,
+        verdict: Verdict,
         cancel: &CancellationToken,
-    ) -> Outcome {
-        let current = Span::current();
-        current.record("error.type", category.as_str());
-        current.record("otel.status_code", "ERROR");
+    ) -> bool {
+        let partition = msg.partition();
+        // the dead letter's headers and span, the same in both modes
+        let dead = match &verdict {
+            Verdict::DeadLetter {
+                category,
+                kind,
+                message,
+                attempts,
+                ..
+            } => {
+                let current = Span::current();
+                current.record("error.type", category.as_str());
+                current.record("otel.status_code", "ERROR");
+                warn!(
+                    category = %category, kind, error = message.as_str(), attempts,
+                    partition, offset = msg.offset(), "dead-lettering record"
+                );
+                let span = self.dead_letter_span(msg, *category);
+                let headers = trace::inject(
+                    &span,
+                    dead_letter::headers(
+                        msg.headers(),
+                        &self.metadata(msg, *category, kind, message, *attempts),
+                    ),
+                );
+                Some((span, headers))
+            }
+            Verdict::Processed { .. } => None,
+        };
+        let durable = match &self.durability {
+            Durability::ExactlyOnce(core) => loop {
+                let (effect, retries) = match (&verdict, &dead) {
+                    (
+                        Verdict::Processed {
+                            order,
+                            price,
+                            retries,
+                        },
+                        _,
+                    ) => (
+                        Effect::Processed {
+                            product: &order.product,
+                            price: *price,
+                        },
+                        *retries,
+                    ),
+                    (
+                        Verdict::DeadLetter {
+                            category, retries, ..
+                        },
+                        Some((_, headers)),
+                    ) => (
+                        Effect::DeadLettered {
+                            category: *category,
+                            headers: headers.clone(),
+                        },
+                        *retries,
+                    ),
+                    (Verdict::DeadLetter { .. }, None) => return false,
+                };
+                let applied = match &dead {
+                    Some((span, _)) => span.in_scope(|| core.apply(msg, epoch, effect, retries)),
+                    None => core.apply(msg, epoch, effect, retries),
+                };
+                match applied {
+                    Applied::Yes => break true,
+                    Applied::Stale => break false,
+                    Applied::Busy => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            },
+            Durability::AtLeastOnce { state, dlq } => {
+                if let Some((span, headers)) = &dead
+                    && !self.send_dead_letter(dlq, msg, span, headers, cancel).await
+                {
+                    return false;
+                }
+                if let Ok(mut s) = state.lock() {
+                    let st = s.entry(partition).or_default();
+                    match &verdict {
+                        Verdict::Processed {
+                            order,
+                            price,
+                            retries,
+                        } => {
+                            st.add(&order.product, *price);
+                            st.retries += u64::from(*retries);
+                        }
+                        Verdict::DeadLetter {
+                            category, retries, ..
+                        } => {
+                            st.dead_letter(*category);
+                            st.retries += u64::from(*retries);
+                        }
+                    }
+                    st.next_offset = msg.offset() + 1;
+                }
+                if let Err(e) = consumer.store_offset_from_message(msg) {
+                    // the partition was revoked meanwhile: its new owner redoes the record
+                    warn!(error = %e, partition, offset = msg.offset(), "could not store offset");
+                }
+                true
+            }
+        };
+        if durable {
+            match &verdict {
+                Verdict::Processed { price, .. } => {
+                    self.metrics
+                        .consumed
+                        .get_or_create(&OutcomeLabel {
+                            outcome: "processed",
+                        })
+                        .inc();
+                    #[allow(clippy::cast_sign_loss)]
+                    self.metrics.revenue_cents.inc_by(price.0.max(0) as u64);
+                }
+                Verdict::DeadLetter { category, .. } => {
+                    self.metrics
+                        .consumed
+                        .get_or_create(&OutcomeLabel {
+                            outcome: "dead_lettered",
+                        })
+                        .inc();
+                    self.metrics
+                        .dead_letters
+                        .get_or_create(&CategoryLabel {
+                            category: category.as_str(),
+                        })
+                        .inc();
+                }
+            }
+        }
+        durable
+    }
+
+    fn dead_letter_span(&self, msg: &BorrowedMessage<'_>, category: Category) -> Span {
         let dlq_topic = &self.config.common.dlq_topic;
-        let span = info_span!(
+        info_span!(
             "send",
             otel.name = format!("send {dlq_topic}"),
             otel.kind = "producer",
@@ -358,8 +467,18 @@ impl Shared {
             error.type = category.as_str(),
             messaging.destination.partition.id = field::Empty,
             messaging.kafka.offset = field::Empty,
-        );
-        let meta = dead_letter::Metadata {
+        )
+    }
+
+    fn metadata(
+        &self,
+        msg: &BorrowedMessage<'_>,
+        category: Category,
+        kind: &str,
+        message: &str,
+        attempts: u32,
+    ) -> dead_letter::Metadata {
+        dead_letter::Metadata {
             category,
             kind: kind.to_owned(),
             message: message.to_owned(),
@@ -373,56 +492,47 @@ impl Shared {
             attempts,
             failed_service: crate::SERVICE_NAME.to_owned(),
             failed_at: dead_letter::now_rfc3339(),
-        };
-        warn!(
-            category = %category, kind, error = message, attempts,
-            partition = msg.partition(), offset = msg.offset(),
-            "dead-lettering record"
-        );
+        }
+    }
+
+    /// At-least-once: writes the dead letter and waits for the broker's acknowledgement;
+    /// failures are retried until they succeed or the task is stopped (never dropped).
+    async fn send_dead_letter(
+        &self,
+        dlq: &FutureProducer,
+        msg: &BorrowedMessage<'_>,
+        span: &Span,
+        headers: &OwnedHeaders,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let dlq_topic = &self.config.common.dlq_topic;
         let mut wait = Duration::from_millis(200);
         loop {
-            let headers = trace::inject(&span, dead_letter::headers(msg.headers(), &meta));
             let mut record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(dlq_topic).headers(headers);
+                FutureRecord::to(dlq_topic).headers(headers.clone());
             if let Some(key) = msg.key() {
                 record = record.key(key);
             }
             if let Some(payload) = msg.payload() {
                 record = record.payload(payload);
             }
-            let sent = self
-                .dlq
+            match dlq
                 .send(record, Duration::from_secs(5))
                 .instrument(span.clone())
-                .await;
-            match sent {
+                .await
+            {
                 Ok(delivery) => {
                     span.record(
                         "messaging.destination.partition.id",
                         delivery.partition.to_string(),
                     );
                     span.record("messaging.kafka.offset", delivery.offset);
-                    if let Ok(mut d) = self.dead_lettered.lock() {
-                        *d.entry(category).or_default() += 1;
-                    }
-                    self.metrics
-                        .dead_letters
-                        .get_or_create(&CategoryLabel {
-                            category: category.as_str(),
-                        })
-                        .inc();
-                    self.metrics
-                        .consumed
-                        .get_or_create(&OutcomeLabel {
-                            outcome: "dead_lettered",
-                        })
-                        .inc();
-                    return Outcome::Final;
+                    return true;
                 }
                 Err((e, _)) => {
                     log_dlq_error(&e, wait);
                     tokio::select! {
-                        () = cancel.cancelled() => return Outcome::Interrupted,
+                        () = cancel.cancelled() => return false,
                         () = tokio::time::sleep(wait) => {}
                     }
                     wait = (wait * 2).min(Duration::from_secs(10));
@@ -466,8 +576,9 @@ struct PartitionTask {
     done: std::sync::mpsc::Receiver<()>,
 }
 
-/// The consumer's context: starts a task for each partition it is assigned and stops it, then
-/// commits, when the partition is revoked.
+/// The consumer's context: starts a task for each partition it is assigned; on revocation
+/// stops them and commits (exactly-once: the open transaction; at-least-once: stored offsets)
+/// before the partitions go.
 pub struct ProcessorContext {
     consumer: OnceLock<Weak<ProcessorConsumer>>,
     shared: Arc<Shared>,
@@ -508,6 +619,29 @@ impl ProcessorContext {
         let consumer = consumer.clone();
         let token = cancel.clone();
         self.runtime.spawn(async move {
+            if let Durability::ExactlyOnce(_) = &shared.durability {
+                let (s, c) = (shared.clone(), consumer.clone());
+                let restored = tokio::task::spawn_blocking(move || match &s.durability {
+                    Durability::ExactlyOnce(core) => core.restore(c.as_ref(), partition),
+                    Durability::AtLeastOnce { .. } => Ok(()),
+                })
+                .await;
+                match restored {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        // without its state the partition must not be processed: leave it to
+                        // a rebalance (this replica restarts the partition on reassignment)
+                        tracing::error!(partition, error = %e, "could not restore the partition's state; not processing it");
+                        let _ = done_tx.send(());
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::error!(partition, error = %e, "restore task failed");
+                        let _ = done_tx.send(());
+                        return;
+                    }
+                }
+            }
             loop {
                 let msg = tokio::select! {
                     biased;
@@ -515,15 +649,19 @@ impl ProcessorContext {
                     m = queue.recv() => m,
                 };
                 match msg {
-                    Ok(m) => match shared.handle(&m, &token).await {
-                        Outcome::Final => {
-                            if let Err(e) = consumer.store_offset_from_message(&m) {
-                                // the partition was revoked meanwhile: its new owner redoes it
-                                warn!(error = %e, partition = m.partition(), offset = m.offset(), "could not store offset");
-                            }
+                    Ok(m) => {
+                        let epoch = match &shared.durability {
+                            Durability::ExactlyOnce(core) => match core.epoch(partition) {
+                                Some(e) => e,
+                                None => break,
+                            },
+                            Durability::AtLeastOnce { .. } => 0,
+                        };
+                        let done = shared.handle(&consumer, &m, epoch, &token).await;
+                        if !done && token.is_cancelled() {
+                            break;
                         }
-                        Outcome::Interrupted => break,
-                    },
+                    }
                     Err(e) => warn!(error = %e, partition, "consumer error"),
                 }
             }
@@ -536,14 +674,11 @@ impl ProcessorContext {
                 PartitionTask { cancel, done },
             );
         }
-        if let Ok(mut a) = self.shared.assigned.lock() {
-            a.insert(partition);
-        }
     }
 
     /// Stops the tasks of `partitions` (all when `None`) and waits for them to finish the record
-    /// in hand, so that their offsets are stored before the commit that follows.
-    pub fn stop_partitions(&self, partitions: Option<&[(String, i32)]>) {
+    /// in hand, so that its outcome is applied or dropped before the commit that follows.
+    pub fn stop_partitions(&self, partitions: Option<&[(String, i32)]>) -> Vec<i32> {
         let stopping: Vec<((String, i32), PartitionTask)> = match self.tasks.lock() {
             Ok(mut tasks) => match partitions {
                 Some(list) => list.iter().filter_map(|k| tasks.remove_entry(k)).collect(),
@@ -561,18 +696,26 @@ impl ProcessorContext {
                 }
             }
         };
-        // blocking here is deliberate (the commit must follow the stores); block_in_place lets
-        // the runtime move other tasks off this thread meanwhile
+        // blocking here is deliberate (the commit must follow); block_in_place lets the runtime
+        // move other tasks off this thread meanwhile
         match tokio::runtime::Handle::try_current() {
             Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
                 tokio::task::block_in_place(wait);
             }
             _ => wait(),
         }
-        if let Ok(mut a) = self.shared.assigned.lock() {
-            for ((_, p), _) in &stopping {
-                a.remove(p);
+        stopping.into_iter().map(|((_, p), _)| p).collect()
+    }
+
+    /// Commits what is done: the open transaction (exactly-once) or the stored offsets.
+    pub fn commit(&self, consumer: &impl Consumer<Self>) {
+        match &self.shared.durability {
+            Durability::ExactlyOnce(core) => {
+                if let Err(e) = core.commit(consumer) {
+                    warn!(error = %e, "commit failed; the partitions were rewound to the last commit");
+                }
             }
+            Durability::AtLeastOnce { .. } => commit_stored(consumer),
         }
     }
 }
@@ -611,8 +754,19 @@ impl ConsumerContext for ProcessorContext {
                 .map(|e| (e.topic().to_owned(), e.partition()))
                 .collect();
             info!(partitions = ?revoked.iter().map(|p| p.1).collect::<Vec<_>>(), "partitions revoked");
-            self.stop_partitions(Some(&revoked));
-            commit_stored(base);
+            let stopped = self.stop_partitions(Some(&revoked));
+            let commit = || self.commit(base);
+            match tokio::runtime::Handle::try_current() {
+                Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                    tokio::task::block_in_place(commit)
+                }
+                _ => commit(),
+            }
+            if let Durability::ExactlyOnce(core) = &self.shared.durability {
+                let mut all: Vec<i32> = revoked.iter().map(|p| p.1).collect();
+                all.extend(stopped);
+                core.release(&all);
+            }
         }
     }
 
@@ -651,7 +805,7 @@ impl ConsumerContext for ProcessorContext {
     }
 }
 
-/// Commits the stored offsets now (revocation, shutdown).
+/// Commits the stored offsets now (at-least-once: revocation, shutdown).
 pub fn commit_stored<C: ConsumerContext>(consumer: &impl Consumer<C>) {
     match consumer.commit_consumer_state(CommitMode::Sync) {
         Ok(()) => info!("offsets committed"),

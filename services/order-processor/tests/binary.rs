@@ -53,7 +53,7 @@ async fn bad_configuration_exits_non_zero_and_names_the_variable() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn stopped_with_sigterm_mid_stream_and_restarted_it_loses_nothing() {
+async fn at_least_once_stopped_with_sigterm_mid_stream_and_restarted_it_loses_nothing() {
     let stack = Stack::from_env();
     let (orders, dlq) = (unique("orders"), unique("dlq"));
     stack.create_topic(&orders, 3).await;
@@ -64,6 +64,7 @@ async fn stopped_with_sigterm_mid_stream_and_restarted_it_loses_nothing() {
     vars.push(("TRANSIENT_FAILURE_RATE".into(), "0.05".into()));
     vars.push(("RETRY_INITIAL_BACKOFF_MS".into(), "20".into()));
     vars.push(("MAX_RETRIES".into(), "10".into()));
+    vars.push(("PROCESSING_GUARANTEE".into(), "at_least_once".into()));
 
     const N: usize = 3000;
     let codec = OrderCodec::new(&stack.registry, &orders).unwrap();

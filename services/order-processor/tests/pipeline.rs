@@ -76,7 +76,16 @@ fn random_valid(rng: &mut impl Rng) -> (Order, i64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn every_record_is_counted_or_dead_lettered_and_the_aggregates_are_exact() {
+async fn exactly_once_every_record_is_counted_or_dead_lettered_and_the_aggregates_are_exact() {
+    every_record_is_counted_or_dead_lettered("exactly_once").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn at_least_once_every_record_is_counted_or_dead_lettered_and_the_aggregates_are_exact() {
+    every_record_is_counted_or_dead_lettered("at_least_once").await;
+}
+
+async fn every_record_is_counted_or_dead_lettered(guarantee: &str) {
     init_test_logging();
     let stack = Stack::from_env();
     let (orders, dlq) = (unique("orders"), unique("orders-dlq"));
@@ -213,6 +222,7 @@ async fn every_record_is_counted_or_dead_lettered_and_the_aggregates_are_exact()
             ("MAX_RETRIES", "2"),
             ("RETRY_INITIAL_BACKOFF_MS", "50"),
             ("RETRY_BACKOFF_MULTIPLIER", "2"),
+            ("PROCESSING_GUARANTEE", guarantee),
         ],
     ))
     .unwrap();

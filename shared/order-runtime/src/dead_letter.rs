@@ -8,7 +8,7 @@
 use std::time::SystemTime;
 
 use rdkafka::message::{Header, Headers, OwnedHeaders};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Every error header starts with this.
 pub const PREFIX: &str = "dlq.";
@@ -31,7 +31,7 @@ pub const FAILED_SERVICE: &str = "dlq.failed.service";
 pub const FAILED_AT: &str = "dlq.failed.at";
 
 /// Why a record was dead-lettered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Category {
     /// The bytes are not a valid Order (garbage, wrong magic byte, unknown schema, bad Avro).

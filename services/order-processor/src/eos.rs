@@ -1,0 +1,616 @@
+//! Exactly-once: outcomes, state and offsets in one Kafka transaction.
+//!
+//! The model is Kafka Streams with `exactly_once_v2`. One transactional producer per replica;
+//! each partition's aggregate state lives in memory twice, as `working` (what this replica has
+//! applied) and `committed` (what the last committed transaction contains). A record's outcome
+//! is applied under the core's lock: its dead letter (if any) is produced inside the open
+//! transaction and `working` moves on. Every `COMMIT_INTERVAL_MS` the committer writes each
+//! changed partition's state to the compacted changelog topic (key = partition number, to the
+//! changelog partition of the same number), adds the consumer offsets with the group's
+//! metadata (KIP-447, which fences zombie replicas through the group generation) and commits.
+//! If the transaction fails it is aborted, `working` returns to `committed`, and the
+//! partitions are rewound to the committed offsets, so nothing is counted twice.
+//!
+//! On assignment, a partition's state is restored from the changelog before any of its records
+//! is processed, once no transaction is pending on its changelog partition (a crashed
+//! replica's open transaction blocks until the broker aborts it after
+//! `TRANSACTION_TIMEOUT_MS`). Readers of the dead-letter and changelog topics use
+//! `read_committed`, so aborted attempts are invisible to them.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use order_runtime::CommonConfig;
+use order_runtime::dead_letter::Category;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tracing::{info, warn};
+
+use crate::aggregate::{PartitionState, StatsReport};
+use crate::config::Config;
+
+/// librdkafka's "beginning of the partition" offset, for a partition with no committed offset.
+const OFFSET_BEGINNING: i64 = -2;
+const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum EosError {
+    #[error("Kafka transaction failed: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("the consumer has no group metadata yet")]
+    NoGroupMetadata,
+    #[error("changelog partition {partition} still has a pending transaction after {waited_s} s")]
+    ChangelogBusy { partition: i32, waited_s: u64 },
+    #[error("changelog record of partition {partition} is unreadable: {source}")]
+    BadChangelog {
+        partition: i32,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+#[derive(Debug)]
+struct Part {
+    working: PartitionState,
+    committed: PartitionState,
+    dirty: bool,
+    /// Bumped on every rewind: a record taken before a rewind must not be applied after it.
+    epoch: u64,
+}
+
+struct Inner {
+    producer: FutureProducer,
+    in_txn: bool,
+    /// A send inside the transaction failed: the next commit aborts instead.
+    poisoned: bool,
+    parts: BTreeMap<i32, Part>,
+}
+
+/// What an outcome needs to become part of the transaction.
+#[derive(Debug)]
+pub enum Effect<'a> {
+    Processed {
+        product: &'a str,
+        price: order_schema::Cents,
+    },
+    DeadLettered {
+        category: Category,
+        headers: OwnedHeaders,
+    },
+}
+
+/// Result of [`Core::apply`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Applied {
+    Yes,
+    /// The partition was rewound or released since the record was taken: drop it, it comes
+    /// again from the committed offset.
+    Stale,
+    /// The producer's queue is full: wait a moment and apply again.
+    Busy,
+}
+
+/// The transactional core of one replica.
+pub struct Core {
+    inner: Mutex<Inner>,
+    producer_config: ClientConfig,
+    common: CommonConfig,
+    orders_topic: String,
+    dlq_topic: String,
+    state_topic: String,
+    stable_wait: Duration,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("state_topic", &self.state_topic)
+            .finish_non_exhaustive()
+    }
+}
+
+fn transactional_producer(config: &ClientConfig) -> Result<FutureProducer, KafkaError> {
+    let producer: FutureProducer = config.create()?;
+    producer.init_transactions(TXN_TIMEOUT)?;
+    Ok(producer)
+}
+
+impl Core {
+    /// Creates the transactional producer (fencing any earlier producer with the same
+    /// `transactional.id`) and makes sure the changelog topic exists, compacted, with as many
+    /// partitions as the orders topic.
+    pub async fn new(config: &Config, client_id: &str) -> Result<Self, KafkaError> {
+        let common = &config.common;
+        let state_topic = config.state_topic();
+        ensure_changelog(common, &state_topic).await?;
+        let mut producer_config = order_runtime::kafka::producer_config(common, client_id, "none");
+        producer_config
+            .set(
+                "transactional.id",
+                format!("{}-{client_id}", config.processor.consumer_group),
+            )
+            .set(
+                "transaction.timeout.ms",
+                config.processor.transaction_timeout_ms.to_string(),
+            )
+            // librdkafka requires deliveries to give up before the transaction would time out
+            .set(
+                "message.timeout.ms",
+                config.processor.transaction_timeout_ms.to_string(),
+            );
+        let pc = producer_config.clone();
+        let producer = tokio::task::spawn_blocking(move || transactional_producer(&pc))
+            .await
+            .map_err(|_| KafkaError::Canceled)??;
+        Ok(Core {
+            inner: Mutex::new(Inner {
+                producer,
+                in_txn: false,
+                poisoned: false,
+                parts: BTreeMap::new(),
+            }),
+            producer_config,
+            common: common.clone(),
+            orders_topic: common.orders_topic.clone(),
+            dlq_topic: common.dlq_topic.clone(),
+            state_topic,
+            stable_wait: Duration::from_millis(
+                config.processor.transaction_timeout_ms * 3 + 30_000,
+            ),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // a panic while holding the lock leaves data we can still read; state is rewound on
+        // the next failed commit anyway
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The epoch of `partition`, `None` when this replica does not hold it.
+    pub fn epoch(&self, partition: i32) -> Option<u64> {
+        self.lock().parts.get(&partition).map(|p| p.epoch)
+    }
+
+    /// This replica's partitions: their working totals, as `/stats` serves them.
+    pub fn owned_report(&self) -> StatsReport {
+        let inner = self.lock();
+        StatsReport::new(inner.parts.iter().map(|(p, s)| (*p, &s.working)))
+    }
+
+    /// Restores `partition`'s committed state from the changelog and positions the consumer at
+    /// the offset committed with it. Blocking: run it off the async threads.
+    pub fn restore<C: rdkafka::consumer::ConsumerContext>(
+        &self,
+        consumer: &impl Consumer<C>,
+        partition: i32,
+    ) -> Result<(), EosError> {
+        let started = Instant::now();
+        let restored =
+            read_changelog_partition(&self.common, &self.state_topic, partition, self.stable_wait)?;
+        let group_offset = committed_offset(consumer, &self.orders_topic, partition);
+        let state = match restored {
+            Some(state) => {
+                // both are written by the same transactions, so they agree unless offsets were
+                // committed outside them (an at-least-once run); the state decides then
+                if state.next_offset >= 0 && group_offset != Some(state.next_offset) {
+                    warn!(partition, changelog = state.next_offset, group = ?group_offset,
+                        "group offset differs from the changelog's; following the changelog");
+                    if let Err(e) = consumer.seek(
+                        &self.orders_topic,
+                        partition,
+                        Offset::Offset(state.next_offset),
+                        Duration::from_secs(10),
+                    ) {
+                        warn!(partition, error = %e, "could not seek to the restored offset");
+                    }
+                }
+                state
+            }
+            None => PartitionState {
+                next_offset: group_offset.unwrap_or(OFFSET_BEGINNING),
+                ..PartitionState::default()
+            },
+        };
+        info!(
+            partition,
+            processed = state.total.count,
+            next_offset = state.next_offset,
+            took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(0),
+            "partition state restored"
+        );
+        let mut inner = self.lock();
+        let epoch = inner.parts.get(&partition).map_or(0, |p| p.epoch + 1);
+        inner.parts.insert(
+            partition,
+            Part {
+                working: state.clone(),
+                committed: state,
+                dirty: false,
+                epoch,
+            },
+        );
+        Ok(())
+    }
+
+    /// Forgets partitions given up in a rebalance (after their last commit).
+    pub fn release(&self, partitions: &[i32]) {
+        let mut inner = self.lock();
+        for p in partitions {
+            inner.parts.remove(p);
+        }
+    }
+
+    /// Makes one record's outcome part of the open transaction.
+    pub fn apply(
+        &self,
+        msg: &impl Message,
+        epoch: u64,
+        effect: Effect<'_>,
+        retries: u32,
+    ) -> Applied {
+        let mut inner = self.lock();
+        let partition = msg.partition();
+        match inner.parts.get(&partition) {
+            Some(p) if p.epoch == epoch && msg.offset() >= p.working.next_offset => {}
+            _ => return Applied::Stale,
+        }
+        if !inner.in_txn {
+            if let Err(e) = inner.producer.begin_transaction() {
+                warn!(error = %e, "could not begin a transaction");
+                inner.poisoned = true;
+                return Applied::Stale;
+            }
+            inner.in_txn = true;
+        }
+        if let Effect::DeadLettered { headers, .. } = &effect {
+            let mut record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(&self.dlq_topic).headers(headers.clone());
+            if let Some(k) = msg.key() {
+                record = record.key(k);
+            }
+            if let Some(v) = msg.payload() {
+                record = record.payload(v);
+            }
+            // the delivery is awaited by commit_transaction, not here
+            match inner.producer.send_result(record) {
+                Ok(_delivery) => {}
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    return Applied::Busy;
+                }
+                Err((e, _)) => {
+                    warn!(error = %e, "dead letter could not join the transaction");
+                    inner.poisoned = true;
+                    return Applied::Stale;
+                }
+            }
+        }
+        let Some(part) = inner.parts.get_mut(&partition) else {
+            return Applied::Stale;
+        };
+        match effect {
+            Effect::Processed { product, price } => part.working.add(product, price),
+            Effect::DeadLettered { category, .. } => part.working.dead_letter(category),
+        }
+        part.working.retries += u64::from(retries);
+        part.working.next_offset = msg.offset() + 1;
+        part.dirty = true;
+        Applied::Yes
+    }
+
+    /// Commits the open transaction: changed partitions' state to the changelog, offsets with
+    /// the group metadata, then commit. On failure aborts and rewinds (see the module docs).
+    /// Blocking. Returns whether anything was committed.
+    pub fn commit<C: rdkafka::consumer::ConsumerContext>(
+        &self,
+        consumer: &impl Consumer<C>,
+    ) -> Result<bool, EosError> {
+        let mut inner = self.lock();
+        if !inner.in_txn {
+            return Ok(false);
+        }
+        let result = if inner.poisoned {
+            Err(EosError::Kafka(KafkaError::Canceled))
+        } else {
+            self.try_commit(&mut inner, consumer)
+        };
+        match result {
+            Ok(()) => {
+                for part in inner.parts.values_mut().filter(|p| p.dirty) {
+                    part.committed = part.working.clone();
+                    part.dirty = false;
+                }
+                inner.in_txn = false;
+                Ok(true)
+            }
+            Err(e) => {
+                warn!(error = %e, "transaction failed; aborting and rewinding to the last commit");
+                self.abort_and_rewind(&mut inner, consumer);
+                Err(e)
+            }
+        }
+    }
+
+    fn try_commit<C: rdkafka::consumer::ConsumerContext>(
+        &self,
+        inner: &mut Inner,
+        consumer: &impl Consumer<C>,
+    ) -> Result<(), EosError> {
+        let mut offsets = TopicPartitionList::new();
+        let dirty: Vec<(i32, Vec<u8>)> = inner
+            .parts
+            .iter()
+            .filter(|(_, p)| p.dirty)
+            .map(|(n, p)| (*n, serde_json::to_vec(&p.working).unwrap_or_default()))
+            .collect();
+        for (partition, value) in &dirty {
+            let key = partition.to_string();
+            loop {
+                let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&self.state_topic)
+                    .partition(*partition)
+                    .key(key.as_str())
+                    .payload(value.as_slice());
+                match inner.producer.send_result(record) {
+                    Ok(_) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                        inner.producer.poll(Duration::from_millis(10));
+                    }
+                    Err((e, _)) => return Err(e.into()),
+                }
+            }
+            if let Some(p) = inner.parts.get(partition) {
+                offsets.add_partition_offset(
+                    &self.orders_topic,
+                    *partition,
+                    Offset::Offset(p.working.next_offset),
+                )?;
+            }
+        }
+        let metadata = consumer.group_metadata().ok_or(EosError::NoGroupMetadata)?;
+        retry_retriable(|| {
+            inner
+                .producer
+                .send_offsets_to_transaction(&offsets, &metadata, TXN_TIMEOUT)
+        })?;
+        retry_retriable(|| inner.producer.commit_transaction(TXN_TIMEOUT))?;
+        Ok(())
+    }
+
+    fn abort_and_rewind<C: rdkafka::consumer::ConsumerContext>(
+        &self,
+        inner: &mut Inner,
+        consumer: &impl Consumer<C>,
+    ) {
+        let aborted = inner.producer.abort_transaction(TXN_TIMEOUT);
+        if let Err(e) = aborted {
+            warn!(error = %e, "abort failed; replacing the transactional producer");
+            match transactional_producer(&self.producer_config) {
+                Ok(p) => inner.producer = p,
+                Err(e) => {
+                    warn!(error = %e, "could not replace the producer; will retry at the next commit")
+                }
+            }
+        }
+        inner.in_txn = false;
+        inner.poisoned = false;
+        for (partition, part) in &mut inner.parts {
+            part.working = part.committed.clone();
+            part.dirty = false;
+            part.epoch += 1;
+            let to = Offset::from_raw(part.committed.next_offset);
+            if let Err(e) =
+                consumer.seek(&self.orders_topic, *partition, to, Duration::from_secs(10))
+            {
+                warn!(partition, error = %e, "could not rewind the partition");
+            }
+        }
+    }
+
+    /// Aborts whatever is open (shutdown after a failed final commit).
+    pub fn abort<C: rdkafka::consumer::ConsumerContext>(&self, consumer: &impl Consumer<C>) {
+        let mut inner = self.lock();
+        if inner.in_txn {
+            self.abort_and_rewind(&mut inner, consumer);
+        }
+    }
+}
+
+/// Retries a transactional call while librdkafka says the error is retriable.
+fn retry_retriable(mut call: impl FnMut() -> Result<(), KafkaError>) -> Result<(), KafkaError> {
+    let mut tries = 0;
+    loop {
+        match call() {
+            Err(KafkaError::Transaction(e)) if e.is_retriable() && tries < 10 => {
+                tries += 1;
+                warn!(error = %e, tries, "retriable transaction error; retrying");
+                std::thread::sleep(Duration::from_millis(200 * tries));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn committed_offset<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    topic: &str,
+    partition: i32,
+) -> Option<i64> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(30))
+        .ok()?;
+    match committed.find_partition(topic, partition)?.offset() {
+        Offset::Offset(o) => Some(o),
+        _ => None,
+    }
+}
+
+fn changelog_reader(common: &CommonConfig, isolation: &str) -> Result<BaseConsumer, KafkaError> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &common.kafka_bootstrap_servers)
+        .set("group.id", "order-processor-changelog-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", isolation);
+    for (k, v) in &common.kafka_properties {
+        c.set(k, v);
+    }
+    c.create()
+}
+
+/// The latest committed state of one partition (`None`: never committed). Waits until no
+/// transaction is pending on its changelog partition, so that a commit in flight elsewhere
+/// (a replica that lost the partition) is either in or out, never half seen.
+pub fn read_changelog_partition(
+    common: &CommonConfig,
+    state_topic: &str,
+    partition: i32,
+    stable_wait: Duration,
+) -> Result<Option<PartitionState>, EosError> {
+    let committed = changelog_reader(common, "read_committed")?;
+    let uncommitted = changelog_reader(common, "read_uncommitted")?;
+    let started = Instant::now();
+    let stable_end = loop {
+        // read_committed watermarks end at the last stable offset; read_uncommitted at the
+        // high watermark: equal when no transaction is open on the partition
+        let (_, lso) =
+            committed.fetch_watermarks(state_topic, partition, Duration::from_secs(10))?;
+        let (_, hw) =
+            uncommitted.fetch_watermarks(state_topic, partition, Duration::from_secs(10))?;
+        if lso == hw {
+            break lso;
+        }
+        if started.elapsed() > stable_wait {
+            return Err(EosError::ChangelogBusy {
+                partition,
+                waited_s: stable_wait.as_secs(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    last_state(&committed, state_topic, partition, stable_end)
+}
+
+/// Reads the last state record below `end`: the tail first (each commit writes one record and
+/// one transaction marker per partition), the whole partition if the tail has none.
+fn last_state(
+    consumer: &BaseConsumer,
+    state_topic: &str,
+    partition: i32,
+    end: i64,
+) -> Result<Option<PartitionState>, EosError> {
+    if end <= 0 {
+        return Ok(None);
+    }
+    for start in [Offset::Offset((end - 64).max(0)), Offset::Beginning] {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(state_topic, partition, start)?;
+        consumer.assign(&tpl)?;
+        let mut last = None;
+        loop {
+            match consumer.poll(Duration::from_secs(10)) {
+                Some(Ok(m)) => {
+                    if let Some(v) = m.payload() {
+                        last = Some(v.to_vec());
+                    }
+                    if m.offset() + 1 >= end {
+                        break;
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) | None => break,
+                Some(Err(e)) => return Err(e.into()),
+            }
+        }
+        if let Some(bytes) = last {
+            return serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| EosError::BadChangelog { partition, source });
+        }
+    }
+    Ok(None)
+}
+
+/// The whole group's totals: every partition's latest committed state, merged.
+pub fn global_report(config: &Config) -> Result<StatsReport, EosError> {
+    let common = &config.common;
+    let state_topic = config.state_topic();
+    let reader = changelog_reader(common, "read_committed")?;
+    let metadata = reader.fetch_metadata(Some(&state_topic), Duration::from_secs(10))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut states = Vec::new();
+    for p in partitions {
+        let (_, lso) = reader.fetch_watermarks(&state_topic, p, Duration::from_secs(10))?;
+        if let Some(s) = last_state(&reader, &state_topic, p, lso)? {
+            states.push((p, s));
+        }
+    }
+    Ok(StatsReport::new(states.iter().map(|(p, s)| (*p, s))))
+}
+
+/// Creates the changelog topic (compacted, as many partitions as the orders topic) or checks
+/// the existing one has enough partitions.
+async fn ensure_changelog(common: &CommonConfig, state_topic: &str) -> Result<(), KafkaError> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &common.kafka_bootstrap_servers);
+    for (k, v) in &common.kafka_properties {
+        c.set(k, v);
+    }
+    let admin: AdminClient<DefaultClientContext> = c.create()?;
+    let count = |topic: &str| -> Result<usize, KafkaError> {
+        let md = admin
+            .inner()
+            .fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        Ok(md.topics().first().map_or(0, |t| {
+            if t.error().is_some() {
+                0
+            } else {
+                t.partitions().len()
+            }
+        }))
+    };
+    let orders = count(&common.orders_topic)?;
+    if orders == 0 {
+        return Err(KafkaError::AdminOpCreation(format!(
+            "the orders topic {} does not exist; create it first",
+            common.orders_topic
+        )));
+    }
+    let existing = count(state_topic)?;
+    if existing >= orders {
+        return Ok(());
+    }
+    if existing > 0 {
+        return Err(KafkaError::AdminOpCreation(format!(
+            "changelog topic {state_topic} has {existing} partitions but {} has {orders}",
+            common.orders_topic
+        )));
+    }
+    let partitions = i32::try_from(orders).unwrap_or(i32::MAX);
+    let topic = NewTopic::new(state_topic, partitions, TopicReplication::Fixed(-1))
+        .set("cleanup.policy", "compact")
+        .set("min.compaction.lag.ms", "0")
+        .set("segment.ms", "600000");
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for r in admin.create_topics(&[topic], &opts).await? {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, code)) => {
+                return Err(KafkaError::AdminOpCreation(format!("creating {t}: {code}")));
+            }
+        }
+    }
+    info!(topic = state_topic, partitions, "changelog topic created");
+    Ok(())
+}
