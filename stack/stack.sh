@@ -8,6 +8,8 @@
 #   stack/stack.sh down      stop what this script started (pid files), nothing else
 #   stack/stack.sh status    one line per component
 #   stack/stack.sh env       export lines for KAFKA_BOOTSTRAP_SERVERS and SCHEMA_REGISTRY_URL
+#   stack/stack.sh restart-kafka   stop and start the broker alone (failure tests)
+#   stack/stack.sh kafka-class CLASS ARGS...   run a Kafka tool class on the stack's classpath
 #
 # STACK_DIR (default: <repo>/.stack) holds downloads, binaries, data, logs and pid files.
 set -euo pipefail
@@ -305,8 +307,10 @@ case "$cmd" in
     echo "export KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:$KAFKA_PORT"
     echo "export SCHEMA_REGISTRY_URL=$(registry_url)"
     echo "export OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318" ;;
+  restart-kafka) # stop and start the broker alone (failure tests)
+    stop kafka; start_kafka ;;
   kafka-class) # run a Kafka tool class with the stack's classpath, e.g. perf tools
     shift; install_kafka; kafka_java "$@" ;;
   *)
-    echo "usage: $0 {install|up|down|status|env|kafka-class CLASS ARGS...}" >&2; exit 2 ;;
+    echo "usage: $0 {install|up|down|status|env|restart-kafka|kafka-class CLASS ARGS...}" >&2; exit 2 ;;
 esac

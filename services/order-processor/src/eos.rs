@@ -8,8 +8,10 @@
 //! changed partition's state to the compacted changelog topic (key = partition number, to the
 //! changelog partition of the same number), adds the consumer offsets with the group's
 //! metadata (KIP-447, which fences zombie replicas through the group generation) and commits.
-//! If the transaction fails it is aborted, `working` returns to `committed`, and the
-//! partitions are rewound to the committed offsets, so nothing is counted twice.
+//! If the transaction fails it is aborted, `working` returns to `committed`, and the outcomes
+//! applied since the last commit (kept per partition until their commit) are replayed into a
+//! fresh transaction: the consumer's position never moves back, so no record can be skipped
+//! or counted twice.
 //!
 //! On assignment, a partition's state is restored from the changelog before any of its records
 //! is processed, once no transaction is pending on its changelog partition (a crashed
@@ -43,6 +45,8 @@ pub enum EosError {
     Kafka(#[from] KafkaError),
     #[error("the consumer has no group metadata yet")]
     NoGroupMetadata,
+    #[error("a record could not join the transaction")]
+    Poisoned,
     #[error("changelog partition {partition} still has a pending transaction after {waited_s} s")]
     ChangelogBusy { partition: i32, waited_s: u64 },
     #[error("changelog record of partition {partition} is unreadable: {source}")]
@@ -53,13 +57,45 @@ pub enum EosError {
     },
 }
 
+/// An outcome applied since the last commit, kept to replay it if the transaction aborts.
+#[derive(Debug)]
+struct Pending {
+    offset: i64,
+    retries: u32,
+    effect: PendingEffect,
+}
+
+#[derive(Debug)]
+enum PendingEffect {
+    Processed {
+        product: String,
+        price: order_schema::Cents,
+    },
+    DeadLettered {
+        category: Category,
+        key: Option<Vec<u8>>,
+        value: Option<Vec<u8>>,
+        headers: OwnedHeaders,
+    },
+}
+
 #[derive(Debug)]
 struct Part {
     working: PartitionState,
     committed: PartitionState,
-    dirty: bool,
-    /// Bumped on every rewind: a record taken before a rewind must not be applied after it.
-    epoch: u64,
+    /// Outcomes in `working` but not yet in `committed`, in offset order.
+    pending: Vec<Pending>,
+}
+
+impl Part {
+    fn apply(&mut self, p: &Pending) {
+        match &p.effect {
+            PendingEffect::Processed { product, price } => self.working.add(product, *price),
+            PendingEffect::DeadLettered { category, .. } => self.working.dead_letter(*category),
+        }
+        self.working.retries += u64::from(p.retries);
+        self.working.next_offset = p.offset + 1;
+    }
 }
 
 struct Inner {
@@ -87,8 +123,7 @@ pub enum Effect<'a> {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Applied {
     Yes,
-    /// The partition was rewound or released since the record was taken: drop it, it comes
-    /// again from the committed offset.
+    /// This replica no longer holds the partition, or already applied the record: drop it.
     Stale,
     /// The producer's queue is full: wait a moment and apply again.
     Busy,
@@ -172,9 +207,9 @@ impl Core {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The epoch of `partition`, `None` when this replica does not hold it.
-    pub fn epoch(&self, partition: i32) -> Option<u64> {
-        self.lock().parts.get(&partition).map(|p| p.epoch)
+    /// Whether this replica holds `partition` (restored and not released).
+    pub fn holds(&self, partition: i32) -> bool {
+        self.lock().parts.contains_key(&partition)
     }
 
     /// This replica's partitions: their working totals, as `/stats` serves them.
@@ -224,83 +259,110 @@ impl Core {
             took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(0),
             "partition state restored"
         );
-        let mut inner = self.lock();
-        let epoch = inner.parts.get(&partition).map_or(0, |p| p.epoch + 1);
-        inner.parts.insert(
+        self.lock().parts.insert(
             partition,
             Part {
                 working: state.clone(),
                 committed: state,
-                dirty: false,
-                epoch,
+                pending: Vec::new(),
             },
         );
         Ok(())
     }
 
-    /// Forgets partitions given up in a rebalance (after their last commit).
+    /// Forgets partitions given up in a rebalance (after their last commit attempt). If that
+    /// commit failed, their outcomes are still in the open transaction: it is aborted and only
+    /// the partitions this replica keeps are replayed, so the next owner alone decides them.
     pub fn release(&self, partitions: &[i32]) {
         let mut inner = self.lock();
+        let mut uncommitted = false;
         for p in partitions {
-            inner.parts.remove(p);
+            if let Some(part) = inner.parts.remove(p) {
+                uncommitted |= !part.pending.is_empty();
+            }
+        }
+        if uncommitted && inner.in_txn {
+            warn!(
+                ?partitions,
+                "released partitions had uncommitted outcomes; aborting them"
+            );
+            self.abort_and_replay(&mut inner);
         }
     }
 
     /// Makes one record's outcome part of the open transaction.
-    pub fn apply(
-        &self,
-        msg: &impl Message,
-        epoch: u64,
-        effect: Effect<'_>,
-        retries: u32,
-    ) -> Applied {
+    pub fn apply(&self, msg: &impl Message, effect: Effect<'_>, retries: u32) -> Applied {
         let mut inner = self.lock();
         let partition = msg.partition();
         match inner.parts.get(&partition) {
-            Some(p) if p.epoch == epoch && msg.offset() >= p.working.next_offset => {}
+            Some(p) if msg.offset() >= p.working.next_offset => {}
             _ => return Applied::Stale,
         }
+        let pending = Pending {
+            offset: msg.offset(),
+            retries,
+            effect: match effect {
+                Effect::Processed { product, price } => PendingEffect::Processed {
+                    product: product.to_owned(),
+                    price,
+                },
+                Effect::DeadLettered { category, headers } => PendingEffect::DeadLettered {
+                    category,
+                    key: msg.key().map(<[u8]>::to_vec),
+                    value: msg.payload().map(<[u8]>::to_vec),
+                    headers,
+                },
+            },
+        };
+        match self.send_effect(&mut inner, &pending) {
+            Sent::Busy => return Applied::Busy,
+            // a failed send poisons the transaction; the commit aborts it and replays this
+            Sent::Failed | Sent::Ok => {}
+        }
+        if let Some(part) = inner.parts.get_mut(&partition) {
+            part.apply(&pending);
+            part.pending.push(pending);
+        }
+        Applied::Yes
+    }
+
+    /// Begins the transaction if needed and, for a dead letter, produces it inside.
+    fn send_effect(&self, inner: &mut Inner, pending: &Pending) -> Sent {
         if !inner.in_txn {
             if let Err(e) = inner.producer.begin_transaction() {
                 warn!(error = %e, "could not begin a transaction");
                 inner.poisoned = true;
-                return Applied::Stale;
+                return Sent::Failed;
             }
             inner.in_txn = true;
         }
-        if let Effect::DeadLettered { headers, .. } = &effect {
-            let mut record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(&self.dlq_topic).headers(headers.clone());
-            if let Some(k) = msg.key() {
-                record = record.key(k);
-            }
-            if let Some(v) = msg.payload() {
-                record = record.payload(v);
-            }
-            // the delivery is awaited by commit_transaction, not here
-            match inner.producer.send_result(record) {
-                Ok(_delivery) => {}
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    return Applied::Busy;
-                }
-                Err((e, _)) => {
-                    warn!(error = %e, "dead letter could not join the transaction");
-                    inner.poisoned = true;
-                    return Applied::Stale;
-                }
-            }
-        }
-        let Some(part) = inner.parts.get_mut(&partition) else {
-            return Applied::Stale;
+        let PendingEffect::DeadLettered {
+            key,
+            value,
+            headers,
+            ..
+        } = &pending.effect
+        else {
+            return Sent::Ok;
         };
-        match effect {
-            Effect::Processed { product, price } => part.working.add(product, price),
-            Effect::DeadLettered { category, .. } => part.working.dead_letter(category),
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&self.dlq_topic).headers(headers.clone());
+        if let Some(k) = key {
+            record = record.key(k.as_slice());
         }
-        part.working.retries += u64::from(retries);
-        part.working.next_offset = msg.offset() + 1;
-        part.dirty = true;
-        Applied::Yes
+        if let Some(v) = value {
+            record = record.payload(v.as_slice());
+        }
+        // the delivery is awaited by commit_transaction, not here
+        match inner.producer.send_result(record) {
+            Ok(_delivery) => Sent::Ok,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => Sent::Busy,
+            Err((e, _)) => {
+                warn!(error = %e, "dead letter could not join the transaction");
+                inner.poisoned = true;
+                Sent::Failed
+            }
+        }
     }
 
     /// Commits the open transaction: changed partitions' state to the changelog, offsets with
@@ -311,26 +373,27 @@ impl Core {
         consumer: &impl Consumer<C>,
     ) -> Result<bool, EosError> {
         let mut inner = self.lock();
-        if !inner.in_txn {
+        let pending = inner.parts.values().any(|p| !p.pending.is_empty());
+        if !inner.in_txn && !inner.poisoned && !pending {
             return Ok(false);
         }
-        let result = if inner.poisoned {
-            Err(EosError::Kafka(KafkaError::Canceled))
+        let result = if inner.poisoned || !inner.in_txn {
+            Err(EosError::Poisoned)
         } else {
             self.try_commit(&mut inner, consumer)
         };
         match result {
             Ok(()) => {
-                for part in inner.parts.values_mut().filter(|p| p.dirty) {
+                for part in inner.parts.values_mut().filter(|p| !p.pending.is_empty()) {
                     part.committed = part.working.clone();
-                    part.dirty = false;
+                    part.pending.clear();
                 }
                 inner.in_txn = false;
                 Ok(true)
             }
             Err(e) => {
-                warn!(error = %e, "transaction failed; aborting and rewinding to the last commit");
-                self.abort_and_rewind(&mut inner, consumer);
+                warn!(error = %e, "transaction failed; aborting it and replaying its outcomes in a new one");
+                self.abort_and_replay(&mut inner);
                 Err(e)
             }
         }
@@ -345,7 +408,7 @@ impl Core {
         let dirty: Vec<(i32, Vec<u8>)> = inner
             .parts
             .iter()
-            .filter(|(_, p)| p.dirty)
+            .filter(|(_, p)| !p.pending.is_empty())
             .map(|(n, p)| (*n, serde_json::to_vec(&p.working).unwrap_or_default()))
             .collect();
         for (partition, value) in &dirty {
@@ -381,13 +444,13 @@ impl Core {
         Ok(())
     }
 
-    fn abort_and_rewind<C: rdkafka::consumer::ConsumerContext>(
-        &self,
-        inner: &mut Inner,
-        consumer: &impl Consumer<C>,
-    ) {
-        let aborted = inner.producer.abort_transaction(TXN_TIMEOUT);
-        if let Err(e) = aborted {
+    /// Aborts the open transaction (replacing the producer if it cannot), resets each
+    /// partition to its committed state and replays the pending outcomes into a new
+    /// transaction. A replay that fails leaves the transaction poisoned for the next commit.
+    fn abort_and_replay(&self, inner: &mut Inner) {
+        if inner.in_txn
+            && let Err(e) = inner.producer.abort_transaction(TXN_TIMEOUT)
+        {
             warn!(error = %e, "abort failed; replacing the transactional producer");
             match transactional_producer(&self.producer_config) {
                 Ok(p) => inner.producer = p,
@@ -398,26 +461,50 @@ impl Core {
         }
         inner.in_txn = false;
         inner.poisoned = false;
-        for (partition, part) in &mut inner.parts {
+        let mut parts = std::mem::take(&mut inner.parts);
+        let mut replayed = 0usize;
+        for part in parts.values_mut() {
             part.working = part.committed.clone();
-            part.dirty = false;
-            part.epoch += 1;
-            let to = Offset::from_raw(part.committed.next_offset);
-            if let Err(e) =
-                consumer.seek(&self.orders_topic, *partition, to, Duration::from_secs(10))
-            {
-                warn!(partition, error = %e, "could not rewind the partition");
+            let pending = std::mem::take(&mut part.pending);
+            for p in &pending {
+                if let Sent::Busy = self.send_effect(inner, p) {
+                    // the queue drains while we wait; nothing else can use the producer now
+                    inner.producer.poll(Duration::from_millis(50));
+                    if !matches!(self.send_effect(inner, p), Sent::Ok) {
+                        inner.poisoned = true;
+                    }
+                }
+                part.apply(p);
+                replayed += 1;
             }
+            part.pending = pending;
         }
+        inner.parts = parts;
+        info!(
+            replayed,
+            poisoned = inner.poisoned,
+            "outcomes replayed into a new transaction"
+        );
     }
 
-    /// Aborts whatever is open (shutdown after a failed final commit).
-    pub fn abort<C: rdkafka::consumer::ConsumerContext>(&self, consumer: &impl Consumer<C>) {
+    /// Aborts whatever is open (shutdown after a failed final commit): pending outcomes are
+    /// dropped, their records are processed again by the next owner.
+    pub fn abort(&self) {
         let mut inner = self.lock();
         if inner.in_txn {
-            self.abort_and_rewind(&mut inner, consumer);
+            if let Err(e) = inner.producer.abort_transaction(TXN_TIMEOUT) {
+                warn!(error = %e, "abort failed");
+            }
+            inner.in_txn = false;
         }
     }
+}
+
+/// How producing an outcome's records went.
+enum Sent {
+    Ok,
+    Busy,
+    Failed,
 }
 
 /// Retries a transactional call while librdkafka says the error is retriable.
@@ -457,6 +544,7 @@ fn changelog_reader(common: &CommonConfig, isolation: &str) -> Result<BaseConsum
         .set("group.id", "order-processor-changelog-reader")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
+        .set("allow.auto.create.topics", "false")
         .set("isolation.level", isolation);
     for (k, v) in &common.kafka_properties {
         c.set(k, v);
@@ -563,7 +651,9 @@ async fn ensure_changelog(common: &CommonConfig, state_topic: &str) -> Result<()
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::client::DefaultClientContext;
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &common.kafka_bootstrap_servers);
+    c.set("bootstrap.servers", &common.kafka_bootstrap_servers)
+        // asking for a missing topic's metadata must not create it with the broker's defaults
+        .set("allow.auto.create.topics", "false");
     for (k, v) in &common.kafka_properties {
         c.set(k, v);
     }

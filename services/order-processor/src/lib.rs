@@ -239,6 +239,12 @@ impl Application {
         consumer.context().stop_partitions(None);
         let c = consumer.clone();
         let _ = tokio::task::spawn_blocking(move || c.context().commit(c.as_ref())).await;
+        if let Durability::ExactlyOnce(core) = &shared.durability {
+            // a failed final commit leaves its replay open: abort it rather than let it block
+            // the changelog and dead-letter partitions until the broker times it out
+            let core_ref: &eos::Core = core;
+            tokio::task::block_in_place(|| core_ref.abort());
+        }
         let report = shared.report();
         consumer.unsubscribe();
         if let Durability::AtLeastOnce { dlq, .. } = &shared.durability

@@ -152,7 +152,6 @@ impl Shared {
         &self,
         consumer: &ProcessorConsumer,
         msg: &BorrowedMessage<'_>,
-        epoch: u64,
         cancel: &CancellationToken,
     ) -> bool {
         let started = Instant::now();
@@ -185,8 +184,7 @@ impl Shared {
             let Some(verdict) = self.evaluate(msg, cancel).await else {
                 return false;
             };
-            self.make_durable(consumer, msg, epoch, verdict, cancel)
-                .await
+            self.make_durable(consumer, msg, verdict, cancel).await
         }
         .instrument(span)
         .await;
@@ -315,7 +313,6 @@ impl Shared {
         &self,
         consumer: &ProcessorConsumer,
         msg: &BorrowedMessage<'_>,
-        epoch: u64,
         verdict: Verdict,
         cancel: &CancellationToken,
     ) -> bool {
@@ -380,8 +377,11 @@ impl Shared {
                     (Verdict::DeadLetter { .. }, None) => return false,
                 };
                 let applied = match &dead {
-                    Some((span, _)) => span.in_scope(|| core.apply(msg, epoch, effect, retries)),
-                    None => core.apply(msg, epoch, effect, retries),
+                    // the core's lock may be held by a commit that waits on the broker
+                    Some((span, _)) => tokio::task::block_in_place(|| {
+                        span.in_scope(|| core.apply(msg, effect, retries))
+                    }),
+                    None => tokio::task::block_in_place(|| core.apply(msg, effect, retries)),
                 };
                 match applied {
                     Applied::Yes => break true,
@@ -650,14 +650,12 @@ impl ProcessorContext {
                 };
                 match msg {
                     Ok(m) => {
-                        let epoch = match &shared.durability {
-                            Durability::ExactlyOnce(core) => match core.epoch(partition) {
-                                Some(e) => e,
-                                None => break,
-                            },
-                            Durability::AtLeastOnce { .. } => 0,
-                        };
-                        let done = shared.handle(&consumer, &m, epoch, &token).await;
+                        if let Durability::ExactlyOnce(core) = &shared.durability
+                            && !core.holds(partition)
+                        {
+                            break;
+                        }
+                        let done = shared.handle(&consumer, &m, &token).await;
                         if !done && token.is_cancelled() {
                             break;
                         }
