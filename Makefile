@@ -103,5 +103,5 @@ kind-install: ## install (or upgrade) the chart into the kind cluster
 kind-down: ## delete the kind cluster
 	$(KIND) delete cluster --name $(KIND_CLUSTER)
 
-bench:
-	@echo "make bench is not available yet: it comes with the benchmarks issue." >&2; exit 2
+bench: ## benchmarks against Kafka's own perf tools on the native stack (target/bench/results.json)
+	python3 scripts/bench.py
