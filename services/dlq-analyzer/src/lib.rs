@@ -34,7 +34,7 @@ use serde::Deserialize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, field, info, info_span, warn};
+use tracing::{Instrument, info, warn};
 
 pub use report::Report;
 
@@ -230,29 +230,11 @@ impl Application {
                         .key()
                         .and_then(|k| std::str::from_utf8(k).ok())
                         .unwrap_or("");
-                    let span = info_span!(
-                        "process",
-                        otel.name = format!("process {topic}"),
-                        otel.kind = "consumer",
-                        messaging.system = "kafka",
-                        messaging.operation.type = "process",
-                        messaging.operation.name = "process",
-                        messaging.destination.name = %topic,
-                        messaging.destination.partition.id = m.partition().to_string(),
-                        messaging.kafka.offset = m.offset(),
-                        messaging.kafka.message.key = key,
-                        messaging.consumer.group.name = %group,
-                        error.type = field::Empty,
-                        dlq.category = field::Empty,
-                        trace_id = field::Empty,
-                        span_id = field::Empty,
-                    );
                     let parent = trace::extract(m.headers());
-                    trace::adopt(&span, &parent);
+                    let span = trace::consumer_span(&m, &group);
                     async {
                         let meta = Metadata::from_headers(m.headers());
                         let span = tracing::Span::current();
-                        span.record("dlq.category", meta.category.as_str());
                         span.record("error.type", meta.category.as_str());
                         let order = match m.payload() {
                             Some(_) => codec.decode(m.payload()).await.ok(),

@@ -184,12 +184,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
-    }
+    use order_runtime::config::pairs as vars;
 
     #[test]
     fn defaults_give_the_seed_backoff() {

@@ -155,31 +155,7 @@ impl Shared {
         cancel: &CancellationToken,
     ) -> bool {
         let started = Instant::now();
-        let topic = msg.topic();
-        let key = msg
-            .key()
-            .and_then(|k| std::str::from_utf8(k).ok())
-            .unwrap_or("");
-        let span = info_span!(
-            "process",
-            otel.name = format!("process {topic}"),
-            otel.kind = "consumer",
-            otel.status_code = field::Empty,
-            messaging.system = "kafka",
-            messaging.operation.type = "process",
-            messaging.operation.name = "process",
-            messaging.destination.name = topic,
-            messaging.destination.partition.id = msg.partition().to_string(),
-            messaging.kafka.offset = msg.offset(),
-            messaging.kafka.message.key = key,
-            messaging.consumer.group.name = %self.config.processor.consumer_group,
-            messaging.message.body.size = msg.payload_len(),
-            order.id = field::Empty,
-            error.type = field::Empty,
-            trace_id = field::Empty,
-            span_id = field::Empty,
-        );
-        trace::adopt(&span, &trace::extract(msg.headers()));
+        let span = trace::consumer_span(msg, &self.config.processor.consumer_group);
         let done = async {
             let Some(verdict) = self.evaluate(msg, cancel).await else {
                 return false;

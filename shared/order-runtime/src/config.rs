@@ -147,6 +147,13 @@ impl CommonConfig {
     }
 }
 
+/// Variables as owned pairs, for building configs in tests without touching the process env.
+pub fn pairs(vars: &[(&str, &str)]) -> Vec<(String, String)> {
+    vars.iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
 /// The process environment as pairs, for `main`.
 pub fn process_env() -> Vec<(String, String)> {
     std::env::vars().collect()
@@ -172,12 +179,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
-    }
+    use super::pairs as vars;
 
     #[test]
     fn defaults_match_the_spec() {

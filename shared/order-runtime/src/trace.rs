@@ -60,6 +60,38 @@ pub fn extract<H: Headers>(headers: Option<&H>) -> Context {
     }
 }
 
+/// The CONSUMER span for processing one record, named and attributed by the messaging
+/// semantic conventions (`process <topic>`), continuing the trace of the record's producer.
+/// `order.id`, `error.type`, `otel.status_code` are left for the caller to record.
+pub fn consumer_span(msg: &impl rdkafka::Message, group: &str) -> tracing::Span {
+    let topic = msg.topic();
+    let key = msg
+        .key()
+        .and_then(|k| std::str::from_utf8(k).ok())
+        .unwrap_or("");
+    let span = tracing::info_span!(
+        "process",
+        otel.name = format!("process {topic}"),
+        otel.kind = "consumer",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = "kafka",
+        messaging.operation.type = "process",
+        messaging.operation.name = "process",
+        messaging.destination.name = topic,
+        messaging.destination.partition.id = msg.partition().to_string(),
+        messaging.kafka.offset = msg.offset(),
+        messaging.kafka.message.key = key,
+        messaging.consumer.group.name = group,
+        messaging.message.body.size = msg.payload().map_or(0, <[u8]>::len),
+        order.id = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+    );
+    adopt(&span, &extract(msg.headers()));
+    span
+}
+
 /// Makes `parent` the parent of `span`, links to it too (a consumer span is both a child of the
 /// send and, per the messaging conventions, linked to it) and records the trace and span ids
 /// on the span so that every log line inside it leads to the trace.
