@@ -75,6 +75,18 @@ mod tests {
     }
 
     #[test]
+    fn the_invalid_share_follows_the_ratio() {
+        let mut rng = rand::rng();
+        let invalid = (0..100_000)
+            .filter(|_| random_order(&mut rng, 0.05).1)
+            .count();
+        assert!(
+            (4_500..5_500).contains(&invalid),
+            "{invalid} of 100000 at ratio 0.05"
+        );
+    }
+
+    #[test]
     fn no_invalid_orders_at_ratio_zero() {
         let mut rng = rand::rng();
         assert!((0..1000).all(|_| !random_order(&mut rng, 0.0).1));
