@@ -19,7 +19,6 @@ pub mod metrics;
 pub mod pipeline;
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -262,11 +261,6 @@ impl Application {
             "order-processor stopped"
         );
         Ok(report)
-    }
-
-    /// True once the consumer has joined its group.
-    pub fn joined(&self) -> bool {
-        self.consumer.context().joined.load(Ordering::Acquire)
     }
 }
 

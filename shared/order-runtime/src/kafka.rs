@@ -7,8 +7,6 @@
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
@@ -78,31 +76,6 @@ pub fn broker_reachable(common: &CommonConfig, timeout: Duration) -> bool {
             .is_ok_and(|m| !m.brokers().is_empty()),
         Err(_) => false,
     }
-}
-
-/// Creates topics that do not exist yet; existing ones are left as they are.
-pub async fn ensure_topics(
-    common: &CommonConfig,
-    topics: &[(&str, i32)],
-) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> =
-        with_user_properties(base(common, "topic-setup"), common).create()?;
-    let new: Vec<NewTopic<'_>> = topics
-        .iter()
-        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
-        .collect();
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    for result in admin.create_topics(&new, &opts).await? {
-        match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => {
-                return Err(KafkaError::AdminOp(code)).inspect_err(|_| {
-                    tracing::error!(topic, %code, "could not create topic");
-                });
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Classifies a producer error: `true` when waiting and sending again can succeed (queue full,

@@ -3,7 +3,7 @@
 //! Layout:
 //! - [`config`]: the environment variables all services share (SPEC "Environment"), read with
 //!   envy from any iterator of pairs, and the `RDKAFKA_*` pass-through to librdkafka.
-//! - [`kafka`]: producer and consumer configurations with safe defaults, topic setup, the
+//! - [`kafka`]: producer and consumer configurations with safe defaults, the
 //!   broker check behind `/readyz`, and which producer errors are worth retrying.
 //! - [`dead_letter`]: the dead-letter header contract (names, categories) and how to build
 //!   and read those headers.

@@ -11,8 +11,6 @@
 
 pub mod money;
 
-use std::sync::Arc;
-
 use apache_avro::types::Value;
 use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
@@ -320,9 +318,6 @@ impl OrderCodec {
         }
     }
 }
-
-/// A shared codec, as the services hold it.
-pub type SharedCodec = Arc<OrderCodec>;
 
 #[cfg(test)]
 mod tests {
