@@ -18,7 +18,7 @@ use axum::{Json, Router};
 use order_runtime::config::{ConfigError, check_range, load};
 use order_runtime::http::{self, Probe};
 use order_runtime::{CommonConfig, kafka, trace};
-use order_schema::{CodecError, OrderCodec};
+use order_schema::{CodecError, OrderCodec, OrderWriter};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -190,7 +190,7 @@ pub struct Application {
     listener: TcpListener,
     port: u16,
     producer: ThreadedProducer<DeliveryCounter>,
-    codec: OrderCodec,
+    writer: OrderWriter,
     counters: Arc<Counters>,
     probe: Arc<Probe>,
     registry: Registry,
@@ -208,12 +208,13 @@ impl Application {
 
         let codec = OrderCodec::new(&common.schema_registry_url, &common.orders_topic)
             .map_err(StartError::Codec)?;
-        register_schema(
+        let schema_id = register_schema(
             &codec,
             Duration::from_millis(config.generator.registry_wait_ms),
             &shutdown,
         )
         .await?;
+        let writer = OrderWriter::new(schema_id).map_err(StartError::Codec)?;
 
         let mut registry = Registry::default();
         let latency = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
@@ -253,7 +254,7 @@ impl Application {
             listener,
             port,
             producer,
-            codec,
+            writer,
             counters,
             probe,
             registry,
@@ -289,7 +290,7 @@ impl Application {
             config,
             listener,
             producer,
-            codec,
+            writer,
             counters,
             probe,
             registry,
@@ -325,6 +326,7 @@ impl Application {
         let mut rng = rand::rng();
         let mut last_log = Instant::now();
         let mut n: u64 = 0;
+        let mut payload = Vec::with_capacity(128);
         while g.order_count == 0 || n < g.order_count {
             if shutdown.is_cancelled() {
                 break;
@@ -351,18 +353,12 @@ impl Application {
                 span_id = field::Empty,
             );
             trace::record_ids(&span);
-            let payload = match codec.encode(&order).await {
-                Ok(p) => p,
-                Err(e) => {
-                    counters.failed.fetch_add(1, Ordering::Relaxed);
-                    warn!(error = %e, "could not encode order");
-                    if e.is_temporary() {
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                    n += 1;
-                    continue;
-                }
-            };
+            if let Err(e) = writer.write(&order, &mut payload) {
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+                warn!(error = %e, "could not encode order");
+                n += 1;
+                continue;
+            }
             let headers = trace::inject(&span, OwnedHeaders::new_with_capacity(3));
             let sent_at = usize::try_from(started.elapsed().as_micros()).unwrap_or(usize::MAX);
             let mut record = BaseRecord::with_opaque_to(topic, sent_at)

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use order_schema::{CodecError, ORDER_SCHEMA, Order, OrderCodec};
+use order_schema::{CodecError, ORDER_SCHEMA, Order, OrderCodec, OrderWriter};
 use order_testkit::{Stack, unique};
 use rdkafka::message::Message;
 
@@ -25,12 +25,19 @@ async fn an_order_encoded_through_the_registry_crosses_the_broker_unchanged() {
 
     let sent: Vec<Order> = (0..5).map(order).collect();
     let producer = stack.producer();
+    let writer = OrderWriter::new(id).unwrap();
+    let mut written = Vec::new();
     for o in &sent {
         let bytes = codec.encode(o).await.unwrap();
         assert_eq!(
             OrderCodec::schema_id(&bytes),
             Some(id),
             "Confluent header names the registered id"
+        );
+        writer.write(o, &mut written).unwrap();
+        assert_eq!(
+            written, bytes,
+            "the producer's fast path writes the same bytes"
         );
         stack
             .produce_raw(
