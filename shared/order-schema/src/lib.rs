@@ -175,22 +175,32 @@ impl CodecError {
     }
 }
 
-/// A failure to reach or use the registry is temporary when the client says so or when the
-/// registry answered with a server error; schema_registry_converter only flags 502/503.
+/// A failure to reach or use the registry is temporary when the client says so, when the
+/// registry answered with a server error, throttling or an authorization failure, or when the
+/// answer was not the Confluent API's at all (no Confluent `error_code` in the body: a wrong
+/// base URL or a proxy in the way). None of these says anything about the record, so the
+/// record must wait rather than be dead-lettered. schema_registry_converter only flags 502/503.
 fn registry_error_is_temporary(e: &SRCError) -> bool {
     if e.retriable {
         return true;
     }
     let text = e.to_string();
-    [
-        "status 500",
-        "status 502",
-        "status 503",
-        "status 504",
-        "status 429",
-    ]
-    .iter()
-    .any(|s| text.contains(s))
+    if !text.contains("HTTP request to schema registry failed") {
+        return false;
+    }
+    let not_the_confluent_api = text.contains("error_code: 0,");
+    not_the_confluent_api
+        || [
+            "status 401",
+            "status 403",
+            "status 429",
+            "status 500",
+            "status 502",
+            "status 503",
+            "status 504",
+        ]
+        .iter()
+        .any(|s| text.contains(s))
 }
 
 /// Settings for talking to a Confluent-compatible registry.

@@ -137,3 +137,20 @@ async fn an_unreachable_registry_is_a_temporary_error() {
     assert!(err.is_temporary(), "{err}");
     assert!(codec.register().await.unwrap_err().is_temporary());
 }
+
+#[tokio::test]
+async fn a_registry_url_with_the_wrong_path_is_not_a_bad_record() {
+    let stack = Stack::from_env();
+    let topic = unique("wrongpath");
+    let codec = OrderCodec::new(&stack.registry, &topic).unwrap();
+    let good = codec.encode(&order(1)).await.unwrap();
+    // the server answers, but not with the Confluent API: 404 without a Confluent error code
+    let url = stack.registry.trim_end_matches('/');
+    let root = &url[..url.len() - url.rfind("/apis").map_or(0, |i| url.len() - i)];
+    let wrong = OrderCodec::new(&format!("{root}/not-the-api"), &topic).unwrap();
+    let err = wrong.decode(Some(&good)).await.unwrap_err();
+    assert!(err.is_temporary(), "{err}");
+    assert!(wrong.register().await.unwrap_err().is_temporary());
+    // and once the right URL is used the same record decodes
+    assert_eq!(codec.decode(Some(&good)).await.unwrap().price, 1.99);
+}
