@@ -116,17 +116,18 @@ def run_consumer_perf(topic, n):
     return float(cols["fetch.nMsg.sec"])
 
 
-def run_processor(topic, n, guarantee):
-    """Our processor draining n records; rate from its first to its last record, peak RSS."""
+def run_processor(topic, n, guarantee, **extra):
+    """Our processor draining n records: records/s from ready (partitions assigned, as
+    ConsumerPerformance starts its clock after joining) to the first /stats that shows all n;
+    /stats answers late while the workers are busy, so the rate errs low, never high."""
     port = free_port()
     group = "bench-" + uuid.uuid4().hex[:8]
     started = time.monotonic()
     proc = subprocess.Popen([BIN / "order-processor"], env=env(topic, HTTP_PORT=port, CONSUMER_GROUP=group,
-                            PROCESSING_GUARANTEE=guarantee), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            PROCESSING_GUARANTEE=guarantee, **extra), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     try:
-        healthz = readyz = first = None
-        first_count = 0
-        idle_rss = 0
+        healthz = readyz = last = None
         while True:
             now = time.monotonic()
             if now - started > 300:
@@ -135,22 +136,35 @@ def run_processor(topic, n, guarantee):
                 healthz = now - started
             if healthz is not None and readyz is None and status(port, "/readyz") == 200:
                 readyz = now - started
-                idle_rss = rss_kb(proc.pid, "VmRSS")  # ready, before the first record lands
-            if readyz is not None:
-                done = get_json(port, "/stats")["processed"]
-                if first is None and done > 0:
-                    first, first_count = time.monotonic(), done
-                if done >= n:
-                    last = time.monotonic()
-                    break
-            time.sleep(0.01)
+            if readyz is not None and get_json(port, "/stats")["processed"] >= n:
+                last = time.monotonic() - started
+                break
+            time.sleep(0.005)
         peak = rss_kb(proc.pid, "VmHWM")
+        after = rss_kb(proc.pid, "VmRSS")
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    rate = (n - first_count) / (last - first) if last > first else float("nan")
-    return {"rate": rate, "peak_rss_mb": peak / 1024, "idle_rss_mb": idle_rss / 1024,
+    return {"rate": n / (last - readyz), "peak_rss_mb": peak / 1024, "after_load_rss_mb": after / 1024,
             "healthz_ms": healthz * 1000, "readyz_ms": readyz * 1000}
+
+
+def idle_processor(topic, seconds=5):
+    """RSS of a processor that is ready and has nothing to do, after `seconds`."""
+    port = free_port()
+    proc = subprocess.Popen([BIN / "order-processor"], env=env(topic, HTTP_PORT=port, CONSUMER_GROUP="idle-" + uuid.uuid4().hex[:8]),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while status(port, "/readyz") != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError("idle processor not ready in 60 s")
+            time.sleep(0.01)
+        time.sleep(seconds)
+        return rss_kb(proc.pid, "VmRSS") / 1024
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 def summary(values):

@@ -207,6 +207,11 @@ impl Application {
             guarantee = ?shared.config.processor.processing_guarantee,
             "processing orders"
         );
+        let progress = {
+            let shared = shared.clone();
+            let stop = shutdown.clone();
+            tokio::spawn(async move { shared.log_progress(stop).await })
+        };
         let committer = match &shared.durability {
             Durability::ExactlyOnce(_) => Some(tokio::spawn(commit_loop(
                 consumer.clone(),
@@ -232,6 +237,7 @@ impl Application {
             }
         }
         info!("stopping: finishing records in hand");
+        let _ = progress.await;
         if let Some(c) = committer {
             let _ = c.await;
         }

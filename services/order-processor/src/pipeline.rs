@@ -87,7 +87,6 @@ pub struct Shared {
     pub durability: Durability,
     pub metrics: Metrics,
     pub failures: Arc<dyn FailureInjector>,
-    last_progress_log: Mutex<(Instant, u64)>,
 }
 
 impl Shared {
@@ -104,7 +103,6 @@ impl Shared {
             durability,
             metrics,
             failures,
-            last_progress_log: Mutex::new((Instant::now(), 0)),
         }
     }
 
@@ -120,30 +118,35 @@ impl Shared {
         }
     }
 
-    /// Logs the running average as it moves, at most once per `STATS_LOG_INTERVAL_MS`.
-    fn maybe_log_progress(&self) {
-        let interval = Duration::from_millis(self.config.processor.stats_log_interval_ms);
-        let due = matches!(self.last_progress_log.lock(), Ok(last) if last.0.elapsed() >= interval);
-        if !due {
-            return;
-        }
-        let r = self.report();
-        if let Ok(mut last) = self.last_progress_log.lock() {
-            if last.1 == r.processed {
-                return;
+    /// Logs the running average every `STATS_LOG_INTERVAL_MS` while it moves, until
+    /// `stop`. A timer rather than a check per record: the hot path takes no shared lock for it.
+    pub async fn log_progress(&self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_millis(
+            self.config.processor.stats_log_interval_ms,
+        ));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut logged = 0;
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
             }
-            *last = (Instant::now(), r.processed);
+            let r = self.report();
+            if r.processed == logged {
+                continue;
+            }
+            logged = r.processed;
+            info!(
+                processed = r.processed,
+                revenue = %r.revenue,
+                average = r.average.unwrap_or(0.0),
+                min = r.min.map_or(0.0, Cents::dollars),
+                max = r.max.map_or(0.0, Cents::dollars),
+                dead_lettered = r.dead_lettered,
+                retries = r.retries,
+                "running average"
+            );
         }
-        info!(
-            processed = r.processed,
-            revenue = %r.revenue,
-            average = r.average.unwrap_or(0.0),
-            min = r.min.map_or(0.0, Cents::dollars),
-            max = r.max.map_or(0.0, Cents::dollars),
-            dead_lettered = r.dead_lettered,
-            retries = r.retries,
-            "running average"
-        );
     }
 
     /// Takes one record to its final outcome; `false` when interrupted (shutdown, revocation,
@@ -167,9 +170,6 @@ impl Shared {
         self.metrics
             .process_duration
             .observe(started.elapsed().as_secs_f64());
-        if done {
-            self.maybe_log_progress();
-        }
         done
     }
 

@@ -59,8 +59,15 @@ pub fn consumer_config(common: &CommonConfig, client_id: &str, group_id: &str) -
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .set("max.poll.interval.ms", "300000")
-        // librdkafka's defaults prefetch up to 64 MiB a partition; 8 MiB keeps memory flat
-        .set("queued.max.messages.kbytes", "8192")
+        // Prefetch bounds. With one queue per partition these apply per partition, and
+        // librdkafka's defaults (100,000 messages, 64 MiB, 1 MiB a fetch) let a backlog of small
+        // orders fill ~220 MB (make bench, 1M records). Each prefetched message costs ~300 bytes
+        // of librdkafka bookkeeping besides its bytes, so the message count is the bound that
+        // matters; a short back-off keeps the fetcher from idling a second once a queue is full.
+        .set("queued.min.messages", "10000")
+        .set("queued.max.messages.kbytes", "2048")
+        .set("max.partition.fetch.bytes", "262144")
+        .set("fetch.queue.backoff.ms", "5")
         .set("fetch.wait.max.ms", "100")
         .set("isolation.level", "read_committed");
     with_user_properties(c, common)
