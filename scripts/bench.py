@@ -1,17 +1,20 @@
 #!/usr/bin/env python3
 """The benchmark harness behind `make bench`.
 
-Measures our release binaries against Kafka's own perf tools on the same native broker, in the
+Measures our release binaries against Kafka's own tools on the same native broker, in the
 same run, interleaving the contestants and repeating each (medians and min-max spread):
 
 - generator: orders/s of `order-generator` (ORDER_RATE=0) vs `ProducerPerformance` with the
   same record size, acks=all, the same batching and compression;
-- processor: records/s of `order-processor` (no simulated failures) reading a pre-filled topic,
-  at-least-once and exactly-once, vs `ConsumerPerformance`'s fetch rate on the same topic;
-- memory: the processor's peak RSS while draining the topic, and its RSS when idle;
+- processor: records/s of `order-processor` (no simulated failures) draining a pre-filled
+  topic, at-least-once and exactly-once, vs `ConsumerPerformance`'s fetch rate on that topic;
+- end-to-end latency: p50/p99/p99.9 from the moment the generator meant to send an order
+  (open loop: its record timestamp is the order's due time) to its aggregation in the
+  processor, at fixed rates, next to `EndToEndLatency` (one record in flight at a time);
+- memory: peak RSS of each service at full load, and RSS when idle;
 - start-up: process start to `/healthz`, and to `/readyz` (which includes joining the group).
 
-Writes target/bench/results.json and prints a table. End-to-end latency is not measured yet.
+Writes target/bench/results.json and prints a table.
 """
 
 import json
@@ -31,10 +34,15 @@ BIN = ROOT / "target" / "release"
 STACK = ["bash", str(ROOT / "stack" / "stack.sh")]
 BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
 REGISTRY = os.environ.get("SCHEMA_REGISTRY_URL", "http://127.0.0.1:8081/apis/ccompat/v7")
-RECORDS = int(os.environ.get("BENCH_RECORDS", "200000"))
+RECORDS = int(os.environ.get("BENCH_RECORDS", "1000000"))
+LATENCY_SECONDS = int(os.environ.get("BENCH_LATENCY_SECONDS", "10"))
+LATENCY_RATES = [int(r) for r in os.environ.get("BENCH_LATENCY_RATES", "1000,10000").split(",")]
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
 # the producer settings both contestants use (ours are the generator's defaults)
 PRODUCER = {"acks": "all", "linger.ms": "5", "batch.size": "262144", "compression.type": "snappy", "enable.idempotence": "true"}
+# what EndToEndLatency's producer uses (acks=all, no linger, no compression), for our generator
+# in the like-for-like latency runs
+LATENCY_PRODUCER = {"RDKAFKA_LINGER_MS": "0", "COMPRESSION_TYPE": "none"}
 
 
 def log(msg):
@@ -86,15 +94,33 @@ def rss_kb(pid, field):
     return 0
 
 
-def run_generator(topic, n):
-    """Our generator: n orders as fast as it goes; returns (orders/s, mean payload bytes)."""
-    run = subprocess.run([BIN / "order-generator"], env=env(topic, ORDER_COUNT=n, ORDER_RATE=0, HTTP_PORT=free_port()),
-                         capture_output=True, text=True, timeout=600)
-    if run.returncode != 0:
-        raise RuntimeError(run.stderr[-2000:])
-    summary = json.loads(next(l for l in run.stdout.splitlines() if l.startswith("SUMMARY "))[8:])
+def watch(proc, done, timeout, what):
+    """Polls until done() or proc exits; returns the highest VmHWM seen (kB)."""
+    peak = 0
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and not done():
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"{what} did not finish in {timeout} s")
+        try:
+            peak = max(peak, rss_kb(proc.pid, "VmHWM"))
+        except OSError:
+            pass
+        time.sleep(0.01)
+    return peak
+
+
+def run_generator(topic, n, **extra):
+    """Our generator: n orders; returns (orders/s, peak RSS MB)."""
+    proc = subprocess.Popen([BIN / "order-generator"], env=env(topic, ORDER_COUNT=n, HTTP_PORT=free_port(), **{"ORDER_RATE": 0, **extra}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = watch(proc, lambda: False, 600, "order-generator")
+    out, err = proc.communicate(timeout=60)
+    if proc.returncode != 0:
+        raise RuntimeError(err[-2000:])
+    summary = json.loads(next(l for l in out.splitlines() if l.startswith("SUMMARY "))[8:])
     assert summary["produced"] == n and summary["failed"] == 0, summary
-    return n / summary["elapsed_s"]
+    return n / summary["elapsed_s"], peak / 1024
 
 
 def run_producer_perf(topic, n, record_size):
@@ -149,16 +175,71 @@ def run_processor(topic, n, guarantee, **extra):
             "healthz_ms": healthz * 1000, "readyz_ms": readyz * 1000}
 
 
-def idle_processor(topic, seconds=5):
-    """RSS of a processor that is ready and has nothing to do, after `seconds`."""
+def run_latency(rate, seconds, guarantee, producer):
+    """Generator at `rate` orders/s for `seconds` into a fresh topic that a ready processor
+    drains; returns the processor's end-to-end latency percentiles (ms)."""
+    topic = f"bench-lat-{uuid.uuid4().hex[:8]}"
+    create_topic(topic, 6)
     port = free_port()
-    proc = subprocess.Popen([BIN / "order-processor"], env=env(topic, HTTP_PORT=port, CONSUMER_GROUP="idle-" + uuid.uuid4().hex[:8]),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([BIN / "order-processor"], env=env(topic, HTTP_PORT=port, CONSUMER_GROUP="lat-" + uuid.uuid4().hex[:8],
+                            PROCESSING_GUARANTEE=guarantee), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         while status(port, "/readyz") != 200:
             if time.monotonic() > deadline:
-                raise RuntimeError("idle processor not ready in 60 s")
+                raise RuntimeError("processor not ready in 60 s")
+            time.sleep(0.01)
+        n = rate * seconds
+        run_generator(topic, n, ORDER_RATE=rate, **producer)
+        deadline = time.monotonic() + 120
+        while (stats := get_json(port, "/stats"))["processed"] < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"processor saw {stats['processed']} of {n} in time")
+            time.sleep(0.05)
+        return stats["end_to_end_latency_ms"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def run_end_to_end_latency_tool(n):
+    """Kafka's EndToEndLatency: n records of RECORD_SIZE bytes, acks=all, one at a time."""
+    topic = f"bench-e2e-{uuid.uuid4().hex[:8]}"
+    create_topic(topic, 1)
+    out = kafka_class("org.apache.kafka.tools.EndToEndLatency", BOOTSTRAP, topic, str(n), "all", "56")
+    avg = float(re.search(r"Avg latency: ([\d.]+) ms", out).group(1))
+    p = re.search(r"Percentiles: 50th = (\d+), 99th = (\d+), 99.9th = (\d+)", out)
+    return {"count": n, "avg": avg, "p50": float(p.group(1)), "p99": float(p.group(2)), "p999": float(p.group(3))}
+
+
+def run_analyzer(topic, n):
+    """dlq-analyzer reading n records of `topic` as its dead-letter topic: peak RSS MB."""
+    port = free_port()
+    proc = subprocess.Popen([BIN / "dlq-analyzer"], env={**env(topic, HTTP_PORT=port, CONSUMER_GROUP="an-" + uuid.uuid4().hex[:8]), "DLQ_TOPIC": topic},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def done():
+        try:
+            return get_json(port, "/report")["total"] >= n
+        except (OSError, ValueError):
+            return False
+    try:
+        peak = watch(proc, done, 300, "dlq-analyzer")
+        return max(peak, rss_kb(proc.pid, "VmHWM")) / 1024
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def idle_rss(binary, topic, path="/readyz", seconds=5, **extra):
+    """RSS (MB) of a service that is ready with nothing to do, `seconds` after ready."""
+    port = free_port()
+    proc = subprocess.Popen([BIN / binary], env=env(topic, HTTP_PORT=port, **extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while status(port, path) != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{binary} not ready in 60 s")
             time.sleep(0.01)
         time.sleep(seconds)
         return rss_kb(proc.pid, "VmRSS") / 1024
@@ -173,8 +254,8 @@ def summary(values):
 
 def main():
     subprocess.run(STACK + ["up"], check=True)
-    subprocess.run(["cargo", "build", "--release", "--locked", "-p", "order-generator", "-p", "order-processor"],
-                   check=True, cwd=ROOT)
+    subprocess.run(["cargo", "build", "--release", "--locked", "-p", "order-generator", "-p", "order-processor",
+                    "-p", "dlq-analyzer"], check=True, cwd=ROOT)
     run_id = uuid.uuid4().hex[:8]
     # the processor's input: RECORDS orders written by our generator (valid orders only)
     filled = f"bench-{run_id}-filled"
@@ -184,12 +265,14 @@ def main():
     # mean on-the-wire value size of an order: 5-byte header + Avro (uuid string, product, double)
     record_size = int(os.environ.get("BENCH_RECORD_SIZE", "56"))
 
-    gen, perf_prod, alo, eos, perf_cons = [], [], [], [], []
+    gen, gen_rss, perf_prod, alo, eos, perf_cons = [], [], [], [], [], []
     for i in range(REPEATS):
-        log(f"round {i + 1}/{REPEATS}")
+        log(f"throughput round {i + 1}/{REPEATS}")
         t = f"bench-{run_id}-gen-{i}"
         create_topic(t, 6)
-        gen.append(run_generator(t, RECORDS))
+        rate, rss = run_generator(t, RECORDS)
+        gen.append(rate)
+        gen_rss.append(rss)
         t = f"bench-{run_id}-perf-{i}"
         create_topic(t, 6)
         perf_prod.append(run_producer_perf(t, RECORDS, record_size))
@@ -197,6 +280,32 @@ def main():
         perf_cons.append(run_consumer_perf(filled, RECORDS))
         eos.append(run_processor(filled, RECORDS, "exactly_once"))
 
+    # end-to-end latency: ours like-for-like with EndToEndLatency's producer, both guarantees,
+    # and once with the generator's own defaults (linger 5 ms, snappy)
+    latency_cases = [(rate, g, "like_for_like", LATENCY_PRODUCER) for rate in LATENCY_RATES
+                     for g in ("at_least_once", "exactly_once")]
+    latency_cases.append((LATENCY_RATES[0], "at_least_once", "generator_defaults", {}))
+    latency = {f"{r}_per_s_{g}_{k}": [] for r, g, k, _ in latency_cases}
+    e2e_tool = []
+    for i in range(REPEATS):
+        log(f"latency round {i + 1}/{REPEATS}")
+        e2e_tool.append(run_end_to_end_latency_tool(LATENCY_RATES[0] * LATENCY_SECONDS))
+        for rate, g, kind, producer in latency_cases:
+            latency[f"{rate}_per_s_{g}_{kind}"].append(run_latency(rate, LATENCY_SECONDS, g, producer))
+
+    log("memory at rest")
+    idle_topic = f"bench-{run_id}-idle"
+    create_topic(idle_topic, 6)
+    idle = {
+        "order_processor_at_least_once": idle_rss("order-processor", idle_topic, CONSUMER_GROUP="idle-" + run_id,
+                                                  PROCESSING_GUARANTEE="at_least_once"),
+        "order_processor_exactly_once": idle_rss("order-processor", idle_topic, CONSUMER_GROUP="idle-eos-" + run_id),
+        "order_generator": idle_rss("order-generator", idle_topic, path="/healthz", ORDER_RATE=1),
+        "dlq_analyzer": idle_rss("dlq-analyzer", idle_topic, DLQ_TOPIC=idle_topic, CONSUMER_GROUP="idle-an-" + run_id),
+    }
+    analyzer_peak = [run_analyzer(filled, RECORDS)]
+
+    pct = lambda runs, key: summary([r[key] for r in runs])
     results = {
         "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
         "records": RECORDS, "repeats": REPEATS, "record_size_bytes": record_size,
@@ -205,17 +314,28 @@ def main():
         "processor_at_least_once_msgs_per_s": summary([r["rate"] for r in alo]),
         "processor_exactly_once_msgs_per_s": summary([r["rate"] for r in eos]),
         "consumer_perf_fetch_msgs_per_s": summary(perf_cons),
-        "processor_peak_rss_mb": summary([r["peak_rss_mb"] for r in alo + eos]),
-        "processor_idle_rss_mb": summary([r["idle_rss_mb"] for r in alo + eos]),
+        "generator_peak_rss_mb": summary(gen_rss),
+        "processor_at_least_once_peak_rss_mb": summary([r["peak_rss_mb"] for r in alo]),
+        "processor_exactly_once_peak_rss_mb": summary([r["peak_rss_mb"] for r in eos]),
+        "dlq_analyzer_peak_rss_mb": summary(analyzer_peak),
+        "idle_rss_mb": idle,
         "processor_start_to_healthz_ms": summary([r["healthz_ms"] for r in alo + eos]),
         "processor_start_to_readyz_ms": summary([r["readyz_ms"] for r in alo + eos]),
-        "end_to_end_latency": "not measured yet",
+        "end_to_end_latency_ms": {
+            "seconds_per_run": LATENCY_SECONDS,
+            "end_to_end_latency_tool": {k: pct(e2e_tool, k) for k in ("p50", "p99", "p999", "avg")},
+            **{case: {k: pct(runs, k) for k in ("p50", "p99", "p999", "max")} for case, runs in latency.items()},
+        },
     }
     med = lambda k: results[k]["median"]
     results["generator_vs_producer_perf"] = med("generator_msgs_per_s") / med("producer_perf_msgs_per_s")
     results["processor_vs_consumer_perf"] = med("processor_at_least_once_msgs_per_s") / med("consumer_perf_fetch_msgs_per_s")
     results["processor_exactly_once_vs_consumer_perf"] = med("processor_exactly_once_msgs_per_s") / med("consumer_perf_fetch_msgs_per_s")
     results["exactly_once_vs_at_least_once"] = med("processor_exactly_once_msgs_per_s") / med("processor_at_least_once_msgs_per_s")
+    lat = results["end_to_end_latency_ms"]
+    tool_p99 = lat["end_to_end_latency_tool"]["p99"]["median"]
+    results["end_to_end_p99_vs_end_to_end_latency_tool"] = (
+        lat[f"{LATENCY_RATES[0]}_per_s_at_least_once_like_for_like"]["p99"]["median"] / tool_p99 if tool_p99 else None)
 
     out = ROOT / "target" / "bench"
     out.mkdir(parents=True, exist_ok=True)
@@ -227,21 +347,33 @@ def main():
         ("processor at-least-once (records/s)", "processor_at_least_once_msgs_per_s"),
         ("processor exactly-once (records/s)", "processor_exactly_once_msgs_per_s"),
         ("ConsumerPerformance fetch (records/s)", "consumer_perf_fetch_msgs_per_s"),
-        ("processor peak RSS (MB)", "processor_peak_rss_mb"),
-        ("processor idle RSS (MB)", "processor_idle_rss_mb"),
+        ("generator peak RSS (MB)", "generator_peak_rss_mb"),
+        ("processor at-least-once peak RSS (MB)", "processor_at_least_once_peak_rss_mb"),
+        ("processor exactly-once peak RSS (MB)", "processor_exactly_once_peak_rss_mb"),
+        ("dlq-analyzer peak RSS (MB)", "dlq_analyzer_peak_rss_mb"),
         ("processor start to /healthz (ms)", "processor_start_to_healthz_ms"),
         ("processor start to /readyz (ms)", "processor_start_to_readyz_ms"),
     ]
     print(f"\n{RECORDS} records, {REPEATS} runs each, {os.cpu_count()} CPUs\n")
-    print(f"| {'measure':<40} | {'median':>12} | {'min':>12} | {'max':>12} |")
-    print(f"|{'-' * 42}|{'-' * 14}|{'-' * 14}|{'-' * 14}|")
+    print(f"| {'measure':<42} | {'median':>12} | {'min':>12} | {'max':>12} |")
+    print(f"|{'-' * 44}|{'-' * 14}|{'-' * 14}|{'-' * 14}|")
     for label, key in rows:
         r = results[key]
-        print(f"| {label:<40} | {r['median']:>12.1f} | {r['min']:>12.1f} | {r['max']:>12.1f} |")
+        print(f"| {label:<42} | {r['median']:>12.1f} | {r['min']:>12.1f} | {r['max']:>12.1f} |")
+    print("\nidle RSS (MB): " + ", ".join(f"{k} {v:.1f}" for k, v in idle.items()))
+    print(f"\nend-to-end latency (ms; median of {REPEATS} runs of {LATENCY_SECONDS} s, [min-max])\n")
+    print(f"| {'case':<52} | {'p50':>16} | {'p99':>16} | {'p99.9':>16} |")
+    print(f"|{'-' * 54}|{'-' * 18}|{'-' * 18}|{'-' * 18}|")
+    cell = lambda r: f"{r['median']:.1f} [{r['min']:.0f}-{r['max']:.0f}]"
+    for case, r in lat.items():
+        if case == "seconds_per_run":
+            continue
+        print(f"| {case:<52} | {cell(r['p50']):>16} | {cell(r['p99']):>16} | {cell(r['p999']):>16} |")
     print()
-    for key in ["generator_vs_producer_perf", "processor_vs_consumer_perf",
-                "processor_exactly_once_vs_consumer_perf", "exactly_once_vs_at_least_once"]:
-        print(f"{key:<42} {results[key]:.2f}")
+    for key in ["generator_vs_producer_perf", "processor_vs_consumer_perf", "processor_exactly_once_vs_consumer_perf",
+                "exactly_once_vs_at_least_once", "end_to_end_p99_vs_end_to_end_latency_tool"]:
+        v = results[key]
+        print(f"{key:<42} {v:.2f}" if v is not None else f"{key:<42} n/a")
     print(f"\nwritten to {out / 'results.json'}")
 
 

@@ -247,6 +247,16 @@ impl Application {
             kafka::producer_config(common, SERVICE_NAME, &config.generator.compression_type)
                 .create_with_context(context)
                 .map_err(StartError::Producer)?;
+        // learn the topic's leaders before the first order is due, so start-up does not show
+        // up as the first orders' latency; a broker that is not there yet is not fatal here
+        let warmed = tokio::task::block_in_place(|| {
+            producer
+                .client()
+                .fetch_metadata(Some(&common.orders_topic), Duration::from_secs(10))
+        });
+        if let Err(e) = warmed {
+            warn!(error = %e, topic = %common.orders_topic, "no topic metadata yet; sending anyway");
+        }
         let probe = Arc::new(Probe::default());
         http::watch_dependencies(&probe, common, Duration::from_secs(5), shutdown.clone());
         Ok(Application {
@@ -362,6 +372,7 @@ impl Application {
             let headers = trace::inject(&span, OwnedHeaders::new_with_capacity(3));
             let sent_at = usize::try_from(started.elapsed().as_micros()).unwrap_or(usize::MAX);
             let mut record = BaseRecord::with_opaque_to(topic, sent_at)
+                .timestamp(pacer.due_timestamp_ms())
                 .key(order.order_id.as_bytes())
                 .payload(&payload)
                 .headers(headers);

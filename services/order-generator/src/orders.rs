@@ -1,6 +1,6 @@
 //! Random orders and the send pace.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use order_schema::{Order, PRODUCTS};
 use rand::Rng;
@@ -32,30 +32,50 @@ pub fn random_order(rng: &mut impl Rng, invalid_ratio: f64) -> (Order, bool) {
 }
 
 /// Open-loop pacing: the n-th order is due at start + n / rate, whatever the sends before it
-/// cost, so a slow send shows up as latency rather than as a lower rate.
+/// cost, so a slow send shows up as latency rather than as a lower rate. The time an order
+/// was due becomes its record timestamp, so latency measured from it includes any delay in
+/// sending it (no coordinated omission).
 #[derive(Debug)]
 pub struct Pacer {
     interval: Option<Duration>,
     start: Instant,
-    sent: u32,
+    start_wall: SystemTime,
+    sent: u64,
+    due: Instant,
 }
 
 impl Pacer {
     pub fn new(rate_per_s: f64) -> Self {
+        let start = Instant::now();
         Pacer {
             interval: (rate_per_s > 0.0).then(|| Duration::from_secs_f64(1.0 / rate_per_s)),
-            start: Instant::now(),
+            start,
+            start_wall: SystemTime::now(),
             sent: 0,
+            due: start,
         }
     }
 
     /// How long to wait before the next order (`None`: it is due now).
     pub fn wait_before_next(&mut self) -> Option<Duration> {
-        let interval = self.interval?;
-        let due = self.start + interval * self.sent;
-        self.sent = self.sent.saturating_add(1);
-        due.checked_duration_since(Instant::now())
+        let Some(interval) = self.interval else {
+            self.due = Instant::now();
+            return None;
+        };
+        #[allow(clippy::cast_precision_loss)]
+        let offset = interval.mul_f64(self.sent as f64);
+        self.due = self.start + offset;
+        self.sent += 1;
+        self.due
+            .checked_duration_since(Instant::now())
             .filter(|d| !d.is_zero())
+    }
+
+    /// When the order last asked about was due, in milliseconds since the Unix epoch.
+    pub fn due_timestamp_ms(&self) -> i64 {
+        let due = self.start_wall + self.due.duration_since(self.start);
+        due.duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
     }
 }
 
@@ -104,5 +124,18 @@ mod tests {
         let second = p.wait_before_next().unwrap();
         assert!(second <= Duration::from_millis(10) && second > Duration::from_millis(5));
         assert_eq!(Pacer::new(0.0).wait_before_next(), None);
+    }
+
+    #[test]
+    fn the_timestamp_is_when_the_order_was_due_not_when_it_was_sent() {
+        let mut p = Pacer::new(10.0);
+        let _ = p.wait_before_next();
+        let first = p.due_timestamp_ms();
+        // a sender that fell 250 ms behind still stamps each order with its due time
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(p.wait_before_next(), None);
+        assert_eq!(p.due_timestamp_ms() - first, 100);
+        assert_eq!(p.wait_before_next(), None);
+        assert_eq!(p.due_timestamp_ms() - first, 200);
     }
 }

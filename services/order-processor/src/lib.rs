@@ -177,7 +177,17 @@ impl Application {
         let stats = Router::new()
             .route(
                 "/stats",
-                get(|State(s): State<Arc<Shared>>| async move { Json(s.report()) }),
+                get(|State(s): State<Arc<Shared>>| async move {
+                    // this replica's share, plus its end-to-end latency since start-up
+                    let mut doc = serde_json::to_value(s.report()).unwrap_or_default();
+                    if let (Some(map), Ok(latency)) = (
+                        doc.as_object_mut(),
+                        serde_json::to_value(s.metrics.end_to_end_summary()),
+                    ) {
+                        map.insert("end_to_end_latency_ms".to_owned(), latency);
+                    }
+                    Json(doc)
+                }),
             )
             .route("/stats/global", get(global_stats))
             .with_state(shared);

@@ -7,6 +7,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use serde::Serialize;
+use std::sync::{Arc, Mutex};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CategoryLabel {
@@ -31,6 +33,11 @@ pub struct Metrics {
     pub consumed: Family<OutcomeLabel, Counter>,
     /// Time from receiving a record to its final outcome, retries included.
     pub process_duration: Histogram,
+    /// Time from an order's record timestamp (when the generator meant to send it) to its
+    /// aggregation here.
+    pub end_to_end: Histogram,
+    /// The same, exact to the microsecond for `/stats` percentiles.
+    pub end_to_end_exact: Arc<Mutex<hdrhistogram::Histogram<u64>>>,
     /// Retries of temporary failures.
     pub retries: Counter,
     /// Dead letters written, by category.
@@ -46,6 +53,13 @@ impl Metrics {
         let m = Metrics {
             consumed: Family::default(),
             process_duration: Histogram::new(exponential_buckets(0.000_05, 4.0, 12)),
+            end_to_end: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
+            // 1 µs to 1 hour at 3 significant digits; longer values are clamped to the top
+            #[allow(clippy::expect_used)]
+            end_to_end_exact: Arc::new(Mutex::new(
+                hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3)
+                    .expect("constant bounds are valid"),
+            )),
             retries: Counter::default(),
             dead_letters: Family::default(),
             revenue_cents: Counter::default(),
@@ -60,6 +74,11 @@ impl Metrics {
             "messaging_process_duration_seconds",
             "Time from receiving an order to its final outcome, retries included",
             m.process_duration.clone(),
+        );
+        registry.register(
+            "orders_end_to_end_latency_seconds",
+            "Time from an order's record timestamp to its aggregation",
+            m.end_to_end.clone(),
         );
         registry.register(
             "orders_retries",
@@ -87,5 +106,74 @@ impl Metrics {
             });
         }
         m
+    }
+
+    /// Records one order's end-to-end latency: from `timestamp_ms` (the record's timestamp,
+    /// milliseconds since the epoch) to now. Clock skew that makes it negative counts as 0.
+    pub fn observe_end_to_end(&self, timestamp_ms: i64) {
+        let now_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+        let us =
+            u64::try_from(now_us.saturating_sub(timestamp_ms.saturating_mul(1000))).unwrap_or(0);
+        #[allow(clippy::cast_precision_loss)]
+        self.end_to_end.observe(us as f64 / 1e6);
+        if let Ok(mut h) = self.end_to_end_exact.lock() {
+            h.saturating_record(us.max(1));
+        }
+    }
+
+    /// Percentiles of the end-to-end latency since start-up, for `/stats`.
+    pub fn end_to_end_summary(&self) -> LatencySummary {
+        let Ok(h) = self.end_to_end_exact.lock() else {
+            return LatencySummary::default();
+        };
+        #[allow(clippy::cast_precision_loss)]
+        let ms = |us: u64| us as f64 / 1000.0;
+        LatencySummary {
+            count: h.len(),
+            p50: ms(h.value_at_quantile(0.5)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p999: ms(h.value_at_quantile(0.999)),
+            max: ms(h.max()),
+        }
+    }
+}
+
+/// End-to-end latency percentiles in milliseconds (microsecond resolution; the record
+/// timestamp itself has millisecond resolution).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Serialize)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn end_to_end_latency_is_measured_from_the_record_timestamp() {
+        let m = Metrics::register(&mut Registry::default());
+        let now_ms = i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
+        )
+        .unwrap();
+        for _ in 0..99 {
+            m.observe_end_to_end(now_ms - 20);
+        }
+        m.observe_end_to_end(now_ms - 2_000);
+        m.observe_end_to_end(now_ms + 60_000); // a clock ahead of ours: 0, not a panic
+        let s = m.end_to_end_summary();
+        assert_eq!(s.count, 101);
+        assert!((20.0..22.0).contains(&s.p50), "{s:?}");
+        assert!((2_000.0..2_010.0).contains(&s.max), "{s:?}");
     }
 }

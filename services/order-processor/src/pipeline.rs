@@ -409,6 +409,9 @@ impl Shared {
                         .inc();
                     #[allow(clippy::cast_sign_loss)]
                     self.metrics.revenue_cents.inc_by(price.0.max(0) as u64);
+                    if let Some(ts) = msg.timestamp().to_millis() {
+                        self.metrics.observe_end_to_end(ts);
+                    }
                 }
                 Verdict::DeadLetter { category, .. } => {
                     self.metrics
