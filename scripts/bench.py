@@ -35,6 +35,8 @@ STACK = ["bash", str(ROOT / "stack" / "stack.sh")]
 BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
 REGISTRY = os.environ.get("SCHEMA_REGISTRY_URL", "http://127.0.0.1:8081/apis/ccompat/v7")
 RECORDS = int(os.environ.get("BENCH_RECORDS", "1000000"))
+# runs with per-record spans on are slower: a fifth of the records keeps them short
+TRACED_RECORDS = RECORDS // 5
 LATENCY_SECONDS = int(os.environ.get("BENCH_LATENCY_SECONDS", "10"))
 LATENCY_RATES = [int(r) for r in os.environ.get("BENCH_LATENCY_RATES", "1000,10000").split(",")]
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
@@ -215,7 +217,7 @@ def run_end_to_end_latency_tool(n):
 def run_analyzer(topic, n):
     """dlq-analyzer reading n records of `topic` as its dead-letter topic: peak RSS MB."""
     port = free_port()
-    proc = subprocess.Popen([BIN / "dlq-analyzer"], env={**env(topic, HTTP_PORT=port, CONSUMER_GROUP="an-" + uuid.uuid4().hex[:8]), "DLQ_TOPIC": topic},
+    proc = subprocess.Popen([BIN / "dlq-analyzer"], env=env(topic + "-unused", HTTP_PORT=port, CONSUMER_GROUP="an-" + uuid.uuid4().hex[:8], DLQ_TOPIC=topic),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def done():
@@ -265,7 +267,7 @@ def main():
     # mean on-the-wire value size of an order: 5-byte header + Avro (uuid string, product, double)
     record_size = int(os.environ.get("BENCH_RECORD_SIZE", "56"))
 
-    gen, gen_rss, perf_prod, alo, eos, perf_cons = [], [], [], [], [], []
+    gen, gen_rss, perf_prod, alo, eos, perf_cons, traced_alo, traced_eos = [], [], [], [], [], [], [], []
     for i in range(REPEATS):
         log(f"throughput round {i + 1}/{REPEATS}")
         t = f"bench-{run_id}-gen-{i}"
@@ -279,6 +281,9 @@ def main():
         alo.append(run_processor(filled, RECORDS, "at_least_once"))
         perf_cons.append(run_consumer_perf(filled, RECORDS))
         eos.append(run_processor(filled, RECORDS, "exactly_once"))
+        # the same with the default log level, where every record gets its consumer span
+        traced_alo.append(run_processor(filled, TRACED_RECORDS, "at_least_once", RUST_LOG="info"))
+        traced_eos.append(run_processor(filled, TRACED_RECORDS, "exactly_once", RUST_LOG="info"))
 
     # end-to-end latency: ours like-for-like with EndToEndLatency's producer, both guarantees,
     # and once with the generator's own defaults (linger 5 ms, snappy)
@@ -301,7 +306,7 @@ def main():
                                                   PROCESSING_GUARANTEE="at_least_once"),
         "order_processor_exactly_once": idle_rss("order-processor", idle_topic, CONSUMER_GROUP="idle-eos-" + run_id),
         "order_generator": idle_rss("order-generator", idle_topic, path="/healthz", ORDER_RATE=1),
-        "dlq_analyzer": idle_rss("dlq-analyzer", idle_topic, DLQ_TOPIC=idle_topic, CONSUMER_GROUP="idle-an-" + run_id),
+        "dlq_analyzer": idle_rss("dlq-analyzer", idle_topic + "-unused", DLQ_TOPIC=idle_topic, CONSUMER_GROUP="idle-an-" + run_id),
     }
     analyzer_peak = [run_analyzer(filled, RECORDS)]
 
@@ -314,6 +319,9 @@ def main():
         "processor_at_least_once_msgs_per_s": summary([r["rate"] for r in alo]),
         "processor_exactly_once_msgs_per_s": summary([r["rate"] for r in eos]),
         "consumer_perf_fetch_msgs_per_s": summary(perf_cons),
+        "traced_records": TRACED_RECORDS,
+        "processor_at_least_once_traced_msgs_per_s": summary([r["rate"] for r in traced_alo]),
+        "processor_exactly_once_traced_msgs_per_s": summary([r["rate"] for r in traced_eos]),
         "generator_peak_rss_mb": summary(gen_rss),
         "processor_at_least_once_peak_rss_mb": summary([r["peak_rss_mb"] for r in alo]),
         "processor_exactly_once_peak_rss_mb": summary([r["peak_rss_mb"] for r in eos]),
@@ -347,6 +355,8 @@ def main():
         ("processor at-least-once (records/s)", "processor_at_least_once_msgs_per_s"),
         ("processor exactly-once (records/s)", "processor_exactly_once_msgs_per_s"),
         ("ConsumerPerformance fetch (records/s)", "consumer_perf_fetch_msgs_per_s"),
+        ("processor at-least-once, spans on (records/s)", "processor_at_least_once_traced_msgs_per_s"),
+        ("processor exactly-once, spans on (records/s)", "processor_exactly_once_traced_msgs_per_s"),
         ("generator peak RSS (MB)", "generator_peak_rss_mb"),
         ("processor at-least-once peak RSS (MB)", "processor_at_least_once_peak_rss_mb"),
         ("processor exactly-once peak RSS (MB)", "processor_exactly_once_peak_rss_mb"),
@@ -355,11 +365,11 @@ def main():
         ("processor start to /readyz (ms)", "processor_start_to_readyz_ms"),
     ]
     print(f"\n{RECORDS} records, {REPEATS} runs each, {os.cpu_count()} CPUs\n")
-    print(f"| {'measure':<42} | {'median':>12} | {'min':>12} | {'max':>12} |")
-    print(f"|{'-' * 44}|{'-' * 14}|{'-' * 14}|{'-' * 14}|")
+    print(f"| {'measure':<46} | {'median':>12} | {'min':>12} | {'max':>12} |")
+    print(f"|{'-' * 48}|{'-' * 14}|{'-' * 14}|{'-' * 14}|")
     for label, key in rows:
         r = results[key]
-        print(f"| {label:<42} | {r['median']:>12.1f} | {r['min']:>12.1f} | {r['max']:>12.1f} |")
+        print(f"| {label:<46} | {r['median']:>12.1f} | {r['min']:>12.1f} | {r['max']:>12.1f} |")
     print("\nidle RSS (MB): " + ", ".join(f"{k} {v:.1f}" for k, v in idle.items()))
     print(f"\nend-to-end latency (ms; median of {REPEATS} runs of {LATENCY_SECONDS} s, [min-max])\n")
     print(f"| {'case':<52} | {'p50':>16} | {'p99':>16} | {'p99.9':>16} |")

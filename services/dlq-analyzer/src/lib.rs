@@ -258,6 +258,8 @@ impl Application {
                     }
                     .instrument(span)
                     .await;
+                    // a backlog never makes recv() wait: let /healthz and /report in
+                    tokio::task::coop::consume_budget().await;
                 }
                 Some(Err(e)) => warn!(error = %e, "consumer error"),
                 None => {}

@@ -638,6 +638,9 @@ impl ProcessorContext {
                         if !done && token.is_cancelled() {
                             break;
                         }
+                        // a full queue never makes recv() wait, so without this a busy
+                        // partition would keep its worker from /healthz and other partitions
+                        tokio::task::coop::consume_budget().await;
                     }
                     Err(e) => warn!(error = %e, partition, "consumer error"),
                 }
