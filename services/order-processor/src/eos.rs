@@ -19,6 +19,7 @@
 //! `TRANSACTION_TIMEOUT_MS`). Readers of the dead-letter and changelog topics use
 //! `read_committed`, so aborted attempts are invisible to them.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -68,7 +69,8 @@ struct Pending {
 #[derive(Debug)]
 enum PendingEffect {
     Processed {
-        product: String,
+        /// One of [`order_schema::PRODUCTS`] for a valid order: no allocation per record.
+        product: Cow<'static, str>,
         price: order_schema::Cents,
     },
     DeadLettered {
@@ -303,7 +305,10 @@ impl Core {
             retries,
             effect: match effect {
                 Effect::Processed { product, price } => PendingEffect::Processed {
-                    product: product.to_owned(),
+                    product: order_schema::PRODUCTS
+                        .iter()
+                        .find(|p| **p == product)
+                        .map_or_else(|| Cow::Owned(product.to_owned()), |p| Cow::Borrowed(*p)),
                     price,
                 },
                 Effect::DeadLettered { category, headers } => PendingEffect::DeadLettered {
@@ -377,11 +382,17 @@ impl Core {
         if !inner.in_txn && !inner.poisoned && !pending {
             return Ok(false);
         }
+        let started = std::time::Instant::now();
         let result = if inner.poisoned || !inner.in_txn {
             Err(EosError::Poisoned)
         } else {
             self.try_commit(&mut inner, consumer)
         };
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+            ok = result.is_ok(),
+            "transaction commit"
+        );
         match result {
             Ok(()) => {
                 for part in inner.parts.values_mut().filter(|p| !p.pending.is_empty()) {
