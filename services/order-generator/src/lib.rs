@@ -29,7 +29,7 @@ use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer}
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{field, info, info_span, warn};
+use tracing::{info, info_span, warn};
 
 pub const SERVICE_NAME: &str = "order-generator";
 
@@ -359,10 +359,7 @@ impl Application {
                 messaging.kafka.message.key = order.order_id.as_str(),
                 order.id = order.order_id.as_str(),
                 order.invalid = invalid,
-                trace_id = field::Empty,
-                span_id = field::Empty,
             );
-            trace::record_ids(&span);
             if let Err(e) = writer.write(&order, &mut payload) {
                 counters.failed.fetch_add(1, Ordering::Relaxed);
                 warn!(error = %e, "could not encode order");

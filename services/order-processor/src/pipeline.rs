@@ -244,7 +244,11 @@ impl Shared {
             let wait = self.config.backoff(attempt);
             let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
             self.metrics.retries.inc();
-            info!(order_id = %order.order_id, attempt, retry_in_ms = wait_ms, "temporary failure, will retry");
+            info!(
+                order_id = %order.order_id, attempt, retry_in_ms = wait_ms,
+                trace_id = trace::trace_id(&Span::current()).unwrap_or_default(),
+                "temporary failure, will retry"
+            );
             let backoff = info_span!("backoff", otel.kind = "internal", backoff.ms = wait_ms);
             let interrupted = async {
                 tokio::select! {
@@ -307,7 +311,9 @@ impl Shared {
                 current.record("otel.status_code", "ERROR");
                 warn!(
                     category = %category, kind, error = message.as_str(), attempts,
-                    partition, offset = msg.offset(), "dead-lettering record"
+                    partition, offset = msg.offset(),
+                    trace_id = trace::trace_id(&current).unwrap_or_default(),
+                    "dead-lettering record"
                 );
                 let span = self.dead_letter_span(msg, *category);
                 let headers = trace::inject(

@@ -96,7 +96,12 @@ pub fn build_subscriber(
             .with_span_list(true)
             .boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer().with_target(false).boxed(),
-    };
+    }
+    // Spans go to OpenTelemetry only. The log layer would format every span's fields when the
+    // span is made, which for a span per record cost more than the record's processing (make
+    // bench: 158k records/s with it, 218k without); log lines about a record name its
+    // `trace_id` as a field instead.
+    .with_filter(tracing_subscriber::filter::filter_fn(|m| m.is_event()));
     let otel = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer(service_name))
         .with_error_records_to_exceptions(true);

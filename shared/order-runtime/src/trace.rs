@@ -85,33 +85,18 @@ pub fn consumer_span(msg: &impl rdkafka::Message, group: &str) -> tracing::Span 
         messaging.message.body.size = msg.payload().map_or(0, <[u8]>::len),
         order.id = tracing::field::Empty,
         error.type = tracing::field::Empty,
-        trace_id = tracing::field::Empty,
-        span_id = tracing::field::Empty,
     );
     adopt(&span, &extract(msg.headers()));
     span
 }
 
 /// Makes `parent` the parent of `span`, links to it too (a consumer span is both a child of the
-/// send and, per the messaging conventions, linked to it) and records the trace and span ids
-/// on the span so that every log line inside it leads to the trace.
+/// send and, per the messaging conventions, linked to it).
 pub fn adopt(span: &tracing::Span, parent: &Context) {
     let remote = parent.span().span_context().clone();
     if remote.is_valid() {
         let _ = span.set_parent(parent.clone());
         span.add_link(remote);
-    }
-    record_ids(span);
-}
-
-/// Writes the span's OpenTelemetry ids into its `trace_id` and `span_id` fields (declared
-/// `Empty` where the span is made), so JSON logs carry them.
-pub fn record_ids(span: &tracing::Span) {
-    let cx = span.context();
-    let sc = cx.span().span_context().clone();
-    if sc.is_valid() {
-        span.record("trace_id", tracing::field::display(sc.trace_id()));
-        span.record("span_id", tracing::field::display(sc.span_id()));
     }
 }
 
@@ -166,11 +151,7 @@ mod tests {
                 Some("0af7651916cd43dd8448eb211c80319c")
             );
 
-            let span = tracing::info_span!(
-                "process",
-                trace_id = tracing::field::Empty,
-                span_id = tracing::field::Empty
-            );
+            let span = tracing::info_span!("process");
             adopt(&span, &parent);
             assert_eq!(
                 trace_id(&span).as_deref(),
