@@ -11,9 +11,18 @@
 //! - [`OrderWriter`]: the producer's hot path once the schema is registered: the same bytes as
 //!   [`OrderCodec::encode`], written by apache-avro's schema-aware serde serializer straight into
 //!   a reused buffer (no intermediate `Value` tree, no registry lookup per record).
+//! - [`OrderReader`]: the consumer's hot path for records whose writer schema *is* order.avsc
+//!   (same Parsing Canonical Form): apache-avro's schema-aware serde reader straight into an
+//!   `Order`. [`OrderCodec::decode`] uses it once the registry has confirmed the id's schema;
+//!   any other writer schema takes the generic path (a `Value` tree, then [`Order::from_avro_value`]).
 
 pub mod money;
 
+use std::collections::HashMap;
+use std::sync::{LazyLock, RwLock};
+
+use apache_avro::Schema;
+use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value;
 use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
@@ -216,18 +225,26 @@ pub fn registry_settings(url: &str) -> Result<SrSettings, CodecError> {
 #[derive(Debug)]
 pub struct OrderWriter {
     header: [u8; 5],
-    schema: apache_avro::Schema,
+    schema: &'static Schema,
+}
+
+/// order.avsc, parsed once for the process.
+static ORDER_AVSC: LazyLock<Result<Schema, String>> =
+    LazyLock::new(|| Schema::parse_str(ORDER_SCHEMA).map_err(|e| e.to_string()));
+
+fn order_avsc() -> Result<&'static Schema, CodecError> {
+    ORDER_AVSC
+        .as_ref()
+        .map_err(|e| CodecError::Malformed(format!("order.avsc does not parse: {e}")))
 }
 
 impl OrderWriter {
     /// A writer for `order.avsc` registered under `schema_id`.
     pub fn new(schema_id: u32) -> Result<Self, CodecError> {
-        let schema = apache_avro::Schema::parse_str(ORDER_SCHEMA)
-            .map_err(|e| CodecError::Malformed(format!("order.avsc does not parse: {e}")))?;
         let [a, b, c, d] = schema_id.to_be_bytes();
         Ok(Self {
             header: [0, a, b, c, d],
-            schema,
+            schema: order_avsc()?,
         })
     }
 
@@ -236,14 +253,53 @@ impl OrderWriter {
         buf.clear();
         buf.extend_from_slice(&self.header);
         // order.avsc names no other types, so there are no references to resolve
-        apache_avro::writer::datum::write_avro_datum_ref(
-            &self.schema,
-            &std::collections::HashMap::new(),
-            order,
-            buf,
-        )
-        .map(|_| ())
-        .map_err(|e| CodecError::Malformed(format!("order does not fit order.avsc: {e}")))
+        apache_avro::writer::datum::write_avro_datum_ref(self.schema, &HashMap::new(), order, buf)
+            .map(|_| ())
+            .map_err(|e| CodecError::Malformed(format!("order does not fit order.avsc: {e}")))
+    }
+}
+
+/// Reads the Avro body (after the 5-byte header) of records written with order.avsc itself.
+///
+/// Only for bytes whose writer schema has order.avsc's Parsing Canonical Form: then the field
+/// order and types are known and apache-avro's schema-aware serde reader builds the `Order`
+/// directly, with its names resolved once rather than per record.
+pub struct OrderReader {
+    datum: GenericDatumReader<'static>,
+}
+
+impl std::fmt::Debug for OrderReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OrderReader").finish_non_exhaustive()
+    }
+}
+
+/// The most a decoded string may claim, well above Kafka's default 1 MiB record limit. Avro
+/// allocates a string's length before reading it, and apache-avro's own default is 512 MiB: a
+/// six-byte garbage record could otherwise make a 50 MB service allocate half a gigabyte.
+pub const MAX_AVRO_ALLOCATION_BYTES: usize = 16 * 1024 * 1024;
+
+impl OrderReader {
+    pub fn new() -> Result<Self, CodecError> {
+        // process-wide, first caller wins; the generic decoder path honours it too
+        apache_avro::util::max_allocation_bytes(MAX_AVRO_ALLOCATION_BYTES);
+        let datum = GenericDatumReader::builder(order_avsc()?)
+            .build()
+            .map_err(|e| CodecError::Malformed(format!("order.avsc does not resolve: {e}")))?;
+        Ok(Self { datum })
+    }
+
+    /// Whether bytes written with `writer` can be read by [`OrderReader::read`].
+    pub fn reads(writer: &Schema) -> bool {
+        order_avsc().is_ok_and(|ours| ours.canonical_form() == writer.canonical_form())
+    }
+
+    /// The Order in `body`, an Avro datum written with order.avsc. Bytes that end early or hold
+    /// invalid UTF-8 are `Malformed`.
+    pub fn read(&self, mut body: &[u8]) -> Result<Order, CodecError> {
+        self.datum.read_deser(&mut body).map_err(|e| {
+            CodecError::Malformed(format!("Could not transform bytes using schema: {e}"))
+        })
     }
 }
 
@@ -256,6 +312,9 @@ pub struct OrderCodec {
     topic: String,
     encoder: AvroEncoder,
     decoder: AvroDecoder,
+    reader: OrderReader,
+    /// Per schema id met so far: whether its schema is order.avsc (the [`OrderReader`] path).
+    layouts: RwLock<HashMap<u32, bool>>,
 }
 
 impl OrderCodec {
@@ -265,6 +324,8 @@ impl OrderCodec {
             topic: topic.to_owned(),
             encoder: AvroEncoder::new(settings.clone()),
             decoder: AvroDecoder::new(settings),
+            reader: OrderReader::new()?,
+            layouts: RwLock::default(),
         })
     }
 
@@ -348,14 +409,39 @@ impl OrderCodec {
             }
             Some(b) => b,
         };
+        let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+        let known = self.layouts.read().ok().and_then(|l| l.get(&id).copied());
+        let is_order_avsc = match known {
+            Some(known) => known,
+            None => {
+                let schema = self
+                    .decoder
+                    .get_schema(id)
+                    .await
+                    .map_err(|e| self.decode_error(e))?;
+                let is_order_avsc = OrderReader::reads(&schema.parsed);
+                if let Ok(mut l) = self.layouts.write() {
+                    l.insert(id, is_order_avsc);
+                }
+                is_order_avsc
+            }
+        };
+        if is_order_avsc {
+            return self.reader.read(&bytes[5..]);
+        }
         match self.decoder.decode(Some(bytes)).await {
             Ok(result) => Order::from_avro_value(result.value),
-            Err(e) if registry_error_is_temporary(&e) => {
-                // a server error must not stay cached as if the id were unknown
-                self.decoder.remove_errors_from_cache();
-                Err(CodecError::RegistryUnavailable(e.to_string()))
-            }
-            Err(e) => Err(CodecError::Malformed(e.to_string())),
+            Err(e) => Err(self.decode_error(e)),
+        }
+    }
+
+    fn decode_error(&self, e: SRCError) -> CodecError {
+        if registry_error_is_temporary(&e) {
+            // a server error must not stay cached as if the id were unknown
+            self.decoder.remove_errors_from_cache();
+            CodecError::RegistryUnavailable(e.to_string())
+        } else {
+            CodecError::Malformed(e.to_string())
         }
     }
 
@@ -384,6 +470,8 @@ mod tests {
 
     #[test]
     fn rust_type_and_avsc_do_not_drift() {
+        // as in the services, the codec's allocation limit is set before anything decodes
+        OrderReader::new().unwrap();
         let schema = Schema::parse_str(ORDER_SCHEMA).expect("order.avsc parses");
         let Schema::Record(record) = &schema else {
             panic!("order.avsc is not a record");
@@ -458,6 +546,78 @@ mod tests {
                 .unwrap();
             assert_eq!(buf[5..], generic[..], "{o:?}");
         }
+    }
+
+    #[test]
+    fn the_reader_reads_what_the_generic_avro_path_reads() {
+        let schema = Schema::parse_str(ORDER_SCHEMA).unwrap();
+        let reader = OrderReader::new().unwrap();
+        let generic = |body: &[u8]| {
+            apache_avro::reader::datum::GenericDatumReader::builder(&schema)
+                .build()
+                .unwrap()
+                .read_value(&mut &body[..])
+                .map_err(|e| e.to_string())
+                .and_then(|v| Order::from_avro_value(v).map_err(|e| e.to_string()))
+        };
+        let writer = OrderWriter::new(7).unwrap();
+        let mut buf = Vec::new();
+        for o in [
+            order(),
+            Order {
+                order_id: String::new(),
+                product: "ünïcödé".into(),
+                price: -0.0,
+            },
+            Order {
+                order_id: "x".repeat(300),
+                product: "phone".into(),
+                price: f64::MAX,
+            },
+        ] {
+            writer.write(&o, &mut buf).unwrap();
+            let body = &buf[5..];
+            assert_eq!(reader.read(body).unwrap(), o);
+            assert_eq!(generic(body).unwrap(), o);
+            // every truncation fails on both paths, never panics
+            for end in 0..body.len() {
+                assert!(reader.read(&body[..end]).is_err(), "{o:?} cut at {end}");
+                assert!(generic(&body[..end]).is_err(), "{o:?} cut at {end}");
+            }
+        }
+        // invalid UTF-8 in a string field, and a length beyond the bytes
+        for bad in [&[2, 0xff, 0][..], &[0x7e, b'a', b'b'][..], &[1][..]] {
+            assert!(reader.read(bad).is_err(), "{bad:?}");
+            assert!(generic(bad).is_err(), "{bad:?}");
+        }
+        // a string claiming 400 MB is refused before it is allocated
+        let huge = [0x80, 0x80, 0x80, 0x80, 0x03];
+        let e = reader.read(&huge).unwrap_err().to_string();
+        assert!(e.contains("allocat"), "{e}");
+        assert!(generic(&huge).unwrap_err().contains("allocat"));
+    }
+
+    #[test]
+    fn the_reader_takes_only_order_avsc() {
+        // docs do not change the layout; an added field or another type does
+        let without_docs = r#"{"type":"record","name":"Order","namespace":"io.github.orderpipeline.orders.v1",
+            "fields":[{"name":"orderId","type":"string"},{"name":"product","type":"string"},
+                      {"name":"price","type":"double"}]}"#;
+        assert!(OrderReader::reads(
+            &Schema::parse_str(without_docs).unwrap()
+        ));
+        assert!(OrderReader::reads(
+            &Schema::parse_str(ORDER_SCHEMA).unwrap()
+        ));
+        let evolved = without_docs.replace(
+            r#"{"name":"price","type":"double"}"#,
+            r#"{"name":"price","type":"double"},{"name":"note","type":"string","default":""}"#,
+        );
+        assert!(!OrderReader::reads(&Schema::parse_str(&evolved).unwrap()));
+        let float_price = without_docs.replace(r#""type":"double""#, r#""type":"float""#);
+        assert!(!OrderReader::reads(
+            &Schema::parse_str(&float_price).unwrap()
+        ));
     }
 
     #[test]
