@@ -16,11 +16,12 @@ use std::time::{Duration, Instant};
 use axum::routing::get;
 use axum::{Json, Router};
 use order_runtime::config::{ConfigError, check_range, load};
+use order_runtime::histogram::AtomicHistogram;
 use order_runtime::http::{self, Probe};
 use order_runtime::{CommonConfig, kafka, trace};
 use order_schema::{CodecError, OrderCodec, OrderWriter};
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::exponential_buckets;
 use prometheus_client::registry::Registry;
 use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -154,7 +155,7 @@ pub struct Stats {
 pub struct DeliveryCounter {
     counters: Arc<Counters>,
     started: Instant,
-    latency: Histogram,
+    latency: AtomicHistogram,
     delivered: Counter,
     errors: Counter,
 }
@@ -217,7 +218,7 @@ impl Application {
         let writer = OrderWriter::new(schema_id).map_err(StartError::Codec)?;
 
         let mut registry = Registry::default();
-        let latency = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        let latency = AtomicHistogram::new(exponential_buckets(0.0005, 2.0, 16));
         let delivered = Counter::default();
         let errors = Counter::default();
         registry.register(

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
+use futures::{FutureExt as _, StreamExt as _};
 use order_runtime::dead_letter::{self, Category};
 use order_runtime::kafka::is_retriable_produce_error;
 use order_runtime::trace;
@@ -35,7 +36,7 @@ use tracing::{Instrument, Span, field, info, info_span, warn};
 use crate::aggregate::{PartitionState, StatsReport};
 use crate::config::Config;
 use crate::eos::{Applied, Core, Effect};
-use crate::metrics::{CategoryLabel, Metrics, OutcomeLabel};
+use crate::metrics::{CategoryLabel, Metrics, Tally};
 
 /// Decides whether one processing attempt fails temporarily (the seed's simulated outage).
 /// Tests plug in their own to fail exactly the records they choose.
@@ -74,7 +75,9 @@ enum Verdict {
 pub enum Durability {
     /// This replica's per-partition totals, and the producer that writes dead letters.
     AtLeastOnce {
-        state: Mutex<BTreeMap<i32, PartitionState>>,
+        /// A lock per partition, taken only by that partition's task and by `/stats`: the
+        /// partitions' tasks never wait for one another.
+        state: Mutex<BTreeMap<i32, Arc<Mutex<PartitionState>>>>,
         dlq: FutureProducer,
     },
     ExactlyOnce(Box<Core>),
@@ -111,10 +114,30 @@ impl Shared {
     pub fn report(&self) -> StatsReport {
         match &self.durability {
             Durability::ExactlyOnce(core) => core.owned_report(),
-            Durability::AtLeastOnce { state, .. } => match state.lock() {
-                Ok(s) => StatsReport::new(s.iter().map(|(p, st)| (*p, st))),
-                Err(_) => StatsReport::new(std::iter::empty()),
-            },
+            Durability::AtLeastOnce { state, .. } => {
+                let slots: Vec<(i32, Arc<Mutex<PartitionState>>)> = match state.lock() {
+                    Ok(s) => s.iter().map(|(p, st)| (*p, st.clone())).collect(),
+                    Err(_) => Vec::new(),
+                };
+                let states: Vec<(i32, PartitionState)> = slots
+                    .into_iter()
+                    .filter_map(|(p, st)| st.lock().ok().map(|st| (p, st.clone())))
+                    .collect();
+                StatsReport::new(states.iter().map(|(p, st)| (*p, st)))
+            }
+        }
+    }
+
+    /// At-least-once: the totals of `partition` that its task adds to (created on first use,
+    /// kept across revocations: they are what this replica processed). `None` in exactly-once
+    /// mode, where the core keeps the state.
+    fn partition_state(&self, partition: i32) -> Option<Arc<Mutex<PartitionState>>> {
+        match &self.durability {
+            Durability::AtLeastOnce { state, .. } => state
+                .lock()
+                .ok()
+                .map(|mut s| s.entry(partition).or_default().clone()),
+            Durability::ExactlyOnce(_) => None,
         }
     }
 
@@ -155,6 +178,8 @@ impl Shared {
         &self,
         consumer: &ProcessorConsumer,
         msg: &BorrowedMessage<'_>,
+        totals: Option<&Mutex<PartitionState>>,
+        tally: &mut Tally,
         cancel: &CancellationToken,
     ) -> bool {
         let started = Instant::now();
@@ -163,13 +188,12 @@ impl Shared {
             let Some(verdict) = self.evaluate(msg, cancel).await else {
                 return false;
             };
-            self.make_durable(consumer, msg, verdict, cancel).await
+            self.make_durable(consumer, msg, verdict, totals, &mut *tally, cancel)
+                .await
         }
         .instrument(span)
         .await;
-        self.metrics
-            .process_duration
-            .observe(started.elapsed().as_secs_f64());
+        tally.process_duration(started.elapsed().as_secs_f64());
         done
     }
 
@@ -294,6 +318,8 @@ impl Shared {
         consumer: &ProcessorConsumer,
         msg: &BorrowedMessage<'_>,
         verdict: Verdict,
+        totals: Option<&Mutex<PartitionState>>,
+        tally: &mut Tally,
         cancel: &CancellationToken,
     ) -> bool {
         let partition = msg.partition();
@@ -371,14 +397,13 @@ impl Shared {
                     Applied::Busy => tokio::time::sleep(Duration::from_millis(5)).await,
                 }
             },
-            Durability::AtLeastOnce { state, dlq } => {
+            Durability::AtLeastOnce { dlq, .. } => {
                 if let Some((span, headers)) = &dead
                     && !self.send_dead_letter(dlq, msg, span, headers, cancel).await
                 {
                     return false;
                 }
-                if let Ok(mut s) = state.lock() {
-                    let st = s.entry(partition).or_default();
+                if let Some(Ok(mut st)) = totals.map(Mutex::lock) {
                     match &verdict {
                         Verdict::Processed {
                             order,
@@ -407,25 +432,14 @@ impl Shared {
         if durable {
             match &verdict {
                 Verdict::Processed { price, .. } => {
-                    self.metrics
-                        .consumed
-                        .get_or_create(&OutcomeLabel {
-                            outcome: "processed",
-                        })
-                        .inc();
                     #[allow(clippy::cast_sign_loss)]
-                    self.metrics.revenue_cents.inc_by(price.0.max(0) as u64);
+                    tally.processed(price.0.max(0) as u64);
                     if let Some(ts) = msg.timestamp().to_millis() {
-                        self.metrics.observe_end_to_end(ts);
+                        self.metrics.observe_end_to_end(tally, partition, ts);
                     }
                 }
                 Verdict::DeadLetter { category, .. } => {
-                    self.metrics
-                        .consumed
-                        .get_or_create(&OutcomeLabel {
-                            outcome: "dead_lettered",
-                        })
-                        .inc();
+                    self.metrics.dead_lettered.inc();
                     self.metrics
                         .dead_letters
                         .get_or_create(&CategoryLabel {
@@ -627,12 +641,29 @@ impl ProcessorContext {
                     }
                 }
             }
+            let totals = shared.partition_state(partition);
+            // one stream for the task's life: each recv() would register and drop a waker
+            let mut records = queue.stream();
+            let mut tally = shared.metrics.tally();
             loop {
-                let msg = tokio::select! {
-                    biased;
-                    () = token.cancelled() => break,
-                    m = queue.recv() => m,
+                if token.is_cancelled() {
+                    break;
+                }
+                // a record already queued is taken at once; only an empty queue arms the
+                // cancellation alongside the wait
+                let msg = match records.next().now_or_never() {
+                    Some(m) => m,
+                    None => {
+                        // about to wait: what this task counted shows in /metrics now
+                        shared.metrics.flush(&mut tally);
+                        tokio::select! {
+                            biased;
+                            () = token.cancelled() => break,
+                            m = records.next() => m,
+                        }
+                    }
                 };
+                let Some(msg) = msg else { break };
                 match msg {
                     Ok(m) => {
                         if let Durability::ExactlyOnce(core) = &shared.durability
@@ -640,7 +671,12 @@ impl ProcessorContext {
                         {
                             break;
                         }
-                        let done = shared.handle(&consumer, &m, &token).await;
+                        let done = shared
+                            .handle(&consumer, &m, totals.as_deref(), &mut tally, &token)
+                            .await;
+                        if tally.pending() >= Tally::FLUSH_EVERY {
+                            shared.metrics.flush(&mut tally);
+                        }
                         if !done && token.is_cancelled() {
                             break;
                         }
@@ -651,6 +687,8 @@ impl ProcessorContext {
                     Err(e) => warn!(error = %e, partition, "consumer error"),
                 }
             }
+            shared.metrics.flush(&mut tally);
+            drop(records);
             drop(queue);
             let _ = done_tx.send(());
         });

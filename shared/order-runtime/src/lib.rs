@@ -9,11 +9,13 @@
 //!   and read those headers.
 //! - [`trace`]: W3C trace context in Kafka headers.
 //! - [`telemetry`]: logging and OTLP trace export from the standard `OTEL_*` variables.
+//! - [`histogram`]: a lock-free Prometheus histogram for per-record observations.
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics` and the server loop.
 //! - [`shutdown`]: SIGTERM and Ctrl-C as a cancellation token.
 
 pub mod config;
 pub mod dead_letter;
+pub mod histogram;
 pub mod http;
 pub mod kafka;
 pub mod shutdown;

@@ -64,6 +64,11 @@ pub fn extract<H: Headers>(headers: Option<&H>) -> Context {
 /// semantic conventions (`process <topic>`), continuing the trace of the record's producer.
 /// `order.id`, `error.type`, `otel.status_code` are left for the caller to record.
 pub fn consumer_span(msg: &impl rdkafka::Message, group: &str) -> tracing::Span {
+    // the fields below cost FFI calls and UTF-8 checks; skip them when no subscriber could
+    // want the span (for example RUST_LOG=warn)
+    if !tracing::level_enabled!(tracing::Level::INFO) {
+        return tracing::Span::none();
+    }
     let topic = msg.topic();
     let key = msg
         .key()
@@ -86,7 +91,9 @@ pub fn consumer_span(msg: &impl rdkafka::Message, group: &str) -> tracing::Span 
         order.id = tracing::field::Empty,
         error.type = tracing::field::Empty,
     );
-    adopt(&span, &extract(msg.headers()));
+    if !span.is_disabled() {
+        adopt(&span, &extract(msg.headers()));
+    }
     span
 }
 
