@@ -1,3 +1,8 @@
+// jemalloc for every allocation in the process, librdkafka's included: its threads free what
+// ours allocate (and the other way round), which glibc's per-thread arenas serialise on a lock
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use order_generator::{Application, Config, SERVICE_NAME, summary_text};
 use order_runtime::{config::process_env, shutdown, telemetry};
 
