@@ -29,6 +29,8 @@ FROM chef AS builder
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV CARGO_PROFILE_RELEASE_STRIP=symbols
 COPY --from=planner /src/recipe.json recipe.json
+# the build settings (jemalloc's options) must be there when the dependencies are compiled
+COPY .cargo .cargo
 RUN cargo chef cook --release --locked --recipe-path recipe.json
 COPY . .
 # then collect the shared libraries the binaries need beyond glibc (OpenSSL, SASL, zlib, libgcc)
