@@ -8,10 +8,12 @@
 //! changed partition's state to the compacted changelog topic (key = partition number, to the
 //! changelog partition of the same number), adds the consumer offsets with the group's
 //! metadata (KIP-447, which fences zombie replicas through the group generation) and commits.
-//! If the transaction fails it is aborted, `working` returns to `committed`, and the outcomes
-//! applied since the last commit (kept per partition until their commit) are replayed into a
-//! fresh transaction: the consumer's position never moves back, so no record can be skipped
-//! or counted twice.
+//! If the transaction fails it is aborted and its outcomes are redone in a fresh one: `working`
+//! already holds the effect of every outcome since the last commit, so what has to be redone
+//! is the writes, that is the dead letters (kept per partition until their commit) and, at
+//! the next commit, the state. The consumer's position never moves back, so no record can be
+//! skipped or counted twice. Processed records leave nothing behind but their effect on
+//! `working`: memory between commits grows with dead letters, not with throughput.
 //!
 //! On assignment, a partition's state is restored from the changelog before any of its records
 //! is processed, once no transaction is pending on its changelog partition (a crashed
@@ -19,7 +21,6 @@
 //! `TRANSACTION_TIMEOUT_MS`). Readers of the dead-letter and changelog topics use
 //! `read_committed`, so aborted attempts are invisible to them.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -58,45 +59,33 @@ pub enum EosError {
     },
 }
 
-/// An outcome applied since the last commit, kept to replay it if the transaction aborts.
+/// A dead letter produced since the last commit, kept to produce it again if the
+/// transaction aborts.
 #[derive(Debug)]
-struct Pending {
-    offset: i64,
-    retries: u32,
-    effect: PendingEffect,
-}
-
-#[derive(Debug)]
-enum PendingEffect {
-    Processed {
-        /// One of [`order_schema::PRODUCTS`] for a valid order: no allocation per record.
-        product: Cow<'static, str>,
-        price: order_schema::Cents,
-    },
-    DeadLettered {
-        category: Category,
-        key: Option<Vec<u8>>,
-        value: Option<Vec<u8>>,
-        headers: OwnedHeaders,
-    },
+struct DeadLetter {
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+    headers: OwnedHeaders,
 }
 
 #[derive(Debug)]
 struct Part {
     working: PartitionState,
     committed: PartitionState,
-    /// Outcomes in `working` but not yet in `committed`, in offset order.
-    pending: Vec<Pending>,
+    /// Outcomes in `working` but not yet in `committed`.
+    uncommitted: u64,
+    /// The dead letters among them, in offset order.
+    dead_letters: Vec<DeadLetter>,
 }
 
 impl Part {
-    fn apply(&mut self, p: &Pending) {
-        match &p.effect {
-            PendingEffect::Processed { product, price } => self.working.add(product, *price),
-            PendingEffect::DeadLettered { category, .. } => self.working.dead_letter(*category),
+    fn new(state: PartitionState) -> Self {
+        Part {
+            working: state.clone(),
+            committed: state,
+            uncommitted: 0,
+            dead_letters: Vec::new(),
         }
-        self.working.retries += u64::from(p.retries);
-        self.working.next_offset = p.offset + 1;
     }
 }
 
@@ -261,14 +250,7 @@ impl Core {
             took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(0),
             "partition state restored"
         );
-        self.lock().parts.insert(
-            partition,
-            Part {
-                working: state.clone(),
-                committed: state,
-                pending: Vec::new(),
-            },
-        );
+        self.lock().parts.insert(partition, Part::new(state));
         Ok(())
     }
 
@@ -280,7 +262,7 @@ impl Core {
         let mut uncommitted = false;
         for p in partitions {
             if let Some(part) = inner.parts.remove(p) {
-                uncommitted |= !part.pending.is_empty();
+                uncommitted |= part.uncommitted > 0;
             }
         }
         if uncommitted && inner.in_txn {
@@ -300,39 +282,34 @@ impl Core {
             Some(p) if msg.offset() >= p.working.next_offset => {}
             _ => return Applied::Stale,
         }
-        let pending = Pending {
-            offset: msg.offset(),
-            retries,
-            effect: match effect {
-                Effect::Processed { product, price } => PendingEffect::Processed {
-                    product: order_schema::PRODUCTS
-                        .iter()
-                        .find(|p| **p == product)
-                        .map_or_else(|| Cow::Owned(product.to_owned()), |p| Cow::Borrowed(*p)),
-                    price,
-                },
-                Effect::DeadLettered { category, headers } => PendingEffect::DeadLettered {
-                    category,
-                    key: msg.key().map(<[u8]>::to_vec),
-                    value: msg.payload().map(<[u8]>::to_vec),
-                    headers,
-                },
-            },
+        let dead = match &effect {
+            Effect::Processed { .. } => None,
+            Effect::DeadLettered { headers, .. } => Some(DeadLetter {
+                key: msg.key().map(<[u8]>::to_vec),
+                value: msg.payload().map(<[u8]>::to_vec),
+                headers: headers.clone(),
+            }),
         };
-        match self.send_effect(&mut inner, &pending) {
+        match self.send_effect(&mut inner, dead.as_ref()) {
             Sent::Busy => return Applied::Busy,
-            // a failed send poisons the transaction; the commit aborts it and replays this
+            // a failed send poisons the transaction; the commit aborts it and redoes this
             Sent::Failed | Sent::Ok => {}
         }
         if let Some(part) = inner.parts.get_mut(&partition) {
-            part.apply(&pending);
-            part.pending.push(pending);
+            match effect {
+                Effect::Processed { product, price } => part.working.add(product, price),
+                Effect::DeadLettered { category, .. } => part.working.dead_letter(category),
+            }
+            part.working.retries += u64::from(retries);
+            part.working.next_offset = msg.offset() + 1;
+            part.uncommitted += 1;
+            part.dead_letters.extend(dead);
         }
         Applied::Yes
     }
 
-    /// Begins the transaction if needed and, for a dead letter, produces it inside.
-    fn send_effect(&self, inner: &mut Inner, pending: &Pending) -> Sent {
+    /// Begins the transaction if needed and produces `dead` (if any) inside it.
+    fn send_effect(&self, inner: &mut Inner, dead: Option<&DeadLetter>) -> Sent {
         if !inner.in_txn {
             if let Err(e) = inner.producer.begin_transaction() {
                 warn!(error = %e, "could not begin a transaction");
@@ -341,12 +318,11 @@ impl Core {
             }
             inner.in_txn = true;
         }
-        let PendingEffect::DeadLettered {
+        let Some(DeadLetter {
             key,
             value,
             headers,
-            ..
-        } = &pending.effect
+        }) = dead
         else {
             return Sent::Ok;
         };
@@ -378,7 +354,7 @@ impl Core {
         consumer: &impl Consumer<C>,
     ) -> Result<bool, EosError> {
         let mut inner = self.lock();
-        let pending = inner.parts.values().any(|p| !p.pending.is_empty());
+        let pending = inner.parts.values().any(|p| p.uncommitted > 0);
         if !inner.in_txn && !inner.poisoned && !pending {
             return Ok(false);
         }
@@ -395,9 +371,10 @@ impl Core {
         );
         match result {
             Ok(()) => {
-                for part in inner.parts.values_mut().filter(|p| !p.pending.is_empty()) {
+                for part in inner.parts.values_mut().filter(|p| p.uncommitted > 0) {
                     part.committed = part.working.clone();
-                    part.pending.clear();
+                    part.uncommitted = 0;
+                    part.dead_letters.clear();
                 }
                 inner.in_txn = false;
                 Ok(true)
@@ -419,7 +396,7 @@ impl Core {
         let dirty: Vec<(i32, Vec<u8>)> = inner
             .parts
             .iter()
-            .filter(|(_, p)| !p.pending.is_empty())
+            .filter(|(_, p)| p.uncommitted > 0)
             .map(|(n, p)| (*n, serde_json::to_vec(&p.working).unwrap_or_default()))
             .collect();
         for (partition, value) in &dirty {
@@ -455,9 +432,10 @@ impl Core {
         Ok(())
     }
 
-    /// Aborts the open transaction (replacing the producer if it cannot), resets each
-    /// partition to its committed state and replays the pending outcomes into a new
-    /// transaction. A replay that fails leaves the transaction poisoned for the next commit.
+    /// Aborts the open transaction (replacing the producer if it cannot) and redoes its writes
+    /// in a new one: the dead letters since the last commit, in order (`working` already holds
+    /// every uncommitted outcome, and goes to the changelog at the next commit). A replay that
+    /// fails leaves the transaction poisoned for the next commit.
     fn abort_and_replay(&self, inner: &mut Inner) {
         if inner.in_txn
             && let Err(e) = inner.producer.abort_transaction(TXN_TIMEOUT)
@@ -472,23 +450,21 @@ impl Core {
         }
         inner.in_txn = false;
         inner.poisoned = false;
-        let mut parts = std::mem::take(&mut inner.parts);
-        let mut replayed = 0usize;
-        for part in parts.values_mut() {
-            part.working = part.committed.clone();
-            let pending = std::mem::take(&mut part.pending);
-            for p in &pending {
-                if let Sent::Busy = self.send_effect(inner, p) {
+        let parts = std::mem::take(&mut inner.parts);
+        let mut replayed = 0u64;
+        for part in parts.values().filter(|p| p.uncommitted > 0) {
+            // begins the new transaction even when there is no dead letter to send
+            let writes = std::iter::once(None).chain(part.dead_letters.iter().map(Some));
+            for dead in writes {
+                if let Sent::Busy = self.send_effect(inner, dead) {
                     // the queue drains while we wait; nothing else can use the producer now
                     inner.producer.poll(Duration::from_millis(50));
-                    if !matches!(self.send_effect(inner, p), Sent::Ok) {
+                    if !matches!(self.send_effect(inner, dead), Sent::Ok) {
                         inner.poisoned = true;
                     }
                 }
-                part.apply(p);
-                replayed += 1;
             }
-            part.pending = pending;
+            replayed += part.uncommitted;
         }
         inner.parts = parts;
         info!(
