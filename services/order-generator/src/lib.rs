@@ -296,6 +296,20 @@ impl Application {
     }
 
     /// Sends until `ORDER_COUNT` is reached or shutdown, then flushes and returns the summary.
+    /// Waits (at most 10 s, or until shutdown) for the first delivery report.
+    async fn first_acknowledged(counters: &Counters, shutdown: &CancellationToken) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while counters.produced.load(Ordering::Relaxed) + counters.failed.load(Ordering::Relaxed)
+            == 0
+        {
+            if Instant::now() >= deadline || shutdown.is_cancelled() {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        true
+    }
+
     pub async fn run_until_stopped(self) -> anyhow::Result<Stats> {
         let Application {
             config,
@@ -395,6 +409,17 @@ impl Application {
                 counters.invalid.fetch_add(1, Ordering::Relaxed);
             }
             n += 1;
+            if n == 1 && g.order_rate > 0.0 {
+                // The idempotent producer sends nothing before it has its producer id, and
+                // librdkafka asks for that id on a 500 ms timer when no broker connection is up
+                // at creation (the metadata warm-up does not always beat it). Pacing from here
+                // would queue up to half a second of orders behind the first one, all late; so
+                // the pace starts once the first order is acknowledged.
+                if !Self::first_acknowledged(&counters, &shutdown).await {
+                    warn!("first order not acknowledged within 10 s; pacing anyway");
+                }
+                pacer = orders::Pacer::new(g.order_rate);
+            }
             if last_log.elapsed() >= Duration::from_secs(5) {
                 last_log = Instant::now();
                 let s = Self::stats(&counters, started);
