@@ -116,7 +116,7 @@ pub enum Applied {
     Yes,
     /// This replica no longer holds the partition, or already applied the record: drop it.
     Stale,
-    /// The producer's queue is full: wait a moment and apply again.
+    /// A commit holds the core, or the producer's queue is full: wait a moment and apply again.
     Busy,
 }
 
@@ -198,9 +198,22 @@ impl Core {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Whether this replica holds `partition` (restored and not released).
+    /// The core's lock if nobody holds it: a commit holds it for a broker round trip
+    /// (~100 ms), and processing tasks must not block a runtime thread that long.
+    fn try_lock(&self) -> Option<MutexGuard<'_, Inner>> {
+        match self.inner.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Whether this replica holds `partition` (restored and not released). While a commit is
+    /// in flight the answer is yes: [`Core::apply`] checks again and answers `Stale` for a
+    /// partition that is gone.
     pub fn holds(&self, partition: i32) -> bool {
-        self.lock().parts.contains_key(&partition)
+        self.try_lock()
+            .is_none_or(|inner| inner.parts.contains_key(&partition))
     }
 
     /// This replica's partitions: their working totals, as `/stats` serves them.
@@ -274,9 +287,12 @@ impl Core {
         }
     }
 
-    /// Makes one record's outcome part of the open transaction.
+    /// Makes one record's outcome part of the open transaction. Never waits: `Busy` when a
+    /// commit (or another task's apply) holds the core.
     pub fn apply(&self, msg: &impl Message, effect: Effect<'_>, retries: u32) -> Applied {
-        let mut inner = self.lock();
+        let Some(mut inner) = self.try_lock() else {
+            return Applied::Busy;
+        };
         let partition = msg.partition();
         match inner.parts.get(&partition) {
             Some(p) if msg.offset() >= p.working.next_offset => {}
