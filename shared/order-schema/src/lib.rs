@@ -468,6 +468,24 @@ mod tests {
         }
     }
 
+    /// Orders at the edges of the wire format: empty and long strings, multi-byte UTF-8,
+    /// negative zero and the largest double.
+    fn edge_orders() -> [Order; 3] {
+        [
+            order(),
+            Order {
+                order_id: String::new(),
+                product: "ünïcödé".into(),
+                price: -0.0,
+            },
+            Order {
+                order_id: "x".repeat(300),
+                product: "phone".into(),
+                price: f64::MAX,
+            },
+        ]
+    }
+
     #[test]
     fn rust_type_and_avsc_do_not_drift() {
         // as in the services, the codec's allocation limit is set before anything decodes
@@ -519,19 +537,7 @@ mod tests {
         let schema = Schema::parse_str(ORDER_SCHEMA).unwrap();
         let writer = OrderWriter::new(0x0102_0304).unwrap();
         let mut buf = vec![9; 3];
-        for o in [
-            order(),
-            Order {
-                order_id: String::new(),
-                product: "ünïcödé".into(),
-                price: -0.0,
-            },
-            Order {
-                order_id: "x".repeat(300),
-                product: "phone".into(),
-                price: f64::MAX,
-            },
-        ] {
+        for o in edge_orders() {
             writer.write(&o, &mut buf).unwrap();
             assert_eq!(buf[..5], [0, 1, 2, 3, 4]);
             let generic = apache_avro::writer::datum::GenericDatumWriter::builder(&schema)
@@ -562,19 +568,7 @@ mod tests {
         };
         let writer = OrderWriter::new(7).unwrap();
         let mut buf = Vec::new();
-        for o in [
-            order(),
-            Order {
-                order_id: String::new(),
-                product: "ünïcödé".into(),
-                price: -0.0,
-            },
-            Order {
-                order_id: "x".repeat(300),
-                product: "phone".into(),
-                price: f64::MAX,
-            },
-        ] {
+        for o in edge_orders() {
             writer.write(&o, &mut buf).unwrap();
             let body = &buf[5..];
             assert_eq!(reader.read(body).unwrap(), o);
