@@ -213,8 +213,8 @@ impl Tally {
     }
 }
 
-/// End-to-end latency percentiles in milliseconds (microsecond resolution; the record
-/// timestamp itself has millisecond resolution).
+/// End-to-end latency percentiles in milliseconds (measured in microseconds, kept to 1%; the
+/// record timestamp itself has millisecond resolution).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Serialize)]
 pub struct LatencySummary {
     pub count: u64,
