@@ -409,7 +409,9 @@ impl OrderCodec {
             }
             Some(b) => b,
         };
-        let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+        // the header was checked above, so the id is there
+        let id = Self::schema_id(bytes)
+            .ok_or_else(|| CodecError::Malformed("no Confluent wire-format header".into()))?;
         let known = self.layouts.read().ok().and_then(|l| l.get(&id).copied());
         let is_order_avsc = match known {
             Some(known) => known,
