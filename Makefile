@@ -55,7 +55,7 @@ $(VENV)/.installed: $(PY_REQS)
 test-interop: stack-up python-env ## a foreign Confluent client (Python) against our stack and services
 	cargo build --locked -p order-generator -p order-processor
 	@mkdir -p $(LOGS)
-	$(VENV)/bin/pytest tests/interop -q 2>&1 | tee $(LOGS)/pytest.log
+	$(VENV)/bin/pytest tests/interop -q --timeout=300 2>&1 | tee $(LOGS)/pytest.log
 
 test-demo: stack-up ## run the demo; it fails if any record is unaccounted for
 	@mkdir -p $(LOGS)

@@ -33,6 +33,12 @@ def unique(prefix):
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
+def registry():
+    # a request the registry never answers fails after 10 s and is retried (the client retries
+    # transport errors, timeouts included) instead of holding the test, and CI, indefinitely
+    return SchemaRegistryClient({"url": REGISTRY, "timeout": 10})
+
+
 def create_topic(name, partitions=1):
     admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
     for f in admin.create_topics([NewTopic(name, partitions, 1)]).values():
@@ -68,7 +74,7 @@ def test_python_reads_what_our_generator_wrote():
     )
     assert run.returncode == 0, run.stderr + run.stdout
 
-    deserializer = AvroDeserializer(SchemaRegistryClient({"url": REGISTRY}))
+    deserializer = AvroDeserializer(registry())
     consumer = Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": unique("py"), "auto.offset.reset": "earliest"})
     consumer.subscribe([topic])
     orders = []
@@ -92,7 +98,7 @@ def test_python_reads_what_our_generator_wrote():
 def test_our_processor_reads_what_python_wrote():
     topic = unique("py-orders")
     create_topic(topic, 2)
-    serializer = AvroSerializer(SchemaRegistryClient({"url": REGISTRY}), SCHEMA)
+    serializer = AvroSerializer(registry(), SCHEMA)
     producer = Producer({"bootstrap.servers": BOOTSTRAP})
     prices = [19.99, 250.0, 999.99, 10.01, 42.42, 123.45]
     for p in prices:
