@@ -125,7 +125,7 @@ pub struct Application {
     config: Config,
     listener: TcpListener,
     port: u16,
-    consumer: StreamConsumer<AnalyzerContext>,
+    consumer: Arc<StreamConsumer<AnalyzerContext>>,
     codec: OrderCodec,
     report: Arc<Mutex<Report>>,
     probe: Arc<Probe>,
@@ -154,13 +154,27 @@ impl Application {
         client
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest");
-        let consumer: StreamConsumer<AnalyzerContext> = client
-            .create_with_context(AnalyzerContext { joined })
-            .map_err(StartError::Kafka)?;
+        let consumer: Arc<StreamConsumer<AnalyzerContext>> = Arc::new(
+            client
+                .create_with_context(AnalyzerContext { joined })
+                .map_err(StartError::Kafka)?,
+        );
         consumer
             .subscribe(&[common.dlq_topic.as_str()])
             .map_err(StartError::Kafka)?;
-        http::watch_dependencies(&probe, common, Duration::from_secs(5), shutdown.clone());
+        let weak = Arc::downgrade(&consumer);
+        let topic = common.dlq_topic.clone();
+        http::watch_dependencies(
+            &probe,
+            common,
+            move || {
+                weak.upgrade().is_some_and(|c| {
+                    kafka::cluster_answers(c.client(), &topic, Duration::from_secs(3))
+                })
+            },
+            Duration::from_secs(5),
+            shutdown.clone(),
+        );
         let mut registry = Registry::default();
         let consumed = Family::<CategoryLabel, Counter>::default();
         registry.register(

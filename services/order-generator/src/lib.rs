@@ -190,7 +190,7 @@ pub struct Application {
     config: Config,
     listener: TcpListener,
     port: u16,
-    producer: ThreadedProducer<DeliveryCounter>,
+    producer: Arc<ThreadedProducer<DeliveryCounter>>,
     writer: OrderWriter,
     counters: Arc<Counters>,
     probe: Arc<Probe>,
@@ -244,10 +244,11 @@ impl Application {
             delivered,
             errors,
         };
-        let producer: ThreadedProducer<DeliveryCounter> =
+        let producer: Arc<ThreadedProducer<DeliveryCounter>> = Arc::new(
             kafka::producer_config(common, SERVICE_NAME, &config.generator.compression_type)
                 .create_with_context(context)
-                .map_err(StartError::Producer)?;
+                .map_err(StartError::Producer)?,
+        );
         // learn the topic's leaders before the first order is due, so start-up does not show
         // up as the first orders' latency; a broker that is not there yet is not fatal here
         let warmed = tokio::task::block_in_place(|| {
@@ -259,7 +260,19 @@ impl Application {
             warn!(error = %e, topic = %common.orders_topic, "no topic metadata yet; sending anyway");
         }
         let probe = Arc::new(Probe::default());
-        http::watch_dependencies(&probe, common, Duration::from_secs(5), shutdown.clone());
+        let weak = Arc::downgrade(&producer);
+        let topic = common.orders_topic.clone();
+        http::watch_dependencies(
+            &probe,
+            common,
+            move || {
+                weak.upgrade().is_some_and(|p| {
+                    kafka::cluster_answers(p.client(), &topic, Duration::from_secs(3))
+                })
+            },
+            Duration::from_secs(5),
+            shutdown.clone(),
+        );
         Ok(Application {
             config,
             listener,

@@ -154,7 +154,19 @@ impl Application {
                 what: "subscription",
                 source,
             })?;
-        http::watch_dependencies(&probe, common, Duration::from_secs(5), shutdown.clone());
+        let weak = Arc::downgrade(&consumer);
+        let topic = common.orders_topic.clone();
+        http::watch_dependencies(
+            &probe,
+            common,
+            move || {
+                weak.upgrade().is_some_and(|c| {
+                    kafka::cluster_answers(c.client(), &topic, Duration::from_secs(3))
+                })
+            },
+            Duration::from_secs(5),
+            shutdown.clone(),
+        );
 
         Ok(Application {
             listener,

@@ -105,39 +105,46 @@ pub async fn serve(
         .await
 }
 
-/// Keeps the `broker` and `registry` conditions of `probe` current: checked now and then
-/// every `every` until `shutdown`.
+/// Keeps the `broker reachable` and `schema registry reachable` conditions of `probe` current:
+/// checked now and then every `every` until `shutdown`. `broker_answers` runs on a blocking
+/// thread and asks the cluster over the service's own client ([`crate::kafka::cluster_answers`]);
+/// the registry is asked for its schema types, an answer that does not grow with the registry.
 pub fn watch_dependencies(
     probe: &Probe,
     common: &crate::CommonConfig,
+    broker_answers: impl Fn() -> bool + Send + Sync + 'static,
     every: std::time::Duration,
     shutdown: CancellationToken,
 ) {
     let broker = probe.condition("broker reachable");
     let registry = probe.condition("schema registry reachable");
-    let common = common.clone();
-    let client = reqwest::Client::builder()
+    let client = order_schema::http_client_builder(&common.schema_registry_url)
         .timeout(std::time::Duration::from_secs(3))
         .build()
-        .unwrap_or_default();
-    let subjects = format!(
-        "{}/subjects",
+        .inspect_err(|e| {
+            tracing::warn!(error = %e, "no HTTP client for the registry check: /readyz will report the registry unreachable");
+        })
+        .ok();
+    let types = format!(
+        "{}/schemas/types",
         common.schema_registry_url.trim_end_matches('/')
     );
+    let broker_answers = Arc::new(broker_answers);
     tokio::spawn(async move {
         loop {
-            let c = common.clone();
-            let broker_ok = tokio::task::spawn_blocking(move || {
-                crate::kafka::broker_reachable(&c, std::time::Duration::from_secs(3))
-            })
-            .await
-            .unwrap_or(false);
-            broker.store(broker_ok, Ordering::Release);
-            let registry_ok = client
-                .get(&subjects)
-                .send()
+            let answers = broker_answers.clone();
+            let broker_ok = tokio::task::spawn_blocking(move || answers())
                 .await
-                .is_ok_and(|r| r.status().is_success());
+                .unwrap_or(false);
+            broker.store(broker_ok, Ordering::Release);
+            let registry_ok = match &client {
+                Some(client) => client
+                    .get(&types)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success()),
+                None => false,
+            };
             registry.store(registry_ok, Ordering::Release);
             tokio::select! {
                 () = shutdown.cancelled() => break,

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::client::{Client, ClientContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 use crate::config::CommonConfig;
@@ -75,16 +75,18 @@ pub fn consumer_config(common: &CommonConfig, client_id: &str, group_id: &str) -
     with_user_properties(c, common)
 }
 
-/// Asks the broker for cluster metadata: true when a broker answers in time.
-pub fn broker_reachable(common: &CommonConfig, timeout: Duration) -> bool {
-    let consumer: Result<BaseConsumer, _> =
-        with_user_properties(base(common, "readiness-probe"), common).create();
-    match consumer {
-        Ok(c) => c
-            .fetch_metadata(None, timeout)
-            .is_ok_and(|m| !m.brokers().is_empty()),
-        Err(_) => false,
-    }
+/// Whether the cluster answers `client`: a metadata request for `topic` over the connections
+/// the client already keeps, true when it names at least one broker. `/readyz` asks this every
+/// few seconds on the service's own client: a client made per check costs its threads, a TCP
+/// connection and a handshake each time, and the broker sees the churn.
+pub fn cluster_answers<C: ClientContext>(
+    client: &Client<C>,
+    topic: &str,
+    timeout: Duration,
+) -> bool {
+    client
+        .fetch_metadata(Some(topic), timeout)
+        .is_ok_and(|m| !m.brokers().is_empty())
 }
 
 /// Classifies a producer error: `true` when waiting and sending again can succeed (queue full,
