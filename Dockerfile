@@ -13,10 +13,11 @@ ARG RUST_VERSION=1.95
 ARG DEBIAN=bookworm
 
 FROM rust:${RUST_VERSION}-slim-${DEBIAN} AS chef
-# cmake and a C++ compiler build librdkafka; the -dev packages give it TLS, SASL and zlib
+# cmake and a C++ compiler build librdkafka; the -dev packages give it TLS and zlib (its SASL
+# PLAIN, SCRAM and OAUTHBEARER are built in)
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
-      cmake g++ make pkg-config libssl-dev libsasl2-dev libcurl4-openssl-dev zlib1g-dev \
+      cmake g++ make pkg-config libssl-dev zlib1g-dev \
  && rm -rf /var/lib/apt/lists/*
 RUN cargo install cargo-chef --version 0.1.78 --locked
 WORKDIR /src
@@ -33,7 +34,7 @@ COPY --from=planner /src/recipe.json recipe.json
 COPY .cargo .cargo
 RUN cargo chef cook --release --locked --recipe-path recipe.json
 COPY . .
-# then collect the shared libraries the binaries need beyond glibc (OpenSSL, SASL, zlib, libgcc)
+# then collect the shared libraries the binaries need beyond glibc (OpenSSL, zlib, libgcc)
 RUN cargo build --release --locked -p order-generator -p order-processor -p dlq-analyzer \
  && mkdir -p /out/bin /out/libs \
  && cp target/release/order-generator target/release/order-processor target/release/dlq-analyzer /out/bin/ \
