@@ -22,7 +22,7 @@
 //! `read_committed`, so aborted attempts are invisible to them.
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use order_runtime::CommonConfig;
@@ -129,6 +129,8 @@ pub struct Core {
     dlq_topic: String,
     state_topic: String,
     stable_wait: Duration,
+    /// The changelog readers of the restores in progress, shared (see [`Core::readers`]).
+    readers: Mutex<Weak<Mutex<ChangelogReaders>>>,
 }
 
 impl std::fmt::Debug for Core {
@@ -187,7 +189,25 @@ impl Core {
             stable_wait: Duration::from_millis(
                 config.processor.transaction_timeout_ms * 3 + 30_000,
             ),
+            readers: Mutex::new(Weak::new()),
         })
+    }
+
+    /// Changelog readers for a restore: the pair the restores in progress use, or a new one.
+    /// An assignment restores all its partitions at once, and a pair per partition meant two
+    /// clients each (threads, connections, buffers) for a read of a few records; the pair
+    /// closes when the last restore of the wave lets go of it.
+    fn readers(&self) -> Result<Arc<Mutex<ChangelogReaders>>, KafkaError> {
+        let mut slot = self
+            .readers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(readers) = slot.upgrade() {
+            return Ok(readers);
+        }
+        let readers = Arc::new(Mutex::new(ChangelogReaders::new(&self.common)?));
+        *slot = Arc::downgrade(&readers);
+        Ok(readers)
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -230,8 +250,17 @@ impl Core {
         partition: i32,
     ) -> Result<(), EosError> {
         let started = Instant::now();
-        let restored =
-            read_changelog_partition(&self.common, &self.state_topic, partition, self.stable_wait)?;
+        let readers = self.readers()?;
+        // one restore at a time on the pair: a read assigns the reader to its partition
+        let restored = read_changelog_partition(
+            &readers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            &self.state_topic,
+            partition,
+            self.stable_wait,
+        )?;
+        drop(readers);
         let group_offset = committed_offset(consumer, &self.orders_topic, partition);
         let state = match restored {
             Some(state) => {
@@ -555,17 +584,35 @@ fn changelog_reader(common: &CommonConfig, isolation: &str) -> Result<BaseConsum
     c.create()
 }
 
+/// A changelog reader at each isolation level: their end offsets differ while a transaction
+/// is open on a partition.
+pub struct ChangelogReaders {
+    committed: BaseConsumer,
+    uncommitted: BaseConsumer,
+}
+
+impl ChangelogReaders {
+    fn new(common: &CommonConfig) -> Result<Self, KafkaError> {
+        Ok(Self {
+            committed: changelog_reader(common, "read_committed")?,
+            uncommitted: changelog_reader(common, "read_uncommitted")?,
+        })
+    }
+}
+
 /// The latest committed state of one partition (`None`: never committed). Waits until no
 /// transaction is pending on its changelog partition, so that a commit in flight elsewhere
 /// (a replica that lost the partition) is either in or out, never half seen.
 pub fn read_changelog_partition(
-    common: &CommonConfig,
+    readers: &ChangelogReaders,
     state_topic: &str,
     partition: i32,
     stable_wait: Duration,
 ) -> Result<Option<PartitionState>, EosError> {
-    let committed = changelog_reader(common, "read_committed")?;
-    let uncommitted = changelog_reader(common, "read_uncommitted")?;
+    let ChangelogReaders {
+        committed,
+        uncommitted,
+    } = readers;
     let started = Instant::now();
     let stable_end = loop {
         // read_committed watermarks end at the last stable offset; read_uncommitted at the
@@ -585,7 +632,7 @@ pub fn read_changelog_partition(
         }
         std::thread::sleep(Duration::from_millis(250));
     };
-    last_state(&committed, state_topic, partition, stable_end)
+    last_state(committed, state_topic, partition, stable_end)
 }
 
 /// Reads the last state record below `end`: the tail first (each commit writes one record and
