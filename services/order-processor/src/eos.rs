@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use order_runtime::CommonConfig;
 use order_runtime::dead_letter::Category;
+use order_runtime::kafka;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Message, OwnedHeaders};
@@ -130,7 +131,7 @@ pub struct Core {
     state_topic: String,
     stable_wait: Duration,
     /// The changelog readers of the restores in progress, shared (see [`Core::readers`]).
-    readers: Mutex<Weak<Mutex<ChangelogReaders>>>,
+    readers: Mutex<Weak<tokio::sync::Mutex<ChangelogReaders>>>,
 }
 
 impl std::fmt::Debug for Core {
@@ -193,11 +194,13 @@ impl Core {
         })
     }
 
-    /// Changelog readers for a restore: the pair the restores in progress use, or a new one.
-    /// An assignment restores all its partitions at once, and a pair per partition meant two
-    /// clients each (threads, connections, buffers) for a read of a few records; the pair
-    /// closes when the last restore of the wave lets go of it.
-    fn readers(&self) -> Result<Arc<Mutex<ChangelogReaders>>, KafkaError> {
+    /// Changelog readers for [`Core::restore`]: the pair the restores in progress use, or a
+    /// new one. An assignment restores all its partitions at once, and a pair per partition
+    /// meant two clients each (threads, connections, buffers) for a read of a few records.
+    /// Restores take turns on the pair (a read assigns the reader to its partition), waiting
+    /// on the async lock rather than on a blocking thread each; the pair closes when the last
+    /// restore of the wave lets go of it.
+    pub fn readers(&self) -> Result<Arc<tokio::sync::Mutex<ChangelogReaders>>, KafkaError> {
         let mut slot = self
             .readers
             .lock()
@@ -205,7 +208,9 @@ impl Core {
         if let Some(readers) = slot.upgrade() {
             return Ok(readers);
         }
-        let readers = Arc::new(Mutex::new(ChangelogReaders::new(&self.common)?));
+        let readers = Arc::new(tokio::sync::Mutex::new(ChangelogReaders::new(
+            &self.common,
+        )?));
         *slot = Arc::downgrade(&readers);
         Ok(readers)
     }
@@ -242,25 +247,18 @@ impl Core {
         StatsReport::new(inner.parts.iter().map(|(p, s)| (*p, &s.working)))
     }
 
-    /// Restores `partition`'s committed state from the changelog and positions the consumer at
-    /// the offset committed with it. Blocking: run it off the async threads.
+    /// Restores `partition`'s committed state from the changelog (read with `readers`, from
+    /// [`Core::readers`]) and positions the consumer at the offset committed with it.
+    /// Blocking: run it off the async threads.
     pub fn restore<C: rdkafka::consumer::ConsumerContext>(
         &self,
+        readers: &ChangelogReaders,
         consumer: &impl Consumer<C>,
         partition: i32,
     ) -> Result<(), EosError> {
         let started = Instant::now();
-        let readers = self.readers()?;
-        // one restore at a time on the pair: a read assigns the reader to its partition
-        let restored = read_changelog_partition(
-            &readers
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-            &self.state_topic,
-            partition,
-            self.stable_wait,
-        )?;
-        drop(readers);
+        let restored =
+            read_changelog_partition(readers, &self.state_topic, partition, self.stable_wait)?;
         let group_offset = committed_offset(consumer, &self.orders_topic, partition);
         let state = match restored {
             Some(state) => {
@@ -571,17 +569,13 @@ fn committed_offset<C: rdkafka::consumer::ConsumerContext>(
 }
 
 fn changelog_reader(common: &CommonConfig, isolation: &str) -> Result<BaseConsumer, KafkaError> {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &common.kafka_bootstrap_servers)
-        .set("group.id", "order-processor-changelog-reader")
+    let mut c = kafka::base(common, &format!("order-processor-changelog-{isolation}"));
+    c.set("group.id", "order-processor-changelog-reader")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("allow.auto.create.topics", "false")
         .set("isolation.level", isolation);
-    for (k, v) in &common.kafka_properties {
-        c.set(k, v);
-    }
-    c.create()
+    kafka::with_user_properties(c, common).create()
 }
 
 /// A changelog reader at each isolation level: their end offsets differ while a transaction
@@ -700,14 +694,11 @@ pub fn global_report(config: &Config) -> Result<StatsReport, EosError> {
 async fn ensure_changelog(common: &CommonConfig, state_topic: &str) -> Result<(), KafkaError> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::client::DefaultClientContext;
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &common.kafka_bootstrap_servers)
-        // asking for a missing topic's metadata must not create it with the broker's defaults
-        .set("allow.auto.create.topics", "false");
-    for (k, v) in &common.kafka_properties {
-        c.set(k, v);
-    }
-    let admin: AdminClient<DefaultClientContext> = c.create()?;
+    let mut c = kafka::base(common, "order-processor-admin");
+    // asking for a missing topic's metadata must not create it with the broker's defaults
+    c.set("allow.auto.create.topics", "false");
+    let admin: AdminClient<DefaultClientContext> =
+        kafka::with_user_properties(c, common).create()?;
     let count = |topic: &str| -> Result<usize, KafkaError> {
         let md = admin
             .inner()

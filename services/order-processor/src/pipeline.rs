@@ -621,13 +621,22 @@ impl ProcessorContext {
         let consumer = consumer.clone();
         let token = cancel.clone();
         self.runtime.spawn(async move {
-            if let Durability::ExactlyOnce(_) = &shared.durability {
-                let (s, c) = (shared.clone(), consumer.clone());
-                let restored = tokio::task::spawn_blocking(move || match &s.durability {
-                    Durability::ExactlyOnce(core) => core.restore(c.as_ref(), partition),
-                    Durability::AtLeastOnce { .. } => Ok(()),
-                })
-                .await;
+            if let Durability::ExactlyOnce(core) = &shared.durability {
+                let restored = match core.readers() {
+                    Ok(readers) => {
+                        // the partitions of an assignment take turns on one pair of readers
+                        let readers = readers.lock_owned().await;
+                        let (s, c) = (shared.clone(), consumer.clone());
+                        tokio::task::spawn_blocking(move || match &s.durability {
+                            Durability::ExactlyOnce(core) => {
+                                core.restore(&readers, c.as_ref(), partition)
+                            }
+                            Durability::AtLeastOnce { .. } => Ok(()),
+                        })
+                        .await
+                    }
+                    Err(e) => Ok(Err(e.into())),
+                };
                 match restored {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
