@@ -295,8 +295,8 @@ impl Application {
 
 /// Commits the open transaction every `interval` until shutdown (exactly-once), on a thread of
 /// its own. A commit blocks for a broker round trip or more (~100 ms); given to tokio's
-/// blocking pool every second, it kept a rotating set of pool threads from ever idling out,
-/// each holding its allocator cache (about 3 MB of an idle processor).
+/// blocking pool every second, it kept a rotating set of 5-6 pool threads from ever idling
+/// out, each holding its allocator cache.
 fn spawn_committer(
     consumer: Arc<ProcessorConsumer>,
     interval: Duration,
