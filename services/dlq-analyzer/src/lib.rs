@@ -162,16 +162,10 @@ impl Application {
         consumer
             .subscribe(&[common.dlq_topic.as_str()])
             .map_err(StartError::Kafka)?;
-        let weak = Arc::downgrade(&consumer);
-        let topic = common.dlq_topic.clone();
         http::watch_dependencies(
             &probe,
             common,
-            move || {
-                weak.upgrade().is_some_and(|c| {
-                    kafka::cluster_answers(c.client(), &topic, Duration::from_secs(3))
-                })
-            },
+            kafka::readiness_check(&consumer, &common.dlq_topic, |c| c.client()),
             Duration::from_secs(5),
             shutdown.clone(),
         );

@@ -260,16 +260,10 @@ impl Application {
             warn!(error = %e, topic = %common.orders_topic, "no topic metadata yet; sending anyway");
         }
         let probe = Arc::new(Probe::default());
-        let weak = Arc::downgrade(&producer);
-        let topic = common.orders_topic.clone();
         http::watch_dependencies(
             &probe,
             common,
-            move || {
-                weak.upgrade().is_some_and(|p| {
-                    kafka::cluster_answers(p.client(), &topic, Duration::from_secs(3))
-                })
-            },
+            kafka::readiness_check(&producer, &common.orders_topic, |p| p.client()),
             Duration::from_secs(5),
             shutdown.clone(),
         );

@@ -154,16 +154,10 @@ impl Application {
                 what: "subscription",
                 source,
             })?;
-        let weak = Arc::downgrade(&consumer);
-        let topic = common.orders_topic.clone();
         http::watch_dependencies(
             &probe,
             common,
-            move || {
-                weak.upgrade().is_some_and(|c| {
-                    kafka::cluster_answers(c.client(), &topic, Duration::from_secs(3))
-                })
-            },
+            kafka::readiness_check(&consumer, &common.orders_topic, |c| c.client()),
             Duration::from_secs(5),
             shutdown.clone(),
         );

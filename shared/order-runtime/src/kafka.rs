@@ -96,6 +96,27 @@ pub fn cluster_answers<C: ClientContext>(
         .is_ok_and(|m| !m.brokers().is_empty())
 }
 
+/// The broker check `/readyz` runs (see [`crate::http::watch_dependencies`]): whether the
+/// cluster answers for `topic` over the client that `client` finds in `owner`. The check holds
+/// `owner` weakly, so it never keeps a client alive past its service's shutdown.
+pub fn readiness_check<T, C>(
+    owner: &std::sync::Arc<T>,
+    topic: &str,
+    client: fn(&T) -> &Client<C>,
+) -> impl Fn() -> bool + Send + Sync + 'static
+where
+    T: Send + Sync + 'static,
+    C: ClientContext + 'static,
+{
+    let owner = std::sync::Arc::downgrade(owner);
+    let topic = topic.to_owned();
+    move || {
+        owner
+            .upgrade()
+            .is_some_and(|o| cluster_answers(client(&o), &topic, Duration::from_secs(3)))
+    }
+}
+
 /// Classifies a producer error: `true` when waiting and sending again can succeed (queue full,
 /// timeouts, a broker moving leadership), `false` for errors that will not go away (message
 /// too large, authorization, a fenced or fatal producer).
