@@ -79,14 +79,17 @@ pub fn instance_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-fn filter() -> EnvFilter {
+/// `RUST_LOG`, `info` when unset or unreadable.
+pub fn env_filter() -> EnvFilter {
     EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
-/// The subscriber for `format`, with the OpenTelemetry layer of `provider`.
+/// The subscriber for `format`, filtered by `filter`, with the OpenTelemetry layer of
+/// `provider`.
 pub fn build_subscriber(
     service_name: &'static str,
     format: LogFormat,
+    filter: EnvFilter,
     provider: &SdkTracerProvider,
 ) -> impl Subscriber + Send + Sync + for<'a> LookupSpan<'a> {
     let fmt = match format {
@@ -105,7 +108,11 @@ pub fn build_subscriber(
     let otel = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer(service_name))
         .with_error_records_to_exceptions(true);
-    Registry::default().with(filter()).with(fmt).with(otel)
+    // The filter goes on the outside. Below the OpenTelemetry layer (which gives no level
+    // hint) it would leave the subscriber without one next to the log layer's per-layer filter,
+    // so tracing's global maximum would be TRACE whatever `RUST_LOG` says, and
+    // `level_enabled!` would be true for levels that are filtered out.
+    Registry::default().with(fmt).with(otel).with(filter)
 }
 
 /// W3C trace context and baggage, the propagators every service uses for Kafka headers.
@@ -125,8 +132,38 @@ pub fn init(
     install_propagators();
     let provider = tracer_provider(service_name, export_configured(vars))?;
     opentelemetry::global::set_tracer_provider(provider.clone());
-    tracing::subscriber::set_global_default(build_subscriber(service_name, format, &provider))?;
+    tracing::subscriber::set_global_default(build_subscriber(
+        service_name,
+        format,
+        env_filter(),
+        &provider,
+    ))?;
     Ok(TelemetryGuard {
         provider: Some(provider),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use tracing::level_filters::LevelFilter;
+
+    /// The subscriber's level hint becomes tracing's global maximum, which `level_enabled!`
+    /// reads: it must follow `RUST_LOG`, so that filtered-out spans cost nothing to skip.
+    #[test]
+    fn level_hint_follows_the_filter() {
+        let provider = tracer_provider("test", false).unwrap();
+        for (directives, level) in [
+            ("warn", LevelFilter::WARN),
+            ("info", LevelFilter::INFO),
+            ("error,order_processor=debug", LevelFilter::DEBUG),
+        ] {
+            for format in [LogFormat::Pretty, LogFormat::Json] {
+                let subscriber =
+                    build_subscriber("test", format, EnvFilter::new(directives), &provider);
+                assert_eq!(subscriber.max_level_hint(), Some(level), "{directives}");
+            }
+        }
+    }
 }

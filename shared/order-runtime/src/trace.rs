@@ -139,7 +139,12 @@ mod tests {
     fn context_and_baggage_flow_from_consumed_headers_to_produced_ones() {
         telemetry::install_propagators();
         let provider = telemetry::tracer_provider("test", false).unwrap();
-        let subscriber = telemetry::build_subscriber("test", LogFormat::Pretty, &provider);
+        let subscriber = telemetry::build_subscriber(
+            "test",
+            LogFormat::Pretty,
+            tracing_subscriber::EnvFilter::new("info"),
+            &provider,
+        );
         tracing::subscriber::with_default(subscriber, || {
             let incoming = OwnedHeaders::new()
                 .insert(Header {
