@@ -19,6 +19,7 @@
 pub mod money;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, RwLock};
 
 use apache_avro::Schema;
@@ -332,7 +333,13 @@ pub struct OrderCodec {
     reader: OrderReader,
     /// Per schema id met so far: whether its schema is order.avsc (the [`OrderReader`] path).
     layouts: RwLock<HashMap<u32, bool>>,
+    /// The last id found to be order.avsc ([`NO_ID`] before the first): the common case, every
+    /// record written with our schema, answered without the lock and the hash.
+    order_avsc_id: AtomicU64,
 }
+
+/// No schema id: ids are 32-bit, so this never matches one.
+const NO_ID: u64 = u64::MAX;
 
 impl OrderCodec {
     pub fn new(registry_url: &str, topic: &str) -> Result<Self, CodecError> {
@@ -343,6 +350,7 @@ impl OrderCodec {
             decoder: AvroDecoder::new(settings),
             reader: OrderReader::new()?,
             layouts: RwLock::default(),
+            order_avsc_id: AtomicU64::new(NO_ID),
         })
     }
 
@@ -429,6 +437,9 @@ impl OrderCodec {
         // the header was checked above, so the id is there
         let id = Self::schema_id(bytes)
             .ok_or_else(|| CodecError::Malformed("no Confluent wire-format header".into()))?;
+        if self.order_avsc_id.load(Ordering::Relaxed) == u64::from(id) {
+            return self.reader.read(&bytes[5..]);
+        }
         let known = self.layouts.read().ok().and_then(|l| l.get(&id).copied());
         let is_order_avsc = match known {
             Some(known) => known,
@@ -446,6 +457,7 @@ impl OrderCodec {
             }
         };
         if is_order_avsc {
+            self.order_avsc_id.store(u64::from(id), Ordering::Relaxed);
             return self.reader.read(&bytes[5..]);
         }
         match self.decoder.decode(Some(bytes)).await {
