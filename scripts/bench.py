@@ -39,7 +39,7 @@ RECORDS = int(os.environ.get("BENCH_RECORDS", "1000000"))
 TRACED_RECORDS = RECORDS // 5
 LATENCY_SECONDS = int(os.environ.get("BENCH_LATENCY_SECONDS", "10"))
 LATENCY_RATES = [int(r) for r in os.environ.get("BENCH_LATENCY_RATES", "1000,10000").split(",")]
-REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
+REPEATS = int(os.environ.get("BENCH_REPEATS", "5"))
 # the producer settings both contestants use (ours are the generator's defaults)
 PRODUCER = {"acks": "all", "linger.ms": "5", "batch.size": "262144", "compression.type": "snappy", "enable.idempotence": "true"}
 # what EndToEndLatency's producer uses (acks=all, no linger, no compression), for our generator
