@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use futures::{FutureExt as _, StreamExt as _};
+use kafka_batch::{PartitionBatches, RawMessage};
 use order_runtime::dead_letter::{self, Category};
 use order_runtime::kafka::is_retriable_produce_error;
 use order_runtime::trace;
@@ -27,7 +27,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Message, OwnedHeaders};
+use rdkafka::message::{Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Timestamp};
 use tokio_util::sync::CancellationToken;
@@ -176,7 +176,7 @@ impl Shared {
     /// rewind) before the outcome became durable: the record will be seen again.
     async fn handle(
         &self,
-        msg: &BorrowedMessage<'_>,
+        msg: &RawMessage<'_>,
         totals: Option<&Mutex<PartitionState>>,
         tally: &mut Tally,
         cancel: &CancellationToken,
@@ -197,11 +197,7 @@ impl Shared {
     }
 
     /// Decode, validate, process with retries. No side effects but metrics and logs.
-    async fn evaluate(
-        &self,
-        msg: &BorrowedMessage<'_>,
-        cancel: &CancellationToken,
-    ) -> Option<Verdict> {
+    async fn evaluate(&self, msg: &RawMessage<'_>, cancel: &CancellationToken) -> Option<Verdict> {
         let order = match self.decode(msg, cancel).await {
             Ok(order) => order,
             Err(None) => return None,
@@ -291,7 +287,7 @@ impl Shared {
     /// `Err(None)` when cancelled while the registry was unreachable.
     async fn decode(
         &self,
-        msg: &BorrowedMessage<'_>,
+        msg: &RawMessage<'_>,
         cancel: &CancellationToken,
     ) -> Result<Order, Option<CodecError>> {
         let mut wait = Duration::from_millis(250);
@@ -314,7 +310,7 @@ impl Shared {
 
     async fn make_durable(
         &self,
-        msg: &BorrowedMessage<'_>,
+        msg: &RawMessage<'_>,
         verdict: Verdict,
         totals: Option<&Mutex<PartitionState>>,
         tally: &mut Tally,
@@ -450,7 +446,7 @@ impl Shared {
         durable
     }
 
-    fn dead_letter_span(&self, msg: &BorrowedMessage<'_>, category: Category) -> Span {
+    fn dead_letter_span(&self, msg: &RawMessage<'_>, category: Category) -> Span {
         let dlq_topic = &self.config.common.dlq_topic;
         info_span!(
             "send",
@@ -469,7 +465,7 @@ impl Shared {
 
     fn metadata(
         &self,
-        msg: &BorrowedMessage<'_>,
+        msg: &RawMessage<'_>,
         category: Category,
         kind: &str,
         message: &str,
@@ -497,7 +493,7 @@ impl Shared {
     async fn send_dead_letter(
         &self,
         dlq: &FutureProducer,
-        msg: &BorrowedMessage<'_>,
+        msg: &RawMessage<'_>,
         span: &Span,
         headers: &OwnedHeaders,
         cancel: &CancellationToken,
@@ -606,7 +602,7 @@ impl ProcessorContext {
     }
 
     fn start_partition(&self, consumer: &Arc<ProcessorConsumer>, topic: &str, partition: i32) {
-        let Some(queue) = consumer.split_partition_queue(topic, partition) else {
+        let Some(queue) = PartitionBatches::split(consumer, topic, partition) else {
             warn!(topic, partition, "could not split the partition's queue");
             return;
         };
@@ -650,8 +646,7 @@ impl ProcessorContext {
                 }
             }
             let totals = shared.partition_state(partition);
-            // one stream for the task's life: each recv() would register and drop a waker
-            let mut records = queue.stream();
+            let mut batch = Vec::with_capacity(kafka_batch::MAX_BATCH);
             let mut tally = shared.metrics.tally();
             // At-least-once: the offset of the last record whose outcome is durable, not yet
             // stored for the auto-commit. Stored with the metrics (every FLUSH_EVERY records,
@@ -666,57 +661,61 @@ impl ProcessorContext {
                     warn!(error = %e, partition, offset, "could not store offset");
                 }
             };
-            loop {
+            'task: loop {
                 if token.is_cancelled() {
                     break;
                 }
-                // a record already queued is taken at once; only an empty queue arms the
-                // cancellation alongside the wait
-                let msg = match records.next().now_or_never() {
-                    Some(m) => m,
-                    None => {
-                        // about to wait: what this task counted shows in /metrics now
+                // what is queued is taken at once, up to a batch; only an empty queue arms
+                // the cancellation alongside the wait
+                queue.pop(&mut batch);
+                if batch.is_empty() {
+                    // about to wait: what this task counted shows in /metrics now
+                    store(&mut unstored);
+                    shared.metrics.flush(&mut tally);
+                    tokio::select! {
+                        biased;
+                        () = token.cancelled() => break,
+                        () = queue.wait() => continue,
+                    }
+                }
+                // records of the batch left when the task stops are dropped unprocessed: the
+                // partition is going (revoked, shutting down, or no longer held), and its
+                // next owner starts from what was committed
+                for m in batch.drain(..) {
+                    if token.is_cancelled() {
+                        break 'task;
+                    }
+                    if let Some(e) = m.error() {
+                        warn!(error = %e, partition, "consumer error");
+                        continue;
+                    }
+                    if let Durability::ExactlyOnce(core) = &shared.durability
+                        && !core.holds(partition)
+                    {
+                        break 'task;
+                    }
+                    let done = shared
+                        .handle(&m, totals.as_deref(), &mut tally, &token)
+                        .await;
+                    if done && at_least_once {
+                        unstored = Some(m.offset());
+                    }
+                    if tally.pending() >= Tally::FLUSH_EVERY {
                         store(&mut unstored);
                         shared.metrics.flush(&mut tally);
-                        tokio::select! {
-                            biased;
-                            () = token.cancelled() => break,
-                            m = records.next() => m,
-                        }
                     }
-                };
-                let Some(msg) = msg else { break };
-                match msg {
-                    Ok(m) => {
-                        if let Durability::ExactlyOnce(core) = &shared.durability
-                            && !core.holds(partition)
-                        {
-                            break;
-                        }
-                        let done = shared
-                            .handle(&m, totals.as_deref(), &mut tally, &token)
-                            .await;
-                        if done && at_least_once {
-                            unstored = Some(m.offset());
-                        }
-                        if tally.pending() >= Tally::FLUSH_EVERY {
-                            store(&mut unstored);
-                            shared.metrics.flush(&mut tally);
-                        }
-                        if !done && token.is_cancelled() {
-                            break;
-                        }
-                        // a full queue never makes recv() wait, so without this a busy
-                        // partition would keep its worker from /healthz and other partitions
-                        tokio::task::coop::consume_budget().await;
+                    if !done && token.is_cancelled() {
+                        break 'task;
                     }
-                    Err(e) => warn!(error = %e, partition, "consumer error"),
+                    // a full queue never makes the task wait, so without this a busy
+                    // partition would keep its worker from /healthz and other partitions
+                    tokio::task::coop::consume_budget().await;
                 }
             }
             // before `done`: the commit that follows a revocation or shutdown includes it
             store(&mut unstored);
             shared.metrics.flush(&mut tally);
-            drop(records);
+            drop(batch);
             drop(queue);
             let _ = done_tx.send(());
         });
