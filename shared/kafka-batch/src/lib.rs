@@ -95,7 +95,7 @@ impl PartitionBatches {
 
     /// Takes up to [`MAX_BATCH`] messages that are queued now, without waiting, in order.
     /// A message can carry a consumer error instead of a record ([`RawMessage::error`]).
-    pub fn pop(&self, out: &mut Vec<RawMessage<'_>>) {
+    pub fn pop<'q>(&'q self, out: &mut Vec<RawMessage<'q>>) {
         let mut batch: [*mut rd::rd_kafka_message_t; MAX_BATCH] = [ptr::null_mut(); MAX_BATCH];
         // SAFETY: the queue is live; librdkafka writes at most MAX_BATCH message pointers
         // into `batch` and returns how many (or -1 on error, when it writes none). Timeout 0:
