@@ -144,6 +144,12 @@ impl std::fmt::Debug for Core {
 
 fn transactional_producer(config: &ClientConfig) -> Result<FutureProducer, KafkaError> {
     let producer: FutureProducer = config.create()?;
+    // A connection first: librdkafka asks for the producer id at once only when a broker
+    // connection is up, and otherwise retries on a 500 ms timer (`rdkafka_idempotence.c`),
+    // which held up most exactly-once start-ups by ~500 ms. Metadata for no topic in
+    // particular (so none is auto-created) brings the bootstrap connection up; if that fails,
+    // `init_transactions` says why.
+    let _ = producer.client().fetch_metadata(None, TXN_TIMEOUT);
     producer.init_transactions(TXN_TIMEOUT)?;
     Ok(producer)
 }
@@ -155,7 +161,6 @@ impl Core {
     pub async fn new(config: &Config, client_id: &str) -> Result<Self, KafkaError> {
         let common = &config.common;
         let state_topic = config.state_topic();
-        ensure_changelog(common, &state_topic).await?;
         let mut producer_config = order_runtime::kafka::producer_config(common, client_id, "none");
         producer_config
             .set(
@@ -172,9 +177,13 @@ impl Core {
                 config.processor.transaction_timeout_ms.to_string(),
             );
         let pc = producer_config.clone();
-        let producer = tokio::task::spawn_blocking(move || transactional_producer(&pc))
-            .await
-            .map_err(|_| KafkaError::Canceled)??;
+        // both are round trips to the broker, neither needs the other
+        let (changelog, producer) = tokio::join!(
+            ensure_changelog(common, &state_topic),
+            tokio::task::spawn_blocking(move || transactional_producer(&pc)),
+        );
+        changelog?;
+        let producer = producer.map_err(|_| KafkaError::Canceled)??;
         Ok(Core {
             inner: Mutex::new(Inner {
                 producer,
