@@ -653,13 +653,16 @@ impl ProcessorContext {
             // before waiting, on stopping): a store per record was ~6% of the CPU.
             let at_least_once = matches!(shared.durability, Durability::AtLeastOnce { .. });
             let mut unstored: Option<i64> = None;
-            let store = |unstored: &mut Option<i64>| {
+            // what the task has done, made visible: the offset to the auto-commit, the counts
+            // to /metrics
+            let settle = |unstored: &mut Option<i64>, tally: &mut Tally| {
                 if let Some(offset) = unstored.take()
                     && let Err(e) = consumer.store_offset(&task_topic, partition, offset)
                 {
                     // the partition was revoked meanwhile: its new owner redoes the records
                     warn!(error = %e, partition, offset, "could not store offset");
                 }
+                shared.metrics.flush(tally);
             };
             'task: loop {
                 if token.is_cancelled() {
@@ -670,8 +673,7 @@ impl ProcessorContext {
                 queue.pop(&mut batch);
                 if batch.is_empty() {
                     // about to wait: what this task counted shows in /metrics now
-                    store(&mut unstored);
-                    shared.metrics.flush(&mut tally);
+                    settle(&mut unstored, &mut tally);
                     tokio::select! {
                         biased;
                         () = token.cancelled() => break,
@@ -701,8 +703,7 @@ impl ProcessorContext {
                         unstored = Some(m.offset());
                     }
                     if tally.pending() >= Tally::FLUSH_EVERY {
-                        store(&mut unstored);
-                        shared.metrics.flush(&mut tally);
+                        settle(&mut unstored, &mut tally);
                     }
                     if !done && token.is_cancelled() {
                         break 'task;
@@ -713,8 +714,7 @@ impl ProcessorContext {
                 }
             }
             // before `done`: the commit that follows a revocation or shutdown includes it
-            store(&mut unstored);
-            shared.metrics.flush(&mut tally);
+            settle(&mut unstored, &mut tally);
             drop(batch);
             drop(queue);
             let _ = done_tx.send(());
