@@ -13,11 +13,12 @@ ARG RUST_VERSION=1.95
 ARG DEBIAN=bookworm
 
 FROM rust:${RUST_VERSION}-slim-${DEBIAN} AS chef
-# cmake and a C++ compiler build librdkafka; the -dev packages give it TLS and zlib (its SASL
-# PLAIN, SCRAM and OAUTHBEARER are built in)
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# the build's Debian packages, from the one list that .ci/run installs too (compilers and CMake
+# for librdkafka, TLS, zlib and curl headers; its SASL PLAIN, SCRAM and OAUTHBEARER are built in)
+COPY scripts/debian-build-packages.txt /tmp/
 RUN apt-get update \
- && apt-get install -y --no-install-recommends \
-      cmake g++ make pkg-config libssl-dev zlib1g-dev \
+ && sed -e 's/#.*//' /tmp/debian-build-packages.txt | xargs apt-get install -y --no-install-recommends \
  && rm -rf /var/lib/apt/lists/*
 RUN cargo install cargo-chef --version 0.1.78 --locked
 WORKDIR /src
@@ -27,7 +28,6 @@ COPY . .
 RUN cargo chef prepare --recipe-path recipe.json
 
 FROM chef AS builder
-SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV CARGO_PROFILE_RELEASE_STRIP=symbols
 COPY --from=planner /src/recipe.json recipe.json
 # the build settings (jemalloc's options) must be there when the dependencies are compiled
