@@ -614,35 +614,48 @@ impl ProcessorContext {
         let task_topic = topic.to_owned();
         self.runtime.spawn(async move {
             if let Durability::ExactlyOnce(core) = &shared.durability {
-                let restored = match core.readers() {
-                    Ok(readers) => {
-                        // the partitions of an assignment take turns on one pair of readers
-                        let readers = readers.lock_owned().await;
-                        let (s, c) = (shared.clone(), consumer.clone());
-                        tokio::task::spawn_blocking(move || match &s.durability {
-                            Durability::ExactlyOnce(core) => {
-                                core.restore(&readers, c.as_ref(), partition)
-                            }
-                            Durability::AtLeastOnce { .. } => Ok(()),
-                        })
-                        .await
+                // Without its state the partition must not be processed. A restore fails on
+                // temporary broker errors too (a changelog partition with no leader yet, just
+                // after the topic was created): try again until it works or the partition is
+                // taken away, since the rebalance that would otherwise restart it may never
+                // come (a cooperative rebalance leaves a kept partition where it is).
+                let mut wait = Duration::from_millis(100);
+                loop {
+                    let restored = match core.readers() {
+                        Ok(readers) => {
+                            // the partitions of an assignment take turns on one pair of readers
+                            let readers = readers.lock_owned().await;
+                            let (s, c) = (shared.clone(), consumer.clone());
+                            tokio::task::spawn_blocking(move || match &s.durability {
+                                Durability::ExactlyOnce(core) => {
+                                    core.restore(&readers, c.as_ref(), partition)
+                                }
+                                Durability::AtLeastOnce { .. } => Ok(()),
+                            })
+                            .await
+                        }
+                        Err(e) => Ok(Err(e.into())),
+                    };
+                    match restored {
+                        Ok(Ok(())) => break,
+                        Ok(Err(e)) => {
+                            warn!(partition, error = %e, retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(0),
+                                "could not restore the partition's state yet; it waits");
+                        }
+                        Err(e) => {
+                            tracing::error!(partition, error = %e, "restore task failed");
+                            let _ = done_tx.send(());
+                            return;
+                        }
                     }
-                    Err(e) => Ok(Err(e.into())),
-                };
-                match restored {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        // without its state the partition must not be processed: leave it to
-                        // a rebalance (this replica restarts the partition on reassignment)
-                        tracing::error!(partition, error = %e, "could not restore the partition's state; not processing it");
-                        let _ = done_tx.send(());
-                        return;
+                    tokio::select! {
+                        () = token.cancelled() => {
+                            let _ = done_tx.send(());
+                            return;
+                        }
+                        () = tokio::time::sleep(wait) => {}
                     }
-                    Err(e) => {
-                        tracing::error!(partition, error = %e, "restore task failed");
-                        let _ = done_tx.send(());
-                        return;
-                    }
+                    wait = (wait * 2).min(Duration::from_secs(5));
                 }
             }
             let totals = shared.partition_state(partition);
