@@ -137,7 +137,7 @@ pub struct Application {
 impl Application {
     pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Self, StartError> {
         let port = config.analyzer.http_port;
-        let listener = http::bind(port)
+        let listener = http::bind(port, config.common.http_port_file.as_deref())
             .await
             .map_err(|source| StartError::Bind { port, source })?;
         let port = listener.local_addr().map(|a| a.port()).unwrap_or(port);

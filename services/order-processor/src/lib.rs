@@ -86,7 +86,7 @@ impl Application {
         shutdown: CancellationToken,
     ) -> Result<Self, StartError> {
         let port = config.processor.http_port;
-        let listener = http::bind(port)
+        let listener = http::bind(port, config.common.http_port_file.as_deref())
             .await
             .map_err(|source| StartError::Bind { port, source })?;
         let port = listener.local_addr().map(|a| a.port()).unwrap_or(port);

@@ -81,6 +81,11 @@ pub struct CommonConfig {
     /// `LOG_FORMAT`, `json` or `pretty`. Default `pretty`.
     #[serde(default)]
     pub log_format: LogFormat,
+    /// `HTTP_PORT_FILE`: where the service writes the HTTP port it bound, once it listens, and
+    /// where `<service> healthcheck` reads it. For replicas that share a network namespace with
+    /// `HTTP_PORT=0` (Compose's `--scale` with host networking). Default: unset, no file.
+    #[serde(default)]
+    pub http_port_file: Option<std::path::PathBuf>,
     /// librdkafka properties from `RDKAFKA_*` variables (not read by envy; see
     /// [`CommonConfig::from_vars`]).
     #[serde(skip)]

@@ -4,6 +4,7 @@
 //! (`/stats`, `/report`) and serves it with [`serve`].
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -90,8 +91,16 @@ async fn metrics(State(s): State<Shared>) -> Response {
 }
 
 /// Binds `127.0.0.1:0`-style addresses too: the caller reads the real port from the listener.
-pub async fn bind(port: u16) -> std::io::Result<TcpListener> {
-    TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).await
+/// With a `port_file` (`HTTP_PORT_FILE`), the bound port is written there for `healthcheck`.
+pub async fn bind(port: u16, port_file: Option<&Path>) -> std::io::Result<TcpListener> {
+    let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).await?;
+    if let Some(path) = port_file {
+        let bound = listener.local_addr()?.port();
+        std::fs::write(path, format!("{bound}\n")).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("HTTP_PORT_FILE {}: {e}", path.display()))
+        })?;
+    }
+    Ok(listener)
 }
 
 /// Serves `app` until `shutdown` is cancelled.
@@ -154,14 +163,17 @@ pub fn watch_dependencies(
     });
 }
 
-/// `<service> healthcheck`: asks the service on this host (`HTTP_PORT`, else `default_port`)
-/// for `/readyz` and exits 0 when it answers 200. Container images have no curl or wget, so
-/// Docker and Compose health checks run the binary itself.
+/// `<service> healthcheck`: asks the service on this host (the port in `HTTP_PORT_FILE` when
+/// that is set, else `HTTP_PORT`, else `default_port`) for `/readyz` and exits 0 when it answers
+/// 200. Container images have no curl or wget, so Docker and Compose health checks run the
+/// binary itself.
 pub fn healthcheck_command(default_port: u16) -> std::process::ExitCode {
     use std::io::{Read as _, Write as _};
-    let port = std::env::var("HTTP_PORT")
-        .ok()
-        .and_then(|p| p.parse::<u16>().ok())
+    let from_file = std::env::var_os("HTTP_PORT_FILE")
+        .and_then(|path| std::fs::read_to_string(path).ok())
+        .and_then(|p| p.trim().parse::<u16>().ok());
+    let port = from_file
+        .or_else(|| std::env::var("HTTP_PORT").ok()?.parse::<u16>().ok())
         .unwrap_or(default_port);
     let timeout = std::time::Duration::from_secs(2);
     let answer = (|| -> std::io::Result<String> {
@@ -205,6 +217,23 @@ mod tests {
         let status = res.status();
         let body = res.into_body().collect().await.unwrap().to_bytes();
         (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn bind_writes_the_bound_port_where_healthcheck_reads_it() {
+        let dir = std::env::temp_dir().join(format!("order-runtime-port-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("http-port");
+        let listener = bind(0, Some(&path)).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert_ne!(port, 0);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), format!("{port}\n"));
+        // a file that cannot be written stops the start, naming the variable
+        let err = bind(0, Some(&dir.join("no-such-dir/http-port")))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().starts_with("HTTP_PORT_FILE "), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test]
