@@ -5,11 +5,12 @@ SHELL := /bin/bash
 LOGS := target/test-logs
 
 STACK := bash stack/stack.sh
+ENGINE := bash scripts/engine.sh
 VENV := .venv
 PY_REQS := tests/interop/requirements.txt
 
 .PHONY: help demo test reset-test-logs check-deploy k8s-manifests kind-up kind-load kind-install kind-down stack-up stack-down stack-status stack-env build lint \
-        test-rust test-interop test-demo python-env compose-demo compose-down bench
+        test-rust test-interop test-demo test-images python-env compose-demo compose-down bench engine-up engine-down engine-status images
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{ printf "  make %-14s %s\n", $$1, $$2 }'
@@ -17,7 +18,7 @@ help: ## list the targets
 demo: ## native stack + build + about a hundred orders end to end, with summaries and a trace link
 	bash scripts/demo.sh
 
-test: reset-test-logs stack-up lint test-rust test-interop test-demo check-deploy ## everything CI checks (starts the native stack itself)
+test: reset-test-logs stack-up lint test-rust test-interop test-demo check-deploy test-images ## everything CI checks (starts the native stack and the container engine itself)
 	@bash scripts/test-summary.sh $(LOGS)
 
 reset-test-logs:
@@ -61,9 +62,26 @@ test-demo: stack-up ## run the demo; it fails if any record is unaccounted for
 	@mkdir -p $(LOGS)
 	DEMO_RATE=50 bash scripts/demo.sh 2>&1 | tee $(LOGS)/demo.log
 
-check-deploy: ## Dockerfile, Compose file and Helm chart through hadolint, compose-go, helm, kubernetes-validate; the release build
+check-deploy: ## Dockerfile, Compose file and Helm chart through hadolint, compose-go, helm, kubernetes-validate
 	@mkdir -p $(LOGS)
 	bash scripts/check-deploy.sh 2>&1 | tee $(LOGS)/deploy.log
+
+engine-up: ## start the project's own container engine (Debian's docker.io; state in .engine/)
+	$(ENGINE) up
+
+engine-down: ## stop the engine that engine-up started
+	$(ENGINE) down
+
+engine-status: ## one line: is the engine running
+	$(ENGINE) status
+
+images: ## build the three images in that engine, on base images made here from Debian's packages
+	$(ENGINE) build
+
+test-images: stack-up python-env images ## the images under the chart's constraints, and the Compose services scaled, against the native stack
+	@mkdir -p $(LOGS)
+	$(ENGINE) compose version
+	$(VENV)/bin/pytest tests/images -q -rA --timeout=600 2>&1 | tee $(LOGS)/pytest-images.log
 
 k8s-manifests: ## regenerate k8s/order-pipeline.yaml from the chart
 	bash scripts/check-deploy.sh manifests
@@ -92,8 +110,8 @@ kind-up: ## create the kind cluster (k8s/kind-config.yaml)
 
 kind-load: ## build the three images and load them into the kind cluster
 	for s in order-generator order-processor dlq-analyzer; do \
-	  docker build --target $$s -t order-pipeline/$$s:$(IMAGE_TAG) . && \
-	  $(KIND) load docker-image order-pipeline/$$s:$(IMAGE_TAG) --name $(KIND_CLUSTER); \
+	  docker build --target $$s -t order-pipeline/$$s:$(IMAGE_TAG) . || exit 1; \
+	  $(KIND) load docker-image order-pipeline/$$s:$(IMAGE_TAG) --name $(KIND_CLUSTER) || exit 1; \
 	done
 
 kind-install: ## install (or upgrade) the chart into the kind cluster

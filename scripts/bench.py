@@ -12,7 +12,11 @@ same run, interleaving the contestants and repeating each (medians and min-max s
   (open loop: its record timestamp is the order's due time) to its aggregation in the
   processor, at fixed rates, next to `EndToEndLatency` (one record in flight at a time);
 - memory: peak RSS of each service at full load, and RSS when idle;
-- start-up: process start to `/healthz`, and to `/readyz` (which includes joining the group).
+- start-up: process start to `/healthz`, and to `/readyz` (which includes joining the group);
+- images: the size of each service's image (`make images`, on the runtime base made here from
+  Debian's packages) and the megabytes our layers add on top of that base. Built first, so the
+  build's CPU does not overlap a measurement. `BENCH_IMAGES=0` skips it;
+  `scripts/bench.py images` measures only this.
 
 Writes target/bench/results.json and prints a table.
 """
@@ -280,7 +284,31 @@ def summary(values):
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
 
+def image_sizes():
+    """{"runtime_base_mb": .., "<service>": {"image_mb": .., "our_layers_mb": ..}} after `make images`."""
+    engine = ["bash", str(ROOT / "scripts" / "engine.sh")]
+    subprocess.run(engine + ["build"], check=True, stdout=subprocess.DEVNULL)
+    return json.loads(subprocess.run(engine + ["sizes"], check=True, capture_output=True, text=True).stdout)
+
+
+def print_image_sizes(images):
+    print(f"\nimages (MB; runtime base made here {images['runtime_base_mb']:.1f})\n")
+    print(f"| {'image':<20} | {'image_mb':>10} | {'our_layers_mb':>14} |")
+    print(f"|{'-' * 22}|{'-' * 12}|{'-' * 16}|")
+    for service, size in images.items():
+        if isinstance(size, dict):
+            print(f"| {service:<20} | {size['image_mb']:>10.1f} | {size['our_layers_mb']:>14.1f} |")
+
+
 def main():
+    if sys.argv[1:] == ["images"]:
+        images = image_sizes()
+        print_image_sizes(images)
+        out = ROOT / "target" / "bench"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "images.json").write_text(json.dumps(images, indent=2) + "\n")
+        return
+    images = image_sizes() if os.environ.get("BENCH_IMAGES", "1") != "0" else None
     subprocess.run(STACK + ["up"], check=True)
     subprocess.run(["cargo", "build", "--release", "--locked", "-p", "order-generator", "-p", "order-processor",
                     "-p", "dlq-analyzer"], check=True, cwd=ROOT)
@@ -361,6 +389,8 @@ def main():
             **{case: {k: pct(runs, k) for k in ("p50", "p99", "p999", "max")} for case, runs in latency.items()},
         },
     }
+    if images is not None:
+        results["images"] = images
     med = lambda k: results[k]["median"]
     results["generator_vs_producer_perf"] = med("generator_msgs_per_s") / med("producer_perf_msgs_per_s")
     results["processor_vs_consumer_perf"] = med("processor_at_least_once_msgs_per_s") / med("consumer_perf_fetch_msgs_per_s")
@@ -410,6 +440,8 @@ def main():
                 "exactly_once_vs_at_least_once", "end_to_end_p99_vs_end_to_end_latency_tool"]:
         v = results[key]
         print(f"{key:<42} {v:.2f}" if v is not None else f"{key:<42} n/a")
+    if images is not None:
+        print_image_sizes(images)
     print(f"\nwritten to {out / 'results.json'}")
 
 

@@ -3,7 +3,8 @@
 # with the real tools: hadolint on the Dockerfile; compose-go (the loader `docker compose`
 # uses) on docker-compose.yml; helm lint and helm template, the rendered objects validated
 # strictly against the Kubernetes schemas (kubernetes-validate); values.schema.json refusing
-# bad values; k8s/ manifests current with the chart; the release build the Dockerfile runs.
+# bad values; k8s/ manifests current with the chart. The images themselves are built and run by
+# `make images` and `make test-images` (scripts/engine.sh, tests/images).
 #
 #   scripts/check-deploy.sh            everything
 #   scripts/check-deploy.sh manifests  regenerate k8s/order-pipeline.yaml from the chart
@@ -141,12 +142,6 @@ diff -u "$manifests" "$work/manifests.yaml" >/dev/null \
   || fail "$manifests is stale: run 'make k8s-manifests'"
 validate "$manifests"
 echo "$manifests is current and valid"
-
-if [ "${SKIP_RELEASE_BUILD:-}" != 1 ]; then
-  step "the release build the Dockerfile runs"
-  cargo build --release --locked -p order-generator -p order-processor -p dlq-analyzer
-  ls -l target/release/order-generator target/release/order-processor target/release/dlq-analyzer
-fi
 
 echo
 echo "deployment checks passed"

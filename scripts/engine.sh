@@ -1,0 +1,221 @@
+#!/usr/bin/env bash
+# A container engine of the project's own, and the three images built and kept in it.
+#
+# Debian's docker.io runs a daemon whose state, socket and pid file live in .engine/ (git-ignored;
+# ENGINE_DIR moves it): never the machine's default daemon, its settings or its socket. The daemon
+# has no bridge and touches no iptables, so containers use host networking and all their traffic
+# stays on loopback. No image registry is needed: the base images are made here from Debian's
+# packages (mmdebstrap) and the machine's Rust toolchain, and the Dockerfile is pointed at them
+# with its BUILDER_IMAGE and RUNTIME_IMAGE build arguments.
+#
+#   engine.sh install   the Debian packages (docker.io, mmdebstrap), when missing
+#   engine.sh up        start the daemon (a no-op when it runs)
+#   engine.sh down      stop what `up` started, by pid, and anything it left mounted
+#   engine.sh status    one line
+#   engine.sh env       `export DOCKER_HOST=...` for `eval`
+#   engine.sh bases     make and import the local base images (once; kept in the daemon)
+#   engine.sh build     build the Dockerfile's three targets on the local bases
+#   engine.sh sizes     image sizes as JSON (all of each image, and our layers above the base)
+#   engine.sh compose   Docker Compose v5 (built once from the Go module proxy) on this engine
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+dir=${ENGINE_DIR:-$repo/.engine}
+sock=$dir/docker.sock
+pidfile=$dir/dockerd.pid
+log=$dir/dockerd.log
+export DOCKER_HOST=unix://$sock
+# Debian's 20.10 client, which has BuildKit built in; a newer client found first on PATH would
+# need the buildx plugin, which no registry here serves
+docker=/usr/bin/docker
+debian_mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+suite=bookworm
+services=(order-generator order-processor dlq-analyzer)
+image_tag=${IMAGE_TAG:-dev}
+runtime_image=order-pipeline-base/runtime:$suite
+# the toolchain that builds the images is the one that builds the workspace here
+rust_sysroot=$(rustc --print sysroot)
+rust_version=$(rustc --version | awk '{print $2}')
+builder_image=order-pipeline-base/builder:$suite-rust$rust_version
+
+say() { printf '[engine] %s\n' "$*"; }
+fail() { printf 'engine: %s\n' "$*" >&2; exit 1; }
+
+running() { [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
+
+install() {
+  local missing=() p
+  for p in docker.io mmdebstrap; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  [ "${#missing[@]}" -eq 0 ] && return 0
+  say "installing ${missing[*]}"
+  local sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  # the package's own service is not started here (no init system runs it); ours is started by `up`
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+up() {
+  if running; then say "daemon running (pid $(cat "$pidfile"))"; return 0; fi
+  install
+  mkdir -p "$dir/data" "$dir/exec"
+  echo '{}' >"$dir/daemon.json"
+  # --config-file: none of /etc/docker/daemon.json; --bridge=none, --iptables=false: no network
+  # setting of the machine is changed, containers run with --network host
+  setsid /usr/sbin/dockerd \
+    --config-file "$dir/daemon.json" \
+    --data-root "$dir/data" --exec-root "$dir/exec" \
+    --pidfile "$pidfile" -H "unix://$sock" \
+    --bridge=none --iptables=false --ip-masq=false --ip-forward=false \
+    --userland-proxy=false --storage-driver=overlay2 \
+    >"$log" 2>&1 </dev/null &
+  local i
+  for i in $(seq 1 120); do
+    if $docker version >/dev/null 2>&1; then
+      say "daemon up (pid $(cat "$pidfile"), socket $sock)"
+      return 0
+    fi
+    sleep 0.5
+  done
+  tail -20 "$log" >&2
+  fail "the daemon did not answer within 60 s (log: $log)"
+}
+
+down() {
+  if running; then
+    local pid; pid=$(cat "$pidfile")
+    # stop our containers first, then the daemon (which stops the containerd it started)
+    $docker ps -q | xargs -r $docker stop -t 10 >/dev/null 2>&1 || true
+    kill -TERM "$pid"
+    local i
+    for i in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    kill -0 "$pid" 2>/dev/null && { say "daemon did not stop in 30 s; killing it"; kill -KILL "$pid"; }
+    say "daemon stopped"
+  fi
+  rm -f "$pidfile"
+  # whatever the daemon left mounted below its folders (a killed daemon leaves overlays)
+  local m
+  for m in $(awk -v d="$dir/" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r); do
+    umount -l "$m" 2>/dev/null || true
+  done
+}
+
+status() {
+  if running; then echo "engine    running (pid $(cat "$pidfile"), $DOCKER_HOST)"; else echo "engine    stopped"; fi
+}
+
+have_image() { $docker image inspect "$1" >/dev/null 2>&1; }
+
+# A bookworm root with apt and nothing else (minbase), plus the machine's Rust toolchain: the
+# clean root that proves scripts/debian-build-packages.txt complete, since the Dockerfile's
+# builder stage installs that list and nothing more into it.
+builder_base() {
+  have_image "$builder_image" && return 0
+  local root="$dir/roots/builder"
+  rm -rf "$root"; mkdir -p "$root"
+  say "making the builder base: mmdebstrap minbase $suite, Rust $rust_version ($rust_sysroot)"
+  mmdebstrap --quiet --variant=minbase --mode=root "$suite" "$root" "$debian_mirror"
+  mkdir -p "$root/usr/local/rust"
+  # the toolchain without its documentation and sources (cargo, rustc, the std library)
+  tar -C "$rust_sysroot" --exclude=./share/doc --exclude=./lib/rustlib/src -c . | tar -C "$root/usr/local/rust" -x
+  tar -C "$root" -c . | $docker import \
+    --change 'ENV PATH=/usr/local/cargo/bin:/usr/local/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    --change 'ENV CARGO_HOME=/usr/local/cargo' \
+    --change 'WORKDIR /' - "$builder_image" >/dev/null
+  rm -rf "$root"
+  say "imported $builder_image"
+}
+
+# What distroless base-nossl gives, made from the same Debian packages: glibc and libgcc, time
+# zones, /etc/services, Mozilla's CA certificates, and a user 65532 (nonroot); no shell, no
+# package manager. The root is merged-/usr (/lib is a link to usr/lib), as Debian's own are.
+runtime_base() {
+  have_image "$runtime_image" && return 0
+  local root="$dir/roots/runtime"
+  rm -rf "$root"; mkdir -p "$root"
+  say "making the runtime base: glibc, tzdata, netbase, ca-certificates from $suite"
+  mmdebstrap --quiet --variant=extract --mode=root \
+    --include=libc6,libgcc-s1,base-files,netbase,tzdata,ca-certificates \
+    "$suite" "$root" "$debian_mirror"
+  # merged-/usr, as Debian's own roots are since bookworm: /bin, /sbin, /lib and /lib64 are links
+  # into /usr, so an image that copies a real /lib over it loses its loader
+  local d
+  for d in bin sbin lib lib64; do
+    [ -d "$root/$d" ] && [ ! -L "$root/$d" ] || continue
+    mkdir -p "$root/usr/$d"; cp -a "$root/$d/." "$root/usr/$d/"; rm -rf "${root:?}/$d"; ln -s "usr/$d" "$root/$d"
+  done
+  # ca-certificates' own script did not run in an extract: build its bundle the same way
+  mkdir -p "$root/etc/ssl/certs"
+  cat "$root"/usr/share/ca-certificates/mozilla/*.crt >"$root/etc/ssl/certs/ca-certificates.crt"
+  printf 'root:x:0:0:root:/root:/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n' >"$root/etc/passwd"
+  printf 'root:x:0:\nnobody:x:65534:\nnonroot:x:65532:\n' >"$root/etc/group"
+  mkdir -p "$root/home/nonroot" "$root/tmp" "$root/root"
+  chown 65532:65532 "$root/home/nonroot"; chmod 1777 "$root/tmp"; chmod 700 "$root/root"
+  rm -rf "$root/usr/share/doc" "$root/usr/share/man" "$root/usr/share/info" "$root/usr/share/lintian" \
+    "$root/var/cache/apt" "$root/var/lib/apt" "$root/etc/apt" "$root"/usr/share/ca-certificates/mozilla
+  tar -C "$root" -c . | $docker import --change 'USER 65532:65532' - "$runtime_image" >/dev/null
+  rm -rf "$root"
+  say "imported $runtime_image"
+}
+
+bases() { up; builder_base; runtime_base; }
+
+build() {
+  bases
+  local s started=$SECONDS
+  # HTTPS from the build is verified with this machine's CA bundle, given to the cargo steps as
+  # a build secret: it is in no layer of any image
+  local ca=${BUILD_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
+  for s in "${services[@]}"; do
+    say "docker build --target $s"
+    DOCKER_BUILDKIT=1 $docker build --network host --progress plain \
+      --secret "id=build-ca,src=$ca" \
+      --build-arg "BUILDER_IMAGE=$builder_image" --build-arg "RUNTIME_IMAGE=$runtime_image" \
+      --target "$s" -t "order-pipeline/$s:$image_tag" "$repo" >"$dir/build-$s.log" 2>&1 \
+      || { tail -40 "$dir/build-$s.log" >&2; fail "docker build --target $s failed (log: $dir/build-$s.log)"; }
+  done
+  say "built ${services[*]} in $((SECONDS - started)) s"
+  sizes
+}
+
+# MB of each image, and of the layers our Dockerfile adds on top of the runtime base
+sizes() {
+  local base s total
+  base=$($docker image inspect -f '{{.Size}}' "$runtime_image")
+  printf '{"runtime_base_mb": %s' "$(awk -v b="$base" 'BEGIN { printf "%.1f", b / 1e6 }')"
+  for s in "${services[@]}"; do
+    total=$($docker image inspect -f '{{.Size}}' "order-pipeline/$s:$image_tag")
+    printf ', "%s": {"image_mb": %s, "our_layers_mb": %s}' "$s" \
+      "$(awk -v t="$total" 'BEGIN { printf "%.1f", t / 1e6 }')" \
+      "$(awk -v t="$total" -v b="$base" 'BEGIN { printf "%.1f", (t - b) / 1e6 }')"
+  done
+  printf '}\n'
+}
+
+# Docker Compose v5, built from the Go module proxy (version pinned in tools/compose/go.mod):
+# Debian's docker-compose is 1.29, which predates the Compose specification our file follows
+compose() {
+  local version bin
+  version=$(awk '$1 == "require" && $2 == "github.com/docker/compose/v5" { print $3 }' "$repo/tools/compose/go.mod")
+  bin=$dir/bin/docker-compose-$version
+  if [ ! -x "$bin" ]; then
+    say "building Docker Compose $version from the Go module proxy" >&2
+    mkdir -p "$dir/bin"
+    (cd "$repo/tools/compose" && go build -trimpath -o "$bin.part" github.com/docker/compose/v5/cmd) && mv "$bin.part" "$bin"
+  fi
+  up >&2
+  exec "$bin" "$@"
+}
+
+case "${1:-}" in
+  install) install ;;
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  env) echo "export DOCKER_HOST=$DOCKER_HOST" ;;
+  bases) bases ;;
+  build) build ;;
+  sizes) sizes ;;
+  compose) shift; compose "$@" ;;
+  *) echo "usage: $0 install|up|down|status|env|bases|build|sizes|compose ARGS..." >&2; exit 2 ;;
+esac
