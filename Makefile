@@ -10,12 +10,12 @@ VENV := .venv
 PY_REQS := tests/interop/requirements.txt
 
 .PHONY: help demo test reset-test-logs check-deploy k8s-manifests kind-up kind-load kind-install kind-down stack-up stack-down stack-status stack-env build lint \
-        test-rust test-interop test-demo test-images python-env compose-demo compose-down bench engine-up engine-down engine-status images
+        test-rust test-interop test-demo test-images python-env compose-demo compose-down bench engine-up engine-down engine-status images trace
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{ printf "  make %-14s %s\n", $$1, $$2 }'
 
-demo: ## native stack + build + about a hundred orders end to end, with summaries and a trace link
+demo: ## native stack + build + about a hundred orders end to end, with summaries and one dead letter's trace
 	bash scripts/demo.sh
 
 test: reset-test-logs stack-up lint test-rust test-interop test-demo check-deploy test-images ## everything CI checks (starts the native stack and the container engine itself)
@@ -120,6 +120,11 @@ kind-install: ## install (or upgrade) the chart into the kind cluster
 
 kind-down: ## delete the kind cluster
 	$(KIND) delete cluster --name $(KIND_CLUSTER)
+
+trace: ## one trace from Jaeger as a waterfall: make trace ID=<trace id>; without ID, the last demo's dead letter
+	@id="$(ID)"; [ -n "$$id" ] || id=$$(cat .stack/logs/last-demo-trace 2>/dev/null || true); \
+	  [ -n "$$id" ] || { echo "no trace id: run make demo first, or give one: make trace ID=<trace id>" >&2; exit 2; }; \
+	  cargo run -q --locked -p dlq-analyzer -- trace "$$id"
 
 bench: ## benchmarks against Kafka's own perf tools on the native stack (target/bench/results.json)
 	python3 scripts/bench.py

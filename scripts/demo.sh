@@ -32,7 +32,9 @@ cargo build --profile "$profile" -p order-generator -p order-processor -p dlq-an
 bin_dir="target/$([ "$profile" = dev ] && echo debug || echo "$profile")"
 
 run=$(date +%Y%m%d-%H%M%S)
-export ORDERS_TOPIC="demo-$run-orders" DLQ_TOPIC="demo-$run-orders-dlq"
+# short topic names (seconds since the epoch), so that a trace's span names fit 80 columns
+topics="demo-$(date +%s)"
+export ORDERS_TOPIC="$topics-orders" DLQ_TOPIC="$topics-dlq"
 export RUST_LOG=${RUST_LOG:-info,rdkafka=warn} LOG_FORMAT=${LOG_FORMAT:-pretty} NO_COLOR=1
 logs=".stack/logs/demo-$run"
 mkdir -p "$logs"
@@ -92,7 +94,8 @@ until [ "$(curl -sf http://127.0.0.1:8103/report | json 'd["total"]')" -ge "$dea
   [ "$(date +%s)" -lt "$deadline" ] || { echo "the analyzer did not see all $dead dead letters" >&2; exit 1; }
   sleep 0.5
 done
-trace_id=$(curl -sf http://127.0.0.1:8103/report | json 'next((f["trace_id"] for f in reversed(d["recent"]) if f.get("trace_id") and f["category"] != "deserialization"), "")')
+# the latest dead letter with the longest story: retries that ran out, else a broken rule
+trace_id=$(curl -sf http://127.0.0.1:8103/report | json 'next((f["trace_id"] for c in ("retries_exhausted", "validation") for f in reversed(d["recent"]) if f.get("trace_id") and f["category"] == c), "")')
 
 step "stopping the services"
 kill -TERM "$processor" "$analyzer"
@@ -115,10 +118,13 @@ if [ $(( processed + dead )) -ne "$expected" ] || [ "$analysed" -ne "$dead" ]; t
 fi
 echo "all $expected records accounted for: $processed processed, $dead dead-lettered ($analysed analysed)"
 
-step "traces"
-echo "Jaeger UI:        http://127.0.0.1:16686/search?service=order-processor"
+step "one dead letter's journey (make trace draws it again; ID=<trace id> for another)"
 if [ -n "$trace_id" ]; then
-  echo "a dead letter:    http://127.0.0.1:16686/trace/$trace_id"
+  echo "$trace_id" >.stack/logs/last-demo-trace
+  "$bin_dir/dlq-analyzer" trace "$trace_id"
 fi
+echo
+echo "Jaeger query API: http://127.0.0.1:16686/api/traces/${trace_id:-<trace id>}"
+echo "                  (this Jaeger has no UI; make compose-demo and the Helm chart have it)"
 echo "logs:             $logs/"
 echo "the stack is still running (make stack-status); stop it with: make stack-down"

@@ -296,13 +296,13 @@ case "$cmd" in
     # the three installs are independent; Jaeger's Go build is the slow one
     install_kafka; install_registry; install_jaeger
     start_kafka; start_registry; start_jaeger
-    say "stack up in $(elapsed "$t")s: Kafka 127.0.0.1:$KAFKA_PORT, registry $(registry_url), Jaeger UI http://127.0.0.1:16686" ;;
+    say "stack up in $(elapsed "$t")s: Kafka 127.0.0.1:$KAFKA_PORT, registry $(registry_url), Jaeger query API http://127.0.0.1:16686/api (no UI in this build; make trace)" ;;
   down)
     stop jaeger; stop registry; stop kafka ;;
   status)
     status_line kafka "127.0.0.1:$KAFKA_PORT"
     status_line registry "$(registry_url)"
-    status_line jaeger "http://127.0.0.1:16686 (OTLP 4317/4318)" ;;
+    status_line jaeger "query API http://127.0.0.1:16686/api, OTLP 4317/4318" ;;
   env)
     echo "export KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:$KAFKA_PORT"
     echo "export SCHEMA_REGISTRY_URL=$(registry_url)"

@@ -5,6 +5,8 @@
 //! - [`report`]: the running report: totals by category and error kind, the value of the
 //!   orders that failed (decoded where the bytes allow), by product, the latest failures.
 //! - [`Application`]: consumes the topic and serves `/report`.
+//! - [`waterfall`]: `dlq-analyzer trace <id>` (`make trace`), one trace from Jaeger's query API
+//!   drawn in the terminal: the journey of a dead letter across the three services.
 //!
 //! The analyzer reads the whole dead-letter topic from its beginning each time it starts and
 //! commits no offsets: its report always covers every dead letter still retained, not just
@@ -12,6 +14,7 @@
 //! partitions out when several analyzers run.
 
 pub mod report;
+pub mod waterfall;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

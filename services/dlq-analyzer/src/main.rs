@@ -7,10 +7,16 @@ use dlq_analyzer::{Application, Config, SERVICE_NAME, report::summary_text};
 use order_runtime::{config::process_env, shutdown, telemetry};
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
-    if std::env::args().nth(1).as_deref() == Some("healthcheck") {
-        return Ok(order_runtime::http::healthcheck_command(8103));
+    match std::env::args().nth(1).as_deref() {
+        Some("healthcheck") => Ok(order_runtime::http::healthcheck_command(8103)),
+        Some("trace") => trace(std::env::args().nth(2)),
+        _ => run(),
     }
-    run()
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn trace(id: Option<String>) -> anyhow::Result<std::process::ExitCode> {
+    Ok(dlq_analyzer::waterfall::command(id.as_deref()).await)
 }
 
 #[tokio::main]

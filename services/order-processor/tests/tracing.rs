@@ -267,3 +267,93 @@ async fn retries_are_attempt_spans_under_one_processing_span() {
         );
     }
 }
+
+/// `make trace` (`dlq-analyzer trace <id>`) draws a dead letter's trace from the native stack's
+/// Jaeger: spans of all three services, the attempts and backoffs in order, the dead-letter hop.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_trace_command_draws_a_dead_letters_journey() {
+    let (orders, dlq, group) = (unique("orders"), unique("orders-dlq"), unique("processor"));
+    let (report, _) = run_pipeline(&orders, &dlq, &group).await;
+    let failure = report["recent"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["category"] == "retries_exhausted")
+        .unwrap();
+    let trace_id = failure["trace_id"].as_str().unwrap();
+    // the command waits for late spans itself, but not for a whole export round of each service
+    trace_from_jaeger(trace_id, |s| s.iter().any(|x| x.service == "dlq-analyzer")).await;
+    let out = std::process::Command::new(service_bin("dlq-analyzer"))
+        .args(["trace", trace_id])
+        .env("JAEGER_QUERY_URL", JAEGER)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.starts_with(&format!("trace {trace_id}: ")), "{text}");
+    assert!(text.contains(" 3 services, "), "{text}");
+    for line in text.lines() {
+        assert!(
+            line.chars().count() <= 80,
+            "wider than 80 columns: {line:?}"
+        );
+    }
+    // in the order a person reads the journey, top to bottom
+    let expected = [
+        ("order-generator", format!("send {orders}")),
+        (
+            "order-processor",
+            format!("process {orders} error.type=retries_exhausted"),
+        ),
+        (
+            "order-processor",
+            "process attempt 1 error.type=transient_failure".to_owned(),
+        ),
+        ("order-processor", "backoff wait 100 ms".to_owned()),
+        (
+            "order-processor",
+            "process attempt 2 error.type=transient_failure".to_owned(),
+        ),
+        ("order-processor", "backoff wait 200 ms".to_owned()),
+        (
+            "order-processor",
+            "process attempt 3 error.type=transient_failure".to_owned(),
+        ),
+        (
+            "order-processor",
+            format!("send {dlq} error.type=retries_exhausted"),
+        ),
+        (
+            "dlq-analyzer",
+            format!("process {dlq} error.type=retries_exhausted"),
+        ),
+    ];
+    // each span's line, with the line of notes that may follow it joined on
+    let mut entries: Vec<(String, String)> = Vec::new();
+    for line in text.lines().skip(2) {
+        match line.split('|').nth(2) {
+            Some(tree) => {
+                entries.push((tree[..=15].trim().to_owned(), tree[17..].trim().to_owned()))
+            }
+            None => {
+                let last = &mut entries.last_mut().unwrap().1;
+                last.push(' ');
+                last.push_str(line.trim());
+            }
+        }
+    }
+    let mut entries = entries.iter();
+    for (service, span) in &expected {
+        let found = entries
+            .by_ref()
+            .any(|(s, name)| s == service && name == span);
+        assert!(
+            found,
+            "no {service} line {span:?} after the previous one in:\n{text}"
+        );
+    }
+}
