@@ -51,7 +51,8 @@ install() {
   say "installing ${missing[*]}"
   local sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
   $sudo apt-get update -qq
-  # the package's own service is not started here (no init system runs it); ours is started by `up`
+  # where an init system runs, the package may start the machine's own docker service as Debian
+  # sets it up; ours is a separate daemon, started by `up`
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 }
 
@@ -93,6 +94,11 @@ down() {
     say "daemon stopped"
   fi
   rm -f "$pidfile"
+  # the containerd our daemon started, if the daemon died without stopping it
+  local containerd_pid=$dir/exec/containerd/containerd.pid
+  if [ -f "$containerd_pid" ] && kill -0 "$(cat "$containerd_pid")" 2>/dev/null; then
+    kill -TERM "$(cat "$containerd_pid")"; say "stopped the daemon's containerd"
+  fi
   # whatever the daemon left mounted below its folders (a killed daemon leaves overlays)
   local m
   for m in $(awk -v d="$dir/" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r); do
