@@ -53,8 +53,8 @@ $(VENV)/.installed: $(PY_REQS)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r $(PY_REQS)
 	touch $@
 
-test-interop: stack-up python-env ## a foreign Confluent client (Python) against our stack and services
-	cargo build --locked -p order-generator -p order-processor
+test-interop: stack-up python-env ## a foreign Confluent client (Python) against our stack and services; the status page in Chromium
+	cargo build --locked -p order-generator -p order-processor -p dlq-analyzer
 	@mkdir -p $(LOGS)
 	$(VENV)/bin/pytest tests/interop -q --timeout=300 2>&1 | tee $(LOGS)/pytest.log
 

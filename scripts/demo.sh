@@ -76,6 +76,7 @@ printf 'this is not an order\n{"orderId": "json-instead-of-avro"}\n' \
 expected=$(( sent + garbage_n ))
 
 step "waiting for all $expected records to be processed or dead-lettered (retries back off 1 s, 2 s, 4 s)"
+echo "  status page, while the demo runs: http://127.0.0.1:8102/"
 deadline=$(( $(date +%s) + 180 ))
 while :; do
   stats=$(curl -sf http://127.0.0.1:8102/stats)

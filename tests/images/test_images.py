@@ -14,18 +14,18 @@ the processor is scaled to three replicas with `--scale`.
 import json
 import os
 import pathlib
-import socket
 import subprocess
+import sys
 import time
-import urllib.request
-import uuid
 
-import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer
 from confluent_kafka.serialization import MessageField, SerializationContext
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from support import free_port, get_json, unique, wait_for  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ENGINE = ROOT / "scripts" / "engine.sh"
@@ -58,39 +58,10 @@ def docker(*args, check=True, timeout=120):
     return run.stdout.strip()
 
 
-def unique(prefix):
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def create_topics(orders, dlq):
     admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
     for f in admin.create_topics([NewTopic(orders, 3, 1), NewTopic(dlq, 3, 1)]).values():
         f.result(timeout=30)
-
-
-def get_json(port, path):
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as r:
-        return json.load(r)
-
-
-def wait_for(what, predicate, timeout):
-    deadline = time.time() + timeout
-    last = None
-    while time.time() < deadline:
-        try:
-            last = predicate()
-            if last:
-                return last
-        except (OSError, ValueError) as e:
-            last = e
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
 
 
 def health(container):

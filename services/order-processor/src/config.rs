@@ -7,7 +7,7 @@ use order_runtime::config::{ConfigError, check_range, load};
 use serde::Deserialize;
 
 /// How outcomes and offsets are made durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Guarantee {
     /// Kafka transactions: dead letters, the changelog of per-partition state and the
@@ -64,6 +64,10 @@ pub struct ProcessorSettings {
     /// crashed replica's). Default 10000.
     #[serde(default = "default_transaction_timeout")]
     pub transaction_timeout_ms: u64,
+    /// `ANALYZER_URL`: the dlq-analyzer whose `/report` the status page (`/`) shows beside the
+    /// group's totals. Default `http://127.0.0.1:8103`.
+    #[serde(default = "default_analyzer_url")]
+    pub analyzer_url: String,
 }
 
 fn default_port() -> u16 {
@@ -92,6 +96,9 @@ fn default_commit_interval() -> u64 {
 }
 fn default_transaction_timeout() -> u64 {
     10_000
+}
+fn default_analyzer_url() -> String {
+    "http://127.0.0.1:8103".to_owned()
 }
 
 /// Everything the processor reads from the environment.
@@ -148,6 +155,12 @@ impl Config {
         }
         if p.consumer_group.trim().is_empty() {
             return Err(ConfigError("CONSUMER_GROUP must not be empty".into()));
+        }
+        if !(p.analyzer_url.starts_with("http://") || p.analyzer_url.starts_with("https://")) {
+            return Err(ConfigError(format!(
+                "ANALYZER_URL {:?} is not an http(s) URL",
+                p.analyzer_url
+            )));
         }
         if p.state_topic
             .as_deref()
@@ -217,6 +230,7 @@ mod tests {
             ("RETRY_MAX_BACKOFF_MS", "10"),
             ("PROCESSING_GUARANTEE", "exactly_twice"),
             ("COMMIT_INTERVAL_MS", "5"),
+            ("ANALYZER_URL", "localhost:8103"),
         ] {
             let e = Config::from_vars(&vars(&[(var, value)])).unwrap_err();
             assert!(e.to_string().contains(var), "{var}={value}: {e}");

@@ -685,8 +685,19 @@ fn last_state(
     Ok(None)
 }
 
-/// The whole group's totals: every partition's latest committed state, merged.
-pub fn global_report(config: &Config) -> Result<StatsReport, EosError> {
+/// One partition of the orders topic as the whole group has committed it.
+#[derive(Debug, Clone)]
+pub struct CommittedPartition {
+    pub partition: i32,
+    /// The latest committed state; `None` before the partition's first commit.
+    pub state: Option<PartitionState>,
+    /// The orders partition's end offset (high watermark) when it was read.
+    pub end_offset: i64,
+}
+
+/// Every partition's latest committed state (from the changelog, which commits in the same
+/// transactions as the group's offsets) and the orders partition's end offset.
+pub fn committed_partitions(config: &Config) -> Result<Vec<CommittedPartition>, EosError> {
     let common = &config.common;
     let state_topic = config.state_topic();
     let reader = changelog_reader(common, "read_committed")?;
@@ -696,14 +707,27 @@ pub fn global_report(config: &Config) -> Result<StatsReport, EosError> {
         .iter()
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect();
-    let mut states = Vec::new();
-    for p in partitions {
-        let (_, lso) = reader.fetch_watermarks(&state_topic, p, Duration::from_secs(10))?;
-        if let Some(s) = last_state(&reader, &state_topic, p, lso)? {
-            states.push((p, s));
-        }
+    let mut committed = Vec::with_capacity(partitions.len());
+    for partition in partitions {
+        let (_, lso) = reader.fetch_watermarks(&state_topic, partition, Duration::from_secs(10))?;
+        let state = last_state(&reader, &state_topic, partition, lso)?;
+        let (_, end_offset) =
+            reader.fetch_watermarks(&common.orders_topic, partition, Duration::from_secs(10))?;
+        committed.push(CommittedPartition {
+            partition,
+            state,
+            end_offset,
+        });
     }
-    Ok(StatsReport::new(states.iter().map(|(p, s)| (*p, s))))
+    Ok(committed)
+}
+
+/// The whole group's totals: every partition's latest committed state, merged.
+pub fn global_report(config: &Config) -> Result<StatsReport, EosError> {
+    let committed = committed_partitions(config)?;
+    Ok(StatsReport::new(committed.iter().filter_map(|c| {
+        c.state.as_ref().map(|s| (c.partition, s))
+    })))
 }
 
 /// Creates the changelog topic (compacted, as many partitions as the orders topic) or checks

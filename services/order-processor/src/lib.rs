@@ -9,6 +9,8 @@
 //!   per-partition state and the consumer offsets; restore on assignment; `/stats/global`.
 //! - [`aggregate`]: per-partition count, revenue, min, max in integer cents, mergeable.
 //! - [`metrics`]: Prometheus series.
+//! - [`status`]: the status page on `/` (group totals, throughput, lag and retries per
+//!   partition, the analyzer's dead letters), one self-contained page in the binary.
 //! - [`Application`]: builds all of it (binding the HTTP port first, port 0 in tests) and runs
 //!   it until a shutdown token is cancelled, exactly as `main` does.
 
@@ -17,6 +19,7 @@ pub mod config;
 pub mod eos;
 pub mod metrics;
 pub mod pipeline;
+pub mod status;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -178,7 +181,7 @@ impl Application {
         self.port
     }
 
-    /// The routes: shared health and metrics, `/stats` and `/stats/global`.
+    /// The routes: shared health and metrics, `/stats`, `/stats/global` and the status page.
     pub fn router(shared: Arc<Shared>, probe: Arc<Probe>, registry: Registry) -> Router {
         let stats = Router::new()
             .route(
@@ -196,8 +199,14 @@ impl Application {
                 }),
             )
             .route("/stats/global", get(global_stats))
-            .with_state(shared);
-        http::router(probe, Arc::new(registry)).merge(stats)
+            .with_state(shared.clone());
+        let page = Router::new()
+            .route("/", get(status::page))
+            .route("/status.json", get(status::status))
+            .with_state(Arc::new(status::StatusPage::new(shared.config.clone())));
+        http::router(probe, Arc::new(registry))
+            .merge(stats)
+            .merge(page)
     }
 
     /// Runs until the shutdown token is cancelled, then stops the partition tasks, commits what

@@ -1,0 +1,130 @@
+"""The processor's status page (`/`), looked at in a real browser: Debian's Chromium, headless,
+driven through its ChromeDriver by Selenium.
+
+After a known set of orders, the totals on the page equal `/stats/global`, the dead letters
+equal the analyzer's `/report`, nothing on the page fails to load, and the browser's console
+has no error. The screenshot stays in target/test-logs/status-page.png.
+"""
+
+import pathlib
+import signal
+import subprocess
+import sys
+import urllib.request
+
+from confluent_kafka import Producer
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+
+from test_confluent import BIN, BOOTSTRAP, ROOT, create_topic, free_port, service_env, unique
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from support import get_json, wait_for  # noqa: E402
+
+SCREENSHOT = ROOT / "target" / "test-logs" / "status-page.png"
+# traces to the native stack's Jaeger (spans are made at the info level), so that dead letters
+# carry trace ids
+TRACED = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "RUST_LOG": "info,rdkafka=warn"}
+
+
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    # no network but loopback here: nothing in the background, no component updates
+    for flag in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", "--window-size=1280,1400"]:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+
+
+def card(driver, key):
+    text = driver.find_element(By.CSS_SELECTOR, f'.card[data-key="{key}"] .value').text
+    return text.replace("$", "").replace(",", "")
+
+
+def test_the_status_page_shows_the_groups_totals_and_the_dead_letters():
+    topic = unique("page-orders")
+    create_topic(topic, 3)
+    create_topic(topic + "-dlq", 1)
+    ports = {"processor": free_port(), "analyzer": free_port()}
+    analyzer = subprocess.Popen(
+        [BIN / "dlq-analyzer"], env=service_env(topic, HTTP_PORT=ports["analyzer"], CONSUMER_GROUP=unique("page-analyzer"), **TRACED),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    processor = subprocess.Popen(
+        [BIN / "order-processor"],
+        env=service_env(topic, HTTP_PORT=ports["processor"], CONSUMER_GROUP=unique("page-processor"),
+                        TRANSIENT_FAILURE_RATE="0.2", RETRY_INITIAL_BACKOFF_MS="20",
+                        ANALYZER_URL=f"http://127.0.0.1:{ports['analyzer']}", **TRACED),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = None
+    try:
+        for p in ports.values():
+            wait_for("ready", lambda p=p: urllib.request.urlopen(f"http://127.0.0.1:{p}/readyz", timeout=2).status == 200, 60)
+        # the page is open while the orders flow, so that it draws their throughput
+        driver = browser()
+        driver.get(f"http://127.0.0.1:{ports['processor']}/")
+        wait_for("the page's first answer", lambda: driver.find_element(By.TAG_NAME, "body").get_attribute("data-loaded") == "true", 30)
+        run = subprocess.run([BIN / "order-generator"],
+                             env=service_env(topic, ORDER_COUNT=150, ORDER_RATE=30, INVALID_ORDER_RATIO=0.1,
+                                             HTTP_PORT=free_port(), **TRACED),
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr + run.stdout
+        producer = Producer({"bootstrap.servers": BOOTSTRAP})
+        producer.produce(topic, key="garbage", value=b"not an order")
+        assert producer.flush(30) == 0
+
+        total = 151
+        stats = wait_for("every record settled", lambda: (
+            s if (s := get_json(ports["processor"], "/stats/global"))["processed"] + s["dead_lettered"] == total else None), 120)
+        report = wait_for("the analyzer's report", lambda: (
+            r if (r := get_json(ports["analyzer"], "/report"))["total"] == stats["dead_lettered"] else None), 60)
+        assert stats["dead_lettered"] >= 1  # the garbage at least
+        # the page polls every 2 s
+        wait_for("the page to show the final figures", lambda: (
+            int(card(driver, "processed")) == stats["processed"]
+            and driver.find_element(By.ID, "dead-total").text.replace(",", "") == str(report["total"])), 30)
+        peak = driver.find_element(By.ID, "rate").text
+        assert peak.startswith("now ") and not peak.endswith("top of the chart 1 orders/s"), peak
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(SCREENSHOT))
+
+        assert int(card(driver, "processed")) == stats["processed"]
+        assert card(driver, "revenue") == f"{stats['revenue']:.2f}"
+        assert card(driver, "average") == f"{stats['average']:.2f}"
+        assert card(driver, "min") == f"{stats['min']:.2f}"
+        assert card(driver, "max") == f"{stats['max']:.2f}"
+        assert int(card(driver, "dead-lettered")) == stats["dead_lettered"]
+        assert int(card(driver, "retries")) == stats["retries"]
+
+        partitions = driver.find_elements(By.CSS_SELECTOR, "#partitions tbody tr")
+        assert len(partitions) == 3
+        cells = [[td.text.replace(",", "") for td in row.find_elements(By.TAG_NAME, "td")] for row in partitions]
+        assert sum(int(c[4]) for c in cells) == stats["processed"]
+        assert all(c[3] == "0" for c in cells), cells  # no lag once everything is committed
+
+        assert driver.find_element(By.ID, "dead-total").text.replace(",", "") == str(report["total"])
+        assert driver.find_element(By.ID, "failed-value").text == f"${report['failed_value']:,.2f}"
+        kinds = {row.find_elements(By.TAG_NAME, "td")[0].text: int(row.find_elements(By.TAG_NAME, "td")[1].text)
+                 for row in driver.find_elements(By.CSS_SELECTOR, "#kinds tbody tr")}
+        assert kinds == report["by_kind"]
+        recent = driver.find_elements(By.CSS_SELECTOR, "#recent tbody tr")
+        assert len(recent) == len(report["recent"])
+        shown = {row.find_elements(By.TAG_NAME, "td")[5].text for row in recent}
+        assert shown == {f.get("trace_id") or "–" for f in report["recent"]}
+        # every dead letter but the garbage (which no producer of ours wrote) carries its trace
+        assert sum(1 for t in shown if len(t) == 32) >= len(report["recent"]) - 1
+
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert errors == [], errors
+        assert driver.find_element(By.ID, "global-error").text == ""
+        assert driver.find_element(By.ID, "dead-error").text == ""
+    finally:
+        if driver is not None:
+            driver.quit()
+        for proc in (processor, analyzer):
+            proc.send_signal(signal.SIGTERM)
+        for proc in (processor, analyzer):
+            proc.wait(timeout=30)
