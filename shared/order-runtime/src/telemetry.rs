@@ -71,12 +71,20 @@ pub fn tracer_provider(
     Ok(builder.build())
 }
 
-/// Host name and pid: unique per replica, readable in Jaeger.
+/// Host name, pid and a random part, the same for the whole process: readable in Jaeger, and
+/// unique per replica even where replicas share both host name and pid (containers on the
+/// host network all have the host's name and pid 1), since the exactly-once processor's
+/// `transactional.id` is built from it and two producers with one id fence each other.
 pub fn instance_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "unknown-host".to_owned());
-    format!("{host}-{}", std::process::id())
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "unknown-host".to_owned());
+        let random = uuid::Uuid::new_v4().simple().to_string();
+        format!("{host}-{}-{}", std::process::id(), &random[..8])
+    })
+    .clone()
 }
 
 /// `RUST_LOG`, `info` when unset or unreadable.
@@ -148,6 +156,16 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use tracing::level_filters::LevelFilter;
+
+    #[test]
+    fn the_instance_id_is_one_per_process_and_not_just_host_and_pid() {
+        let id = instance_id();
+        assert_eq!(id, instance_id());
+        let pid = format!("-{}-", std::process::id());
+        let (_, random) = id.rsplit_once(&pid).unwrap();
+        assert_eq!(random.len(), 8, "{id}");
+        assert!(random.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+    }
 
     /// The subscriber's level hint becomes tracing's global maximum, which `level_enabled!`
     /// reads: it must follow `RUST_LOG`, so that filtered-out spans cost nothing to skip.
