@@ -123,9 +123,17 @@ def check_totals(orders_topic, dlq_topic, processor_port, analyzer_port):
     """Asserts the processor's group totals and the dead-letter topic against the ground truth."""
     valid, failing = judge(orders_topic)
     expected = len(valid) + len(failing)
-    stats = wait_for(f"{expected} records settled", lambda: (
-        s if (s := get_json(processor_port, "/stats/global"))["processed"] + s["dead_lettered"] >= expected else None
-    ), 180)
+    seen = {}
+
+    def settled():
+        seen["stats"] = get_json(processor_port, "/stats/global")
+        done = seen["stats"]["processed"] + seen["stats"]["dead_lettered"]
+        return seen["stats"] if done >= expected else None
+
+    try:
+        stats = wait_for(f"{expected} records settled", settled, 180)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; the group's last totals: {seen.get('stats')}") from None
     dead = read_all(dlq_topic)
     by_origin = {}
     for _p, _o, key, value, headers in dead:
@@ -237,6 +245,7 @@ def test_compose_services_scale_to_three_replicas_with_exact_totals():
                               env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
 
+    replicas = []
     try:
         # --wait: every replica's own Compose health check passes (the port from its port file)
         up("--wait", "--wait-timeout", "120", "--scale", "order-processor=3", "order-processor", "dlq-analyzer")
@@ -260,5 +269,10 @@ def test_compose_services_scale_to_three_replicas_with_exact_totals():
               f"{[s['processed'] for s in shares]} on ports {replica_ports}")
         for r in replicas:
             assert_untouched(r)
+    except AssertionError:
+        for r in replicas:  # what each replica said, for the reader of a failure
+            logs = subprocess.run(["/usr/bin/docker", "logs", "--tail", "40", r], env=ENV, capture_output=True, text=True)
+            print(f"--- {r}\n{logs.stdout}{logs.stderr}")
+        raise
     finally:
         subprocess.run([*compose, "down", "--timeout", "20"], env=env, capture_output=True, timeout=120)
