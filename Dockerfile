@@ -49,7 +49,9 @@ RUN --mount=type=secret,id=build-ca with-build-ca cargo chef cook --release --lo
 COPY . .
 # then collect the shared libraries the binaries need beyond glibc (OpenSSL, zlib, libgcc), flat
 # into the multiarch directory that the loader searches: the same path on a merged-/usr base
-# (/lib a link to usr/lib) and on one that is not, so copying them never replaces a link
+# (/lib a link to usr/lib) and on one that is not, so copying them never replaces a link.
+# The pipe runs under the chef stage's SHELL (bash -o pipefail), which this stage inherits.
+# hadolint ignore=DL4006
 RUN --mount=type=secret,id=build-ca with-build-ca \
       cargo build --release --locked -p order-generator -p order-processor -p dlq-analyzer \
  && libdir=/out/libs/usr/lib/$(gcc -print-multiarch) \

@@ -78,7 +78,9 @@ if [ "${1:-}" = manifests ]; then
 fi
 
 step "hadolint Dockerfile"
-"$venv/bin/hadolint" Dockerfile && echo "no findings"
+# (a failing command before && does not stop a `set -e` script: say it)
+"$venv/bin/hadolint" Dockerfile || fail "hadolint has findings in the Dockerfile"
+echo "no findings"
 
 step "docker-compose.yml through compose-go"
 "$compose_check" docker-compose.yml | tee "$work/compose.txt"
