@@ -202,7 +202,9 @@ sizes() {
 # Debian's docker-compose is 1.29, which predates the Compose specification our file follows
 compose() {
   local version bin
-  version=$(awk '$1 == "require" && $2 == "github.com/docker/compose/v5" { print $3 }' "$repo/tools/compose/go.mod")
+  # the version on the module's line, whether go.mod has it on a `require` line or in a block
+  version=$(awk '{ for (i = 1; i < NF; i++) if ($i == "github.com/docker/compose/v5") { print $(i + 1); exit } }' "$repo/tools/compose/go.mod")
+  [ -n "$version" ] || fail "no github.com/docker/compose/v5 in tools/compose/go.mod"
   bin=$dir/bin/docker-compose-$version
   if [ ! -x "$bin" ]; then
     say "building Docker Compose $version from the Go module proxy" >&2
