@@ -60,7 +60,8 @@ pub struct Status {
 /// The page's state: the settings and the last answer.
 pub struct StatusPage {
     config: Config,
-    client: reqwest::Client,
+    /// For the analyzer's `/report`; the reason when none could be built.
+    client: Result<reqwest::Client, String>,
     last: Mutex<Option<(Instant, Arc<String>)>>,
 }
 
@@ -69,7 +70,7 @@ impl StatusPage {
         let client = order_schema::http_client_builder(&config.processor.analyzer_url)
             .timeout(Duration::from_secs(2))
             .build()
-            .unwrap_or_default();
+            .map_err(|e| e.to_string());
         StatusPage {
             config,
             client,
@@ -106,13 +107,16 @@ impl StatusPage {
             "{}/report",
             self.config.processor.analyzer_url.trim_end_matches('/')
         );
-        let (dead_letters, dead_letters_error) = match self.client.get(&url).send().await {
-            Ok(r) if r.status().is_success() => match r.json::<serde_json::Value>().await {
-                Ok(v) => (Some(v), None),
-                Err(e) => (None, Some(format!("{url}: {e}"))),
+        let (dead_letters, dead_letters_error) = match &self.client {
+            Err(e) => (None, Some(format!("no HTTP client for {url}: {e}"))),
+            Ok(client) => match client.get(&url).send().await {
+                Ok(r) if r.status().is_success() => match r.json::<serde_json::Value>().await {
+                    Ok(v) => (Some(v), None),
+                    Err(e) => (None, Some(format!("{url}: {e}"))),
+                },
+                Ok(r) => (None, Some(format!("{url} answered {}", r.status()))),
+                Err(e) => (None, Some(format!("{url} did not answer: {e}"))),
             },
-            Ok(r) => (None, Some(format!("{url} answered {}", r.status()))),
-            Err(e) => (None, Some(format!("{url} did not answer: {e}"))),
         };
         Status {
             guarantee: self.config.processor.processing_guarantee,
