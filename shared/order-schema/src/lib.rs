@@ -132,7 +132,7 @@ impl Order {
     /// written with a compatible newer schema (extra fields) still reads.
     pub fn from_avro_value(value: Value) -> Result<Self, CodecError> {
         let Value::Record(fields) = value else {
-            return Err(CodecError::Malformed(format!(
+            return Err(CodecError::invalid_avro(format!(
                 "expected an Avro record, found {value:?}"
             )));
         };
@@ -144,7 +144,7 @@ impl Order {
                 ("price", Value::Double(d)) => price = Some(d),
                 ("price", Value::Float(f)) => price = Some(f64::from(f)),
                 ("orderId" | "product" | "price", other) => {
-                    return Err(CodecError::Malformed(format!(
+                    return Err(CodecError::invalid_avro(format!(
                         "field {name} has the wrong type: {other:?}"
                     )));
                 }
@@ -157,10 +157,44 @@ impl Order {
                 product,
                 price,
             }),
-            _ => Err(CodecError::Malformed(
+            _ => Err(CodecError::invalid_avro(
                 "record lacks orderId, product or price".to_owned(),
             )),
         }
+    }
+}
+
+/// Why bytes are not an Order, decided where it is known: a stable name for dead letters'
+/// `dlq.error.kind`, metrics and reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MalformedKind {
+    /// The record has no value (a tombstone).
+    NullValue,
+    /// Fewer bytes than the 5-byte Confluent header.
+    TooShort,
+    /// The first byte is not the Confluent wire format's 0.
+    BadMagicByte,
+    /// The registry does not know the schema id in the header.
+    UnknownSchemaId,
+    /// The body does not decode as an Order under its writer schema.
+    InvalidAvro,
+}
+
+impl MalformedKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NullValue => "null_value",
+            Self::TooShort => "too_short",
+            Self::BadMagicByte => "bad_magic_byte",
+            Self::UnknownSchemaId => "unknown_schema_id",
+            Self::InvalidAvro => "invalid_avro",
+        }
+    }
+}
+
+impl std::fmt::Display for MalformedKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -168,8 +202,8 @@ impl Order {
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
     /// The bytes are not an Order under any schema the registry knows: dead-letter them.
-    #[error("not a valid Order: {0}")]
-    Malformed(String),
+    #[error("not a valid Order ({kind}): {reason}")]
+    Malformed { kind: MalformedKind, reason: String },
     /// The registry could not be asked (network, 5xx): try again later, keep the data.
     #[error("schema registry unavailable: {0}")]
     RegistryUnavailable(String),
@@ -183,34 +217,66 @@ impl CodecError {
     pub fn is_temporary(&self) -> bool {
         matches!(self, Self::RegistryUnavailable(_))
     }
+
+    fn malformed(kind: MalformedKind, reason: impl Into<String>) -> Self {
+        Self::Malformed {
+            kind,
+            reason: reason.into(),
+        }
+    }
+
+    fn invalid_avro(reason: impl Into<String>) -> Self {
+        Self::malformed(MalformedKind::InvalidAvro, reason)
+    }
 }
 
-/// A failure to reach or use the registry is temporary when the client says so, when the
-/// registry answered with a server error, throttling or an authorization failure, or when the
-/// answer was not the Confluent API's at all (no Confluent `error_code` in the body: a wrong
-/// base URL or a proxy in the way). None of these says anything about the record, so the
-/// record must wait rather than be dead-lettered. schema_registry_converter only flags 502/503.
-fn registry_error_is_temporary(e: &SRCError) -> bool {
+/// What a failed registry call means for the record that needed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RegistryFailure {
+    /// Nothing is known about the record: it waits (see [`classify_registry_error`]).
+    Unavailable,
+    /// The registry answered that the schema id does not exist.
+    UnknownSchema,
+    /// Any other refusal; for a decode, the bytes did not read under their schema.
+    Refused,
+}
+
+/// The one place that reads schema_registry_converter's message text, which is all it gives
+/// for the HTTP status and the Confluent error code (it flags only 502/503 as retriable).
+/// Each wording relied on has a unit test below, so a release of the crate that changes one
+/// fails a test instead of silently turning "wait" into "dead-letter".
+///
+/// Unavailable: the client says retriable; the registry answered with a server error,
+/// throttling or an authorization failure; or the answer was not the Confluent API's at all
+/// (no Confluent `error_code` in the body: a wrong base URL or a proxy in the way). None of
+/// these says anything about the record. Unknown schema: HTTP 404 with Confluent's 40403.
+fn classify_registry_error(e: &SRCError) -> RegistryFailure {
     if e.retriable {
-        return true;
+        return RegistryFailure::Unavailable;
     }
     let text = e.to_string();
     if !text.contains("HTTP request to schema registry failed") {
-        return false;
+        return RegistryFailure::Refused;
     }
     let not_the_confluent_api = text.contains("error_code: 0,");
-    not_the_confluent_api
-        || [
-            "status 401",
-            "status 403",
-            "status 429",
-            "status 500",
-            "status 502",
-            "status 503",
-            "status 504",
-        ]
-        .iter()
-        .any(|s| text.contains(s))
+    let server_side = [
+        "status 401",
+        "status 403",
+        "status 429",
+        "status 500",
+        "status 502",
+        "status 503",
+        "status 504",
+    ]
+    .iter()
+    .any(|s| text.contains(s));
+    if not_the_confluent_api || server_side {
+        RegistryFailure::Unavailable
+    } else if text.contains("status 404") && text.contains("error_code: 40403") {
+        RegistryFailure::UnknownSchema
+    } else {
+        RegistryFailure::Refused
+    }
 }
 
 /// An HTTP client builder for a service at `url`. Building a TLS client loads and parses the
@@ -253,7 +319,7 @@ static ORDER_AVSC: LazyLock<Result<Schema, String>> =
 fn order_avsc() -> Result<&'static Schema, CodecError> {
     ORDER_AVSC
         .as_ref()
-        .map_err(|e| CodecError::Malformed(format!("order.avsc does not parse: {e}")))
+        .map_err(|e| CodecError::invalid_avro(format!("order.avsc does not parse: {e}")))
 }
 
 impl OrderWriter {
@@ -273,7 +339,7 @@ impl OrderWriter {
         // order.avsc names no other types, so there are no references to resolve
         apache_avro::writer::datum::write_avro_datum_ref(self.schema, &HashMap::new(), order, buf)
             .map(|_| ())
-            .map_err(|e| CodecError::Malformed(format!("order does not fit order.avsc: {e}")))
+            .map_err(|e| CodecError::invalid_avro(format!("order does not fit order.avsc: {e}")))
     }
 }
 
@@ -303,7 +369,7 @@ impl OrderReader {
         apache_avro::util::max_allocation_bytes(MAX_AVRO_ALLOCATION_BYTES);
         let datum = GenericDatumReader::builder(order_avsc()?)
             .build()
-            .map_err(|e| CodecError::Malformed(format!("order.avsc does not resolve: {e}")))?;
+            .map_err(|e| CodecError::invalid_avro(format!("order.avsc does not resolve: {e}")))?;
         Ok(Self { datum })
     }
 
@@ -316,7 +382,7 @@ impl OrderReader {
     /// invalid UTF-8 are `Malformed`.
     pub fn read(&self, mut body: &[u8]) -> Result<Order, CodecError> {
         self.datum.read_deser(&mut body).map_err(|e| {
-            CodecError::Malformed(format!("Could not transform bytes using schema: {e}"))
+            CodecError::invalid_avro(format!("Could not transform bytes using schema: {e}"))
         })
     }
 }
@@ -383,7 +449,7 @@ impl OrderCodec {
             Ok(schema) => Ok(schema.id),
             Err(e) => {
                 self.encoder.remove_errors_from_cache();
-                if registry_error_is_temporary(&e) {
+                if classify_registry_error(&e) == RegistryFailure::Unavailable {
                     Err(CodecError::RegistryUnavailable(e.to_string()))
                 } else {
                     Err(CodecError::RegistryRejected(e.to_string()))
@@ -401,7 +467,7 @@ impl OrderCodec {
             .await
             .map_err(|e| {
                 self.encoder.remove_errors_from_cache();
-                if registry_error_is_temporary(&e) {
+                if classify_registry_error(&e) == RegistryFailure::Unavailable {
                     CodecError::RegistryUnavailable(e.to_string())
                 } else {
                     CodecError::RegistryRejected(e.to_string())
@@ -416,27 +482,35 @@ impl OrderCodec {
     pub async fn decode(&self, payload: Option<&[u8]>) -> Result<Order, CodecError> {
         let bytes = match payload {
             None => {
-                return Err(CodecError::Malformed(
-                    "record has no value (tombstone)".into(),
+                return Err(CodecError::malformed(
+                    MalformedKind::NullValue,
+                    "record has no value (tombstone)",
                 ));
             }
             Some(b) if b.len() < 5 => {
-                return Err(CodecError::Malformed(format!(
-                    "{} bytes is shorter than the 5-byte Confluent header",
-                    b.len()
-                )));
+                return Err(CodecError::malformed(
+                    MalformedKind::TooShort,
+                    format!(
+                        "{} bytes is shorter than the 5-byte Confluent header",
+                        b.len()
+                    ),
+                ));
             }
             Some(b) if b[0] != 0 => {
-                return Err(CodecError::Malformed(format!(
-                    "magic byte is {:#04x}, not 0x00: not Confluent wire format",
-                    b[0]
-                )));
+                return Err(CodecError::malformed(
+                    MalformedKind::BadMagicByte,
+                    format!(
+                        "magic byte is {:#04x}, not 0x00: not Confluent wire format",
+                        b[0]
+                    ),
+                ));
             }
             Some(b) => b,
         };
         // the header was checked above, so the id is there
-        let id = Self::schema_id(bytes)
-            .ok_or_else(|| CodecError::Malformed("no Confluent wire-format header".into()))?;
+        let id = Self::schema_id(bytes).ok_or_else(|| {
+            CodecError::malformed(MalformedKind::TooShort, "no Confluent wire-format header")
+        })?;
         if self.order_avsc_id.load(Ordering::Relaxed) == u64::from(id) {
             return self.reader.read(&bytes[5..]);
         }
@@ -467,12 +541,18 @@ impl OrderCodec {
     }
 
     fn decode_error(&self, e: SRCError) -> CodecError {
-        if registry_error_is_temporary(&e) {
-            // a server error must not stay cached as if the id were unknown
-            self.decoder.remove_errors_from_cache();
-            CodecError::RegistryUnavailable(e.to_string())
-        } else {
-            CodecError::Malformed(e.to_string())
+        match classify_registry_error(&e) {
+            RegistryFailure::Unavailable => {
+                // a server error must not stay cached as if the id were unknown
+                self.decoder.remove_errors_from_cache();
+                CodecError::RegistryUnavailable(e.to_string())
+            }
+            RegistryFailure::UnknownSchema => {
+                CodecError::malformed(MalformedKind::UnknownSchemaId, e.to_string())
+            }
+            RegistryFailure::Refused => {
+                CodecError::malformed(MalformedKind::InvalidAvro, e.to_string())
+            }
         }
     }
 
@@ -687,7 +767,10 @@ mod tests {
         ]);
         assert!(matches!(
             Order::from_avro_value(wrong),
-            Err(CodecError::Malformed(_))
+            Err(CodecError::Malformed {
+                kind: MalformedKind::InvalidAvro,
+                ..
+            })
         ));
     }
 
@@ -696,5 +779,65 @@ mod tests {
         assert_eq!(OrderCodec::schema_id(&[0, 0, 0, 1, 2, 9]), Some(258));
         assert_eq!(OrderCodec::schema_id(&[1, 0, 0, 0, 1]), None);
         assert_eq!(OrderCodec::schema_id(&[0, 0]), None);
+    }
+
+    /// The error schema_registry_converter 6 builds for a non-2xx answer (`send_with_auth`):
+    /// what the registry's JSON body said, as the cause.
+    fn http_error(status: &str, error_code: u32, retriable: bool) -> SRCError {
+        SRCError::new(
+            &format!("HTTP request to schema registry failed with status {status}"),
+            Some(format!("error_code: {error_code}, message: something")),
+            retriable,
+        )
+    }
+
+    #[test]
+    fn registry_errors_are_classified_from_the_crates_wording() {
+        use RegistryFailure::{Refused, Unavailable, UnknownSchema};
+        let cases = [
+            (http_error("404 Not Found", 40403, false), UnknownSchema),
+            (
+                http_error("503 Service Unavailable", 50003, true),
+                Unavailable,
+            ),
+            (
+                http_error("500 Internal Server Error", 50001, false),
+                Unavailable,
+            ),
+            (http_error("401 Unauthorized", 40101, false), Unavailable),
+            (http_error("403 Forbidden", 40301, false), Unavailable),
+            (
+                http_error("429 Too Many Requests", 42901, false),
+                Unavailable,
+            ),
+            (http_error("504 Gateway Timeout", 0, false), Unavailable),
+            // a 404 without Confluent's error code: a wrong base URL, not an unknown id
+            (http_error("404 Not Found", 0, false), Unavailable),
+            (
+                http_error("422 Unprocessable Entity", 42201, false),
+                Refused,
+            ),
+            (
+                SRCError::new("Could not transform bytes using schema", None, false),
+                Refused,
+            ),
+            (
+                SRCError::new("http call to schema registry failed", None, true),
+                Unavailable,
+            ),
+        ];
+        for (e, expected) in cases {
+            assert_eq!(classify_registry_error(&e), expected, "{e}");
+        }
+    }
+
+    #[test]
+    fn malformed_errors_say_their_kind() {
+        let e = CodecError::malformed(MalformedKind::BadMagicByte, "magic byte is 0x01");
+        assert_eq!(
+            e.to_string(),
+            "not a valid Order (bad_magic_byte): magic byte is 0x01"
+        );
+        assert!(!e.is_temporary());
     }
 }

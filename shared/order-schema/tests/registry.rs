@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use order_schema::{CodecError, ORDER_SCHEMA, Order, OrderCodec, OrderWriter};
+use order_schema::{CodecError, MalformedKind, ORDER_SCHEMA, Order, OrderCodec, OrderWriter};
 use order_testkit::{Stack, unique};
 use rdkafka::message::Message;
 
@@ -109,17 +109,35 @@ async fn bytes_that_are_not_an_order_are_malformed_not_temporary() {
     let good = codec.encode(&order(1)).await.unwrap();
     let mut unknown_id = good.clone();
     unknown_id[1..5].copy_from_slice(&[0x7f, 0xff, 0xff, 0x00]);
-    let cases: Vec<(&str, Option<Vec<u8>>)> = vec![
-        ("tombstone", None),
-        ("plain text", Some(b"hello, not avro".to_vec())),
-        ("short", Some(vec![0, 0, 1])),
-        ("wrong magic byte", Some([&[1u8][..], &good[1..]].concat())),
-        ("unknown schema id", Some(unknown_id)),
-        ("truncated avro", Some(good[..good.len() - 4].to_vec())),
+    // the real registry's answers: an upgrade of schema_registry_converter that words them
+    // differently fails here
+    let cases: Vec<(&str, Option<Vec<u8>>, MalformedKind)> = vec![
+        ("tombstone", None, MalformedKind::NullValue),
+        (
+            "plain text",
+            Some(b"hello, not avro".to_vec()),
+            MalformedKind::BadMagicByte,
+        ),
+        ("short", Some(vec![0, 0, 1]), MalformedKind::TooShort),
+        (
+            "wrong magic byte",
+            Some([&[1u8][..], &good[1..]].concat()),
+            MalformedKind::BadMagicByte,
+        ),
+        (
+            "unknown schema id",
+            Some(unknown_id),
+            MalformedKind::UnknownSchemaId,
+        ),
+        (
+            "truncated avro",
+            Some(good[..good.len() - 4].to_vec()),
+            MalformedKind::InvalidAvro,
+        ),
     ];
-    for (what, bytes) in cases {
+    for (what, bytes, expected) in cases {
         match codec.decode(bytes.as_deref()).await {
-            Err(CodecError::Malformed(_)) => {}
+            Err(CodecError::Malformed { kind, .. }) => assert_eq!(kind, expected, "{what}"),
             other => panic!("{what}: expected Malformed, got {other:?}"),
         }
     }
