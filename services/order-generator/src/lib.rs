@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use axum::routing::get;
 use axum::{Json, Router};
+use order_runtime::backoff::Backoff;
 use order_runtime::config::{ConfigError, check_range, load};
 use order_runtime::histogram::AtomicHistogram;
 use order_runtime::http::{self, Probe};
@@ -30,7 +31,7 @@ use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer}
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, info_span, warn};
+use tracing::{info, warn};
 
 pub const SERVICE_NAME: &str = "order-generator";
 
@@ -251,12 +252,16 @@ impl Application {
         );
         // learn the topic's leaders before the first order is due, so start-up does not show
         // up as the first orders' latency; a broker that is not there yet is not fatal here
-        let warmed = tokio::task::block_in_place(|| {
+        let warming = (producer.clone(), common.orders_topic.clone());
+        let warmed = tokio::task::spawn_blocking(move || {
+            let (producer, topic) = warming;
             producer
                 .client()
-                .fetch_metadata(Some(&common.orders_topic), Duration::from_secs(10))
-        });
-        if let Err(e) = warmed {
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                .map(drop)
+        })
+        .await;
+        if let Ok(Err(e)) = warmed {
             warn!(error = %e, topic = %common.orders_topic, "no topic metadata yet; sending anyway");
         }
         let probe = Arc::new(Probe::default());
@@ -370,18 +375,9 @@ impl Application {
                 }
             }
             let (order, invalid) = orders::random_order(&mut rng, g.invalid_order_ratio);
-            let span = info_span!(
-                "send",
-                otel.name = format!("send {topic}"),
-                otel.kind = "producer",
-                messaging.system = "kafka",
-                messaging.operation.type = "send",
-                messaging.operation.name = "send",
-                messaging.destination.name = topic,
-                messaging.kafka.message.key = order.order_id.as_str(),
-                order.id = order.order_id.as_str(),
-                order.invalid = invalid,
-            );
+            let span = trace::producer_span(topic, &order.order_id);
+            span.record("order.id", order.order_id.as_str());
+            span.record("order.invalid", invalid);
             if let Err(e) = writer.write(&order, &mut payload) {
                 counters.failed.fetch_add(1, Ordering::Relaxed);
                 warn!(error = %e, "could not encode order");
@@ -463,7 +459,7 @@ async fn register_schema(
     shutdown: &CancellationToken,
 ) -> Result<u32, StartError> {
     let started = Instant::now();
-    let mut pause = Duration::from_millis(250);
+    let mut pause = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
     loop {
         match codec.register().await {
             Ok(id) => {
@@ -471,9 +467,8 @@ async fn register_schema(
                 return Ok(id);
             }
             Err(e) if e.is_temporary() && started.elapsed() < wait && !shutdown.is_cancelled() => {
-                warn!(error = %e, "schema registry not reachable yet; retrying");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(5));
+                warn!(error = %e, retry_in_ms = pause.upcoming_ms(), "schema registry not reachable yet; retrying");
+                pause.wait(shutdown).await;
             }
             Err(e) if e.is_temporary() => {
                 return Err(StartError::RegistryUnreachable {
@@ -497,6 +492,32 @@ pub fn summary_text(s: &Stats) -> String {
         "order-generator summary\n  sent           {}\n  produced       {}\n  failed         {}\n  invalid (sent on purpose) {}\n  elapsed        {:.1} s ({} orders/s)",
         s.sent, s.produced, s.failed, s.invalid, s.elapsed_s, s.rate_per_s
     )
+}
+
+impl order_runtime::service::Service for Application {
+    type Config = Config;
+    type Report = Stats;
+    const NAME: &'static str = SERVICE_NAME;
+    const DEFAULT_PORT: u16 = 8101;
+
+    fn config(vars: &[(String, String)]) -> Result<Config, order_runtime::ConfigError> {
+        Config::from_vars(vars)
+    }
+    fn log_format(config: &Config) -> order_runtime::LogFormat {
+        config.common.log_format
+    }
+    async fn build(config: Config, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        Ok(Application::build(config, shutdown).await?)
+    }
+    fn port(&self) -> u16 {
+        self.port()
+    }
+    async fn run_until_stopped(self) -> anyhow::Result<Stats> {
+        Application::run_until_stopped(self).await
+    }
+    fn summary_text(report: &Stats) -> String {
+        summary_text(report)
+    }
 }
 
 #[cfg(test)]

@@ -117,6 +117,35 @@ where
     }
 }
 
+/// How many partitions `topic` has; 0 when it does not exist (yet). An error when the
+/// cluster does not answer.
+pub fn partition_count<C: ClientContext>(
+    client: &Client<C>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<usize, KafkaError> {
+    let md = client.fetch_metadata(Some(topic), timeout)?;
+    Ok(md
+        .topics()
+        .first()
+        .filter(|t| t.error().is_none())
+        .map_or(0, |t| t.partitions().len()))
+}
+
+/// Runs `f`, which blocks, from code that librdkafka calls on a runtime thread and that must
+/// not return before `f` is done (a rebalance callback commits before the partitions go). The
+/// rule for the services: blocking librdkafka calls made from async code go to
+/// `spawn_blocking`; only such callbacks block where they are, through this function, which
+/// lets a multi-threaded runtime move its other tasks off the thread meanwhile.
+pub fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 /// Classifies a producer error: `true` when waiting and sending again can succeed (queue full,
 /// timeouts, a broker moving leadership), `false` for errors that will not go away (message
 /// too large, authorization, a fenced or fatal producer).

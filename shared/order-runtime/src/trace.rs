@@ -97,6 +97,31 @@ pub fn consumer_span(msg: &impl rdkafka::Message, group: &str) -> tracing::Span 
     span
 }
 
+/// The PRODUCER span for sending one record to `topic` (`send <topic>`), a child of the current
+/// span. `messaging.destination.partition.id`, `messaging.kafka.offset` (once the broker has
+/// acknowledged), `order.id`, `order.invalid` and `error.type` are left for the caller to
+/// record. Inject it into the record's headers with [`inject`].
+pub fn producer_span(topic: &str, key: &str) -> tracing::Span {
+    if !tracing::level_enabled!(tracing::Level::INFO) {
+        return tracing::Span::none();
+    }
+    tracing::info_span!(
+        "send",
+        otel.name = format!("send {topic}"),
+        otel.kind = "producer",
+        messaging.system = "kafka",
+        messaging.operation.type = "send",
+        messaging.operation.name = "send",
+        messaging.destination.name = topic,
+        messaging.kafka.message.key = key,
+        messaging.destination.partition.id = tracing::field::Empty,
+        messaging.kafka.offset = tracing::field::Empty,
+        order.id = tracing::field::Empty,
+        order.invalid = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    )
+}
+
 /// Makes `parent` the parent of `span`, links to it too (a consumer span is both a child of the
 /// send and, per the messaging conventions, linked to it).
 pub fn adopt(span: &tracing::Span, parent: &Context) {
