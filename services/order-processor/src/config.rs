@@ -3,8 +3,11 @@
 use std::time::Duration;
 
 use order_runtime::CommonConfig;
+use order_runtime::backoff::Backoff;
 use order_runtime::config::{ConfigError, check_range, load};
 use serde::Deserialize;
+
+use crate::decision::RetryPolicy;
 
 /// How outcomes and offsets are made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
@@ -179,18 +182,17 @@ impl Config {
             .unwrap_or_else(|| format!("{}-aggregates-changelog", self.processor.consumer_group))
     }
 
-    /// The wait before retry number `retry` (1-based): initial × multiplier^(retry-1), capped.
-    pub fn backoff(&self, retry: u32) -> Duration {
+    /// How temporary failures are retried (the seed's 1 s, 2 s, 4 s by default).
+    pub fn retry_policy(&self) -> RetryPolicy {
         let p = &self.processor;
-        let exp = i32::try_from(retry.saturating_sub(1)).unwrap_or(i32::MAX);
-        #[allow(
-            clippy::cast_precision_loss,
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss
-        )]
-        let ms = (p.retry_initial_backoff_ms as f64 * p.retry_backoff_multiplier.powi(exp))
-            .min(p.retry_max_backoff_ms as f64) as u64;
-        Duration::from_millis(ms)
+        RetryPolicy {
+            max_retries: p.max_retries,
+            backoff: Backoff::with_factor(
+                Duration::from_millis(p.retry_initial_backoff_ms),
+                p.retry_backoff_multiplier,
+                Duration::from_millis(p.retry_max_backoff_ms),
+            ),
+        }
     }
 }
 
@@ -209,14 +211,16 @@ mod tests {
         assert_eq!(c.processor.max_retries, 3);
         assert_eq!(c.processor.processing_guarantee, Guarantee::ExactlyOnce);
         assert_eq!(c.state_topic(), "order-processor-aggregates-changelog");
-        let waits: Vec<u64> = (1..=3).map(|r| c.backoff(r).as_millis() as u64).collect();
+        let waits: Vec<u64> = (1..=3)
+            .map(|r| c.retry_policy().backoff.nth(r).as_millis() as u64)
+            .collect();
         assert_eq!(waits, [1000, 2000, 4000]);
     }
 
     #[test]
     fn backoff_is_capped() {
         let c = Config::from_vars(&vars(&[("RETRY_MAX_BACKOFF_MS", "3000")])).unwrap();
-        assert_eq!(c.backoff(3), Duration::from_millis(3000));
+        assert_eq!(c.retry_policy().backoff.nth(3), Duration::from_millis(3000));
     }
 
     #[test]

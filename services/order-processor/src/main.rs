@@ -3,25 +3,6 @@
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-use order_processor::{Application, Config, SERVICE_NAME, summary_text};
-use order_runtime::{config::process_env, shutdown, telemetry};
-
 fn main() -> anyhow::Result<std::process::ExitCode> {
-    if std::env::args().nth(1).as_deref() == Some("healthcheck") {
-        return Ok(order_runtime::http::healthcheck_command(8102));
-    }
-    run()
-}
-
-#[tokio::main]
-async fn run() -> anyhow::Result<std::process::ExitCode> {
-    let vars = process_env();
-    let config = Config::from_vars(&vars)?;
-    let _telemetry = telemetry::init(SERVICE_NAME, config.common.log_format, &vars)?;
-    let app = Application::build(config, shutdown::on_signal()).await?;
-    tracing::info!(port = app.port(), "HTTP listening");
-    let report = app.run_until_stopped().await?;
-    println!("{}", summary_text(&report));
-    println!("SUMMARY {}", serde_json::to_string(&report)?);
-    Ok(std::process::ExitCode::SUCCESS)
+    order_runtime::service::main::<order_processor::Application>()
 }

@@ -61,6 +61,9 @@ pub struct Metrics {
     pub dead_letters: Family<CategoryLabel, Counter>,
     /// Revenue of processed orders, in cents.
     pub revenue_cents: Counter,
+    /// Records that reached the consumer's own queue instead of their partition's (rewound).
+    /// The rebalance protocol rules it out; the counter is there in case it ever happens.
+    pub unsplit_records: Counter,
     /// Records behind the partition's end, from librdkafka's statistics (every 5 s).
     pub consumer_lag: Family<PartitionLabel, Gauge>,
 }
@@ -78,6 +81,7 @@ impl Metrics {
             end_to_end: AtomicHistogram::new(exponential_buckets(0.000_5, 2.0, 16)),
             end_to_end_exact: (0..EXACT_SHARDS).map(|_| Mutex::new(exact())).collect(),
             retries: Counter::default(),
+            unsplit_records: Counter::default(),
             dead_letters: Family::default(),
             revenue_cents: Counter::default(),
             consumer_lag: Family::default(),
@@ -111,6 +115,11 @@ impl Metrics {
             "orders_revenue_cents",
             "Revenue of processed orders in cents",
             m.revenue_cents.clone(),
+        );
+        registry.register(
+            "processor_records_outside_partition_queues",
+            "Records that reached the consumer's queue instead of their partition's (rewound; expected 0)",
+            m.unsplit_records.clone(),
         );
         registry.register(
             "messaging_kafka_consumer_lag",

@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::aggregate::StatsReport;
 use crate::config::{Config, Guarantee};
-use crate::eos;
+use crate::durability::{CommittedPartition, GroupTotals};
 
 /// The page, compiled in.
 pub const PAGE: &str = include_str!("status.html");
@@ -60,49 +60,41 @@ pub struct Status {
 /// The page's state: the settings and the last answer.
 pub struct StatusPage {
     config: Config,
+    totals: Arc<dyn GroupTotals>,
     /// For the analyzer's `/report`; the reason when none could be built.
     client: Result<reqwest::Client, String>,
     last: Mutex<Option<(Instant, Arc<String>)>>,
 }
 
 impl StatusPage {
-    pub fn new(config: Config) -> Self {
+    pub fn new(config: Config, totals: Arc<dyn GroupTotals>) -> Self {
         let client = order_schema::http_client_builder(&config.processor.analyzer_url)
             .timeout(Duration::from_secs(2))
             .build()
             .map_err(|e| e.to_string());
         StatusPage {
             config,
+            totals,
             client,
             last: Mutex::new(None),
         }
     }
 
     async fn read(&self) -> Status {
-        let (global, partitions, global_error) = match self.config.processor.processing_guarantee
-        {
-            Guarantee::ExactlyOnce => {
-                let config = self.config.clone();
-                match tokio::task::spawn_blocking(move || eos::committed_partitions(&config)).await
-                {
-                    Ok(Ok(committed)) => {
-                        let report = StatsReport::new(
-                            committed
-                                .iter()
-                                .filter_map(|c| c.state.as_ref().map(|s| (c.partition, s))),
-                        );
-                        (Some(report), rows(&committed), None)
-                    }
-                    Ok(Err(e)) => (None, Vec::new(), Some(e.to_string())),
-                    Err(e) => (None, Vec::new(), Some(e.to_string())),
+        let totals = self.totals.clone();
+        let (global, partitions, global_error) =
+            match tokio::task::spawn_blocking(move || totals.committed()).await {
+                Ok(Ok(committed)) => {
+                    let report = StatsReport::new(
+                        committed
+                            .iter()
+                            .filter_map(|c| c.state.as_ref().map(|s| (c.partition, s))),
+                    );
+                    (Some(report), rows(&committed), None)
                 }
-            }
-            Guarantee::AtLeastOnce => (
-                None,
-                Vec::new(),
-                Some("the group's totals come from the exactly-once changelog; this processor runs PROCESSING_GUARANTEE=at_least_once (its own share is on /stats)".to_owned()),
-            ),
-        };
+                Ok(Err(e)) => (None, Vec::new(), Some(e.to_string())),
+                Err(e) => (None, Vec::new(), Some(e.to_string())),
+            };
         let url = format!(
             "{}/report",
             self.config.processor.analyzer_url.trim_end_matches('/')
@@ -145,7 +137,7 @@ impl StatusPage {
     }
 }
 
-fn rows(committed: &[eos::CommittedPartition]) -> Vec<PartitionRow> {
+fn rows(committed: &[CommittedPartition]) -> Vec<PartitionRow> {
     committed
         .iter()
         .map(|c| {
@@ -215,12 +207,12 @@ mod tests {
         };
         state.total.count = 38;
         let committed = [
-            eos::CommittedPartition {
+            CommittedPartition {
                 partition: 0,
                 state: Some(state),
                 end_offset: 50,
             },
-            eos::CommittedPartition {
+            CommittedPartition {
                 partition: 1,
                 state: None,
                 end_offset: 7,

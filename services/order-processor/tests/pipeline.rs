@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use order_processor::pipeline::FailureInjector;
+use order_processor::record::FailureInjector;
 use order_processor::{Application, Config};
 use order_schema::{Order, OrderCodec, PRODUCTS};
 use order_testkit::{Stack, eventually, headers_of, init_test_logging, unique};

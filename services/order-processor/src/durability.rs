@@ -1,0 +1,121 @@
+//! How outcomes become durable: the one interface both guarantees implement.
+//!
+//! - [`crate::at_least_once`]: dead letters sent and acknowledged one by one, totals per
+//!   replica, offsets *stored* once an outcome is durable and committed by librdkafka's
+//!   auto-commit, synchronously on revocation and at shutdown (Vector's Kafka source).
+//! - [`crate::exactly_once`]: outcomes, per-partition state and offsets in one Kafka
+//!   transaction (Kafka Streams' `exactly_once_v2`).
+//!
+//! `lib.rs` picks one, once; everything else calls this trait.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use kafka_batch::RawMessage;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use tokio_util::sync::CancellationToken;
+
+use crate::aggregate::{PartitionState, StatsReport};
+use crate::consumer::ProcessorConsumer;
+use crate::record::Outcome;
+
+/// A processing guarantee.
+pub trait Durability: Send + Sync + Sized + 'static {
+    /// What a partition's worker holds while the partition is assigned to it.
+    type Partition: Send + 'static;
+
+    /// Consumer settings the guarantee needs.
+    fn configure_consumer(&self, client: &mut ClientConfig);
+
+    /// Once the orders topic exists, before subscribing: what the guarantee needs in the
+    /// cluster (exactly-once: its changelog topic).
+    fn prepare(&self) -> impl Future<Output = Result<(), KafkaError>> + Send;
+
+    /// A partition was assigned and its queue split: makes it ready to process (exactly-once
+    /// restores its state and position first). `None` when `cancel` fired before it was.
+    fn on_assigned(
+        self: &Arc<Self>,
+        consumer: &Arc<ProcessorConsumer<Self>>,
+        topic: &str,
+        partition: i32,
+        cancel: &CancellationToken,
+    ) -> impl Future<Output = Option<Self::Partition>> + Send;
+
+    /// Whether the partition's records may still be processed here.
+    fn holds(&self, part: &Self::Partition) -> bool;
+
+    /// Makes one record's outcome durable. `false` when it did not become so (stopped, or the
+    /// partition is no longer this replica's): the record will be processed again, here or by
+    /// the partition's next owner.
+    fn settle(
+        &self,
+        part: &mut Self::Partition,
+        msg: &RawMessage<'_>,
+        outcome: &Outcome,
+        cancel: &CancellationToken,
+    ) -> impl Future<Output = bool> + Send;
+
+    /// Makes what was settled visible to the next commit (at-least-once stores the offset).
+    /// The worker calls it every few records, before it waits, and when it stops.
+    fn checkpoint(&self, part: &mut Self::Partition);
+
+    /// Partitions are being revoked and their workers have stopped: commit what they did and
+    /// forget them. Blocking (a rebalance callback).
+    fn on_revoked<C: ConsumerContext>(&self, consumer: &impl Consumer<C>, partitions: &[i32]);
+
+    /// Background work while the processor runs (exactly-once: the committer). It ends when
+    /// `shutdown` is cancelled; [`Durability::shutdown`] waits for it.
+    fn start(
+        self: &Arc<Self>,
+        consumer: &Arc<ProcessorConsumer<Self>>,
+        shutdown: &CancellationToken,
+    ) -> std::io::Result<()>;
+
+    /// The workers have stopped: the final commit, then what is left open is closed.
+    /// Blocking.
+    fn shutdown<C: ConsumerContext>(&self, consumer: &impl Consumer<C>);
+
+    /// This replica's share, as `/stats` serves it.
+    fn report(&self) -> StatsReport;
+
+    /// The whole group's committed totals, for `/stats/global` and the status page.
+    fn group_totals(&self) -> Arc<dyn GroupTotals>;
+}
+
+/// One partition of the orders topic as the whole group has committed it.
+#[derive(Debug, Clone)]
+pub struct CommittedPartition {
+    pub partition: i32,
+    /// The latest committed state; `None` before the partition's first commit.
+    pub state: Option<PartitionState>,
+    /// The orders partition's end offset (high watermark) when it was read.
+    pub end_offset: i64,
+}
+
+/// Why the group's totals cannot be given.
+#[derive(Debug, thiserror::Error)]
+pub enum TotalsError {
+    /// This guarantee keeps no group-wide record of them.
+    #[error("{0}")]
+    NotKept(&'static str),
+    /// They are kept, but could not be read now.
+    #[error("could not read the group's committed totals: {0}")]
+    Unavailable(String),
+}
+
+/// The group's committed totals, read when asked.
+pub trait GroupTotals: Send + Sync {
+    /// Every orders partition as the group has committed it. Blocking: call it off the async
+    /// threads.
+    fn committed(&self) -> Result<Vec<CommittedPartition>, TotalsError>;
+
+    /// The same, merged into one report.
+    fn report(&self) -> Result<StatsReport, TotalsError> {
+        let committed = self.committed()?;
+        Ok(StatsReport::new(committed.iter().filter_map(|c| {
+            c.state.as_ref().map(|s| (c.partition, s))
+        })))
+    }
+}

@@ -1,0 +1,203 @@
+//! The changelog of per-partition state: reading a partition's last committed state (restore),
+//! every partition's (the group's totals), and making sure the topic exists.
+
+use std::time::{Duration, Instant};
+
+use order_runtime::CommonConfig;
+use order_runtime::kafka;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::info;
+
+use super::EosError;
+use crate::aggregate::PartitionState;
+use crate::durability::CommittedPartition;
+
+pub fn changelog_reader(
+    common: &CommonConfig,
+    isolation: &str,
+) -> Result<BaseConsumer, KafkaError> {
+    let mut c = kafka::base(common, &format!("order-processor-changelog-{isolation}"));
+    c.set("group.id", "order-processor-changelog-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("allow.auto.create.topics", "false")
+        // a reader moves from partition to partition (restores take turns on it) and its next
+        // fetch waits for the previous one, which the broker holds this long at a partition's
+        // end (librdkafka's default 500 ms made each restore take 1.5 s)
+        .set("fetch.wait.max.ms", "10")
+        .set("isolation.level", isolation);
+    kafka::with_user_properties(c, common).create()
+}
+
+/// A changelog reader at each isolation level: their end offsets differ while a transaction
+/// is open on a partition.
+pub struct ChangelogReaders {
+    committed: BaseConsumer,
+    uncommitted: BaseConsumer,
+}
+
+impl ChangelogReaders {
+    pub fn new(common: &CommonConfig) -> Result<Self, KafkaError> {
+        Ok(Self {
+            committed: changelog_reader(common, "read_committed")?,
+            uncommitted: changelog_reader(common, "read_uncommitted")?,
+        })
+    }
+}
+
+/// The latest committed state of one partition (`None`: never committed). Waits until no
+/// transaction is pending on its changelog partition, so that a commit in flight elsewhere
+/// (a replica that lost the partition) is either in or out, never half seen.
+pub fn read_changelog_partition(
+    readers: &ChangelogReaders,
+    state_topic: &str,
+    partition: i32,
+    stable_wait: Duration,
+) -> Result<Option<PartitionState>, EosError> {
+    let ChangelogReaders {
+        committed,
+        uncommitted,
+    } = readers;
+    let started = Instant::now();
+    let stable_end = loop {
+        // read_committed watermarks end at the last stable offset; read_uncommitted at the
+        // high watermark: equal when no transaction is open on the partition
+        let (_, lso) =
+            committed.fetch_watermarks(state_topic, partition, Duration::from_secs(10))?;
+        let (_, hw) =
+            uncommitted.fetch_watermarks(state_topic, partition, Duration::from_secs(10))?;
+        if lso == hw {
+            break lso;
+        }
+        if started.elapsed() > stable_wait {
+            return Err(EosError::ChangelogBusy {
+                partition,
+                waited_s: stable_wait.as_secs(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    last_state(committed, state_topic, partition, stable_end)
+}
+
+/// Reads the last state record below `end`: the tail first (each commit writes one record and
+/// one transaction marker per partition), the whole partition if the tail has none.
+fn last_state(
+    consumer: &BaseConsumer,
+    state_topic: &str,
+    partition: i32,
+    end: i64,
+) -> Result<Option<PartitionState>, EosError> {
+    if end <= 0 {
+        return Ok(None);
+    }
+    for start in [Offset::Offset((end - 64).max(0)), Offset::Beginning] {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(state_topic, partition, start)?;
+        consumer.assign(&tpl)?;
+        let mut last = None;
+        loop {
+            match consumer.poll(Duration::from_secs(10)) {
+                // the reader serves one partition after another: anything still in flight for
+                // an earlier one is not this partition's state
+                Some(Ok(m)) if m.partition() != partition || m.topic() != state_topic => {}
+                Some(Err(KafkaError::PartitionEOF(p))) if p != partition => {}
+                Some(Ok(m)) => {
+                    if let Some(v) = m.payload() {
+                        last = Some(v.to_vec());
+                    }
+                    if m.offset() + 1 >= end {
+                        break;
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) | None => break,
+                Some(Err(e)) => return Err(e.into()),
+            }
+        }
+        if let Some(bytes) = last {
+            return serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| EosError::BadChangelog { partition, source });
+        }
+    }
+    Ok(None)
+}
+
+/// Every partition's latest committed state (from the changelog, which commits in the same
+/// transactions as the group's offsets) and the orders partition's end offset, read with
+/// `reader` (a `read_committed` [`changelog_reader`]).
+pub fn committed_partitions(
+    reader: &BaseConsumer,
+    state_topic: &str,
+    orders_topic: &str,
+) -> Result<Vec<CommittedPartition>, EosError> {
+    let metadata = reader.fetch_metadata(Some(state_topic), Duration::from_secs(10))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut committed = Vec::with_capacity(partitions.len());
+    for partition in partitions {
+        let (_, lso) = reader.fetch_watermarks(state_topic, partition, Duration::from_secs(10))?;
+        let state = last_state(reader, state_topic, partition, lso)?;
+        let (_, end_offset) =
+            reader.fetch_watermarks(orders_topic, partition, Duration::from_secs(10))?;
+        committed.push(CommittedPartition {
+            partition,
+            state,
+            end_offset,
+        });
+    }
+    Ok(committed)
+}
+
+/// Creates the changelog topic (compacted, as many partitions as the orders topic) or checks
+/// the existing one has enough partitions. The orders topic must exist (the processor waits
+/// for it before this).
+pub async fn ensure_changelog(common: &CommonConfig, state_topic: &str) -> Result<(), KafkaError> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let mut c = kafka::base(common, "order-processor-admin");
+    // asking for a missing topic's metadata must not create it with the broker's defaults
+    c.set("allow.auto.create.topics", "false");
+    let admin: AdminClient<DefaultClientContext> =
+        kafka::with_user_properties(c, common).create()?;
+    let count = |topic: &str| kafka::partition_count(admin.inner(), topic, Duration::from_secs(10));
+    let orders = count(&common.orders_topic)?;
+    if orders == 0 {
+        return Err(KafkaError::AdminOpCreation(format!(
+            "the orders topic {} does not exist; create it first",
+            common.orders_topic
+        )));
+    }
+    let existing = count(state_topic)?;
+    if existing >= orders {
+        return Ok(());
+    }
+    if existing > 0 {
+        return Err(KafkaError::AdminOpCreation(format!(
+            "changelog topic {state_topic} has {existing} partitions but {} has {orders}",
+            common.orders_topic
+        )));
+    }
+    let partitions = i32::try_from(orders).unwrap_or(i32::MAX);
+    let topic = NewTopic::new(state_topic, partitions, TopicReplication::Fixed(-1))
+        .set("cleanup.policy", "compact")
+        .set("min.compaction.lag.ms", "0")
+        .set("segment.ms", "600000");
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for r in admin.create_topics(&[topic], &opts).await? {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, code)) => {
+                return Err(KafkaError::AdminOpCreation(format!("creating {t}: {code}")));
+            }
+        }
+    }
+    info!(topic = state_topic, partitions, "changelog topic created");
+    Ok(())
+}

@@ -1,0 +1,759 @@
+//! The transactional core of one replica: the open transaction, its producer, and the
+//! [`Ledger`] of what each held partition has applied and committed. See the module above for
+//! the protocol.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering, fence};
+use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::time::{Duration, Instant};
+
+use order_runtime::dead_letter::Category;
+use rdkafka::consumer::Consumer;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use super::EosError;
+use super::changelog::{ChangelogReaders, read_changelog_partition};
+use crate::aggregate::{PartitionState, StatsReport};
+use crate::config::Config;
+
+/// librdkafka's "beginning of the partition" offset, for a partition with no committed offset.
+const OFFSET_BEGINNING: i64 = -2;
+const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A dead letter produced since the last commit, kept to produce it again if the
+/// transaction aborts.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: OwnedHeaders,
+}
+
+#[derive(Debug)]
+struct Part {
+    working: PartitionState,
+    committed: PartitionState,
+    /// Outcomes in `working` but not yet in `committed`.
+    uncommitted: u64,
+    /// The dead letters among them, in offset order.
+    dead_letters: Vec<DeadLetter>,
+}
+
+impl Part {
+    fn new(state: PartitionState) -> Self {
+        Part {
+            working: state.clone(),
+            committed: state,
+            uncommitted: 0,
+            dead_letters: Vec::new(),
+        }
+    }
+}
+
+/// What an outcome does to a partition's state.
+#[derive(Debug)]
+pub enum Effect<'a> {
+    Processed {
+        product: &'a str,
+        price: order_schema::Cents,
+    },
+    DeadLettered {
+        category: Category,
+        headers: OwnedHeaders,
+    },
+}
+
+/// The bookkeeping of the held partitions, with no I/O: what each has applied (`working`),
+/// what the last commit holds (`committed`), and the writes to redo if the open transaction
+/// aborts.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    parts: BTreeMap<i32, Part>,
+}
+
+impl Ledger {
+    /// A partition restored with `state` (its next offset included) is held from now on.
+    pub fn restored(&mut self, partition: i32, state: PartitionState) {
+        self.parts.insert(partition, Part::new(state));
+    }
+
+    pub fn holds(&self, partition: i32) -> bool {
+        self.parts.contains_key(&partition)
+    }
+
+    /// Whether the record at `offset` of `partition` is still to be applied here: the
+    /// partition is held and the record is not behind what was applied (a record seen again
+    /// after a rewind is stale).
+    pub fn accepts(&self, partition: i32, offset: i64) -> bool {
+        self.parts
+            .get(&partition)
+            .is_some_and(|p| offset >= p.working.next_offset)
+    }
+
+    /// Applies an accepted record's outcome to `working`.
+    pub fn apply(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        effect: Effect<'_>,
+        retries: u32,
+        dead: Option<DeadLetter>,
+    ) {
+        if let Some(part) = self.parts.get_mut(&partition) {
+            match effect {
+                Effect::Processed { product, price } => part.working.add(product, price),
+                Effect::DeadLettered { category, .. } => part.working.dead_letter(category),
+            }
+            part.working.retries += u64::from(retries);
+            part.working.next_offset = offset + 1;
+            part.uncommitted += 1;
+            part.dead_letters.extend(dead);
+        }
+    }
+
+    /// Whether any outcome waits for a commit.
+    pub fn pending(&self) -> bool {
+        self.parts.values().any(|p| p.uncommitted > 0)
+    }
+
+    /// What the commit writes: each changed partition's state (the changelog record) and
+    /// the next offset to commit with it.
+    pub fn changes(&self) -> Result<Vec<(i32, Vec<u8>, i64)>, EosError> {
+        self.parts
+            .iter()
+            .filter(|(_, p)| p.uncommitted > 0)
+            .map(|(n, p)| {
+                serde_json::to_vec(&p.working)
+                    .map(|v| (*n, v, p.working.next_offset))
+                    .map_err(|source| EosError::EncodeState {
+                        partition: *n,
+                        source,
+                    })
+            })
+            .collect()
+    }
+
+    /// The commit went through: `committed` catches up with `working`.
+    pub fn committed(&mut self) {
+        for part in self.parts.values_mut().filter(|p| p.uncommitted > 0) {
+            part.committed = part.working.clone();
+            part.uncommitted = 0;
+            part.dead_letters.clear();
+        }
+    }
+
+    /// Forgets `partitions`; `true` when one had outcomes not yet committed.
+    pub fn release(&mut self, partitions: &[i32]) -> bool {
+        let mut uncommitted = false;
+        for p in partitions {
+            if let Some(part) = self.parts.remove(p) {
+                uncommitted |= part.uncommitted > 0;
+            }
+        }
+        uncommitted
+    }
+
+    /// The writes a new transaction redoes after an abort, partition by partition: `None`
+    /// begins the partition's share (the transaction opens even with nothing to send), then
+    /// its dead letters in order. `working` already holds every uncommitted outcome, and goes
+    /// to the changelog at the next commit.
+    pub fn replay(&self) -> Vec<Option<DeadLetter>> {
+        self.parts
+            .values()
+            .filter(|p| p.uncommitted > 0)
+            .flat_map(|p| std::iter::once(None).chain(p.dead_letters.iter().cloned().map(Some)))
+            .collect()
+    }
+
+    /// Outcomes not yet committed.
+    pub fn uncommitted(&self) -> u64 {
+        self.parts.values().map(|p| p.uncommitted).sum()
+    }
+
+    /// The held partitions' working totals.
+    pub fn report(&self) -> StatsReport {
+        StatsReport::new(self.parts.iter().map(|(p, s)| (*p, &s.working)))
+    }
+}
+
+struct Inner {
+    producer: FutureProducer,
+    in_txn: bool,
+    /// A send inside the transaction failed: the next commit aborts instead.
+    poisoned: bool,
+    ledger: Ledger,
+}
+
+/// Result of [`Core::apply`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Applied {
+    Yes,
+    /// This replica no longer holds the partition, or already applied the record: drop it.
+    Stale,
+    /// Someone holds the core (a commit, for a broker round trip): wait for
+    /// [`Core::until_released`], then apply again.
+    Locked,
+    /// The producer's queue is full: give it a moment to drain, then apply again.
+    QueueFull,
+}
+
+/// The transactional core of one replica.
+pub struct Core {
+    inner: Mutex<Inner>,
+    producer_config: ClientConfig,
+    orders_topic: String,
+    dlq_topic: String,
+    state_topic: String,
+    stable_wait: Duration,
+    /// Workers waiting in [`Core::until_released`]: a release notifies only when there are.
+    waiters: AtomicUsize,
+    released: Notify,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("state_topic", &self.state_topic)
+            .finish_non_exhaustive()
+    }
+}
+
+fn transactional_producer(config: &ClientConfig) -> Result<FutureProducer, KafkaError> {
+    let producer: FutureProducer = config.create()?;
+    // A connection first: librdkafka asks for the producer id at once only when a broker
+    // connection is up, and otherwise retries on a 500 ms timer (`rdkafka_idempotence.c`),
+    // which held up most exactly-once start-ups by ~500 ms. Metadata for no topic in
+    // particular (so none is auto-created) brings the bootstrap connection up; if that fails,
+    // `init_transactions` says why.
+    let _ = producer.client().fetch_metadata(None, TXN_TIMEOUT);
+    producer.init_transactions(TXN_TIMEOUT)?;
+    Ok(producer)
+}
+
+impl Core {
+    /// Creates the transactional producer, fencing any earlier producer with the same
+    /// `transactional.id`. Blocking: a broker round trip or more.
+    pub fn new(config: &Config, client_id: &str) -> Result<Self, KafkaError> {
+        let common = &config.common;
+        let mut producer_config = order_runtime::kafka::producer_config(common, client_id, "none");
+        producer_config
+            .set(
+                "transactional.id",
+                format!("{}-{client_id}", config.processor.consumer_group),
+            )
+            .set(
+                "transaction.timeout.ms",
+                config.processor.transaction_timeout_ms.to_string(),
+            )
+            // librdkafka requires deliveries to give up before the transaction would time out
+            .set(
+                "message.timeout.ms",
+                config.processor.transaction_timeout_ms.to_string(),
+            );
+        let producer = transactional_producer(&producer_config)?;
+        Ok(Core {
+            inner: Mutex::new(Inner {
+                producer,
+                in_txn: false,
+                poisoned: false,
+                ledger: Ledger::default(),
+            }),
+            producer_config,
+            orders_topic: common.orders_topic.clone(),
+            dlq_topic: common.dlq_topic.clone(),
+            state_topic: config.state_topic(),
+            stable_wait: Duration::from_millis(
+                config.processor.transaction_timeout_ms * 3 + 30_000,
+            ),
+            waiters: AtomicUsize::new(0),
+            released: Notify::new(),
+        })
+    }
+
+    /// Runs `f` under the core's lock, then wakes whoever waits for it. Every use of the lock
+    /// goes through here or [`Core::try_with_lock`], so no release goes unannounced.
+    fn with_lock<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
+        let r = {
+            // a panic while holding the lock leaves data we can still read; state is rewound
+            // on the next failed commit anyway
+            let mut inner = self
+                .inner
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            f(&mut inner)
+        };
+        self.wake();
+        r
+    }
+
+    /// [`Core::with_lock`] if nobody holds the lock; `None` without waiting otherwise. A commit
+    /// holds it for a broker round trip (~100 ms), and workers must not block a runtime
+    /// thread that long.
+    fn try_with_lock<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> Option<R> {
+        let r = {
+            let mut inner: MutexGuard<'_, Inner> = match self.inner.try_lock() {
+                Ok(g) => g,
+                Err(TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(TryLockError::WouldBlock) => return None,
+            };
+            f(&mut inner)
+        };
+        self.wake();
+        Some(r)
+    }
+
+    /// After a release: wakes the waiters, if any. The fence pairs with the one in
+    /// [`Core::until_released`]: either this load sees the waiter's count, or the waiter's
+    /// `try_lock` sees the lock free (the store-buffer case that plain atomics would allow).
+    fn wake(&self) {
+        fence(Ordering::SeqCst);
+        if self.waiters.load(Ordering::Relaxed) > 0 {
+            self.released.notify_waiters();
+        }
+    }
+
+    /// Returns once the core's lock has been released, at once if it is free now. Replaces
+    /// polling through a commit: the waiter registers before it looks, so the release that
+    /// follows wakes it.
+    pub async fn until_released(&self) {
+        let notified = self.released.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        if self.try_with_lock(|_| ()).is_none() {
+            notified.await;
+        }
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Whether this replica holds `partition` (restored and not released). While a commit is
+    /// in flight the answer is yes: [`Core::apply`] checks again and answers `Stale` for a
+    /// partition that is gone.
+    pub fn holds(&self, partition: i32) -> bool {
+        self.try_with_lock(|inner| inner.ledger.holds(partition))
+            .unwrap_or(true)
+    }
+
+    /// This replica's partitions: their working totals, as `/stats` serves them.
+    pub fn owned_report(&self) -> StatsReport {
+        self.with_lock(|inner| inner.ledger.report())
+    }
+
+    /// Restores `partition`'s committed state from the changelog (read with `readers`, from
+    /// [`super::ExactlyOnce`]'s shared pair) and positions the consumer at the offset committed with it.
+    /// Blocking: run it off the async threads.
+    pub fn restore<C: rdkafka::consumer::ConsumerContext>(
+        &self,
+        readers: &ChangelogReaders,
+        consumer: &impl Consumer<C>,
+        partition: i32,
+    ) -> Result<(), EosError> {
+        let started = Instant::now();
+        let restored =
+            read_changelog_partition(readers, &self.state_topic, partition, self.stable_wait)?;
+        let group_offset = committed_offset(consumer, &self.orders_topic, partition);
+        let state = match restored {
+            Some(state) => {
+                // both are written by the same transactions, so they agree unless offsets were
+                // committed outside them (an at-least-once run); the state decides then
+                if state.next_offset >= 0 && group_offset != Some(state.next_offset) {
+                    warn!(partition, changelog = state.next_offset, group = ?group_offset,
+                        "group offset differs from the changelog's; following the changelog");
+                    if let Err(e) = consumer.seek(
+                        &self.orders_topic,
+                        partition,
+                        Offset::Offset(state.next_offset),
+                        Duration::from_secs(10),
+                    ) {
+                        warn!(partition, error = %e, "could not seek to the restored offset");
+                    }
+                }
+                state
+            }
+            None => PartitionState {
+                next_offset: group_offset.unwrap_or(OFFSET_BEGINNING),
+                ..PartitionState::default()
+            },
+        };
+        info!(
+            partition,
+            processed = state.total.count,
+            next_offset = state.next_offset,
+            took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(0),
+            "partition state restored"
+        );
+        self.with_lock(|inner| inner.ledger.restored(partition, state));
+        Ok(())
+    }
+
+    /// Forgets partitions given up in a rebalance (after their last commit attempt). If that
+    /// commit failed, their outcomes are still in the open transaction: it is aborted and only
+    /// the partitions this replica keeps are replayed, so the next owner alone decides them.
+    pub fn release(&self, partitions: &[i32]) {
+        self.with_lock(|inner| {
+            if inner.ledger.release(partitions) && inner.in_txn {
+                warn!(
+                    ?partitions,
+                    "released partitions had uncommitted outcomes; aborting them"
+                );
+                self.abort_and_replay(inner);
+            }
+        });
+    }
+
+    /// Makes one record's outcome part of the open transaction. Never waits: `Locked` when
+    /// someone holds the core, `QueueFull` when the producer cannot take the dead letter yet.
+    pub fn apply(&self, msg: &impl Message, effect: Effect<'_>, retries: u32) -> Applied {
+        let partition = msg.partition();
+        self.try_with_lock(|inner| {
+            if !inner.ledger.accepts(partition, msg.offset()) {
+                return Applied::Stale;
+            }
+            let dead = match &effect {
+                Effect::Processed { .. } => None,
+                Effect::DeadLettered { headers, .. } => Some(DeadLetter {
+                    key: msg.key().map(<[u8]>::to_vec),
+                    value: msg.payload().map(<[u8]>::to_vec),
+                    headers: headers.clone(),
+                }),
+            };
+            match self.send_effect(inner, dead.as_ref()) {
+                Sent::Busy => return Applied::QueueFull,
+                // a failed send poisons the transaction; the commit aborts it and redoes this
+                Sent::Failed | Sent::Ok => {}
+            }
+            inner
+                .ledger
+                .apply(partition, msg.offset(), effect, retries, dead);
+            Applied::Yes
+        })
+        .unwrap_or(Applied::Locked)
+    }
+
+    /// Begins the transaction if needed and produces `dead` (if any) inside it.
+    fn send_effect(&self, inner: &mut Inner, dead: Option<&DeadLetter>) -> Sent {
+        if !inner.in_txn {
+            if let Err(e) = inner.producer.begin_transaction() {
+                warn!(error = %e, "could not begin a transaction");
+                inner.poisoned = true;
+                return Sent::Failed;
+            }
+            inner.in_txn = true;
+        }
+        let Some(DeadLetter {
+            key,
+            value,
+            headers,
+        }) = dead
+        else {
+            return Sent::Ok;
+        };
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&self.dlq_topic).headers(headers.clone());
+        if let Some(k) = key {
+            record = record.key(k.as_slice());
+        }
+        if let Some(v) = value {
+            record = record.payload(v.as_slice());
+        }
+        // the delivery is awaited by commit_transaction, not here
+        match inner.producer.send_result(record) {
+            Ok(_delivery) => Sent::Ok,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => Sent::Busy,
+            Err((e, _)) => {
+                warn!(error = %e, "dead letter could not join the transaction");
+                inner.poisoned = true;
+                Sent::Failed
+            }
+        }
+    }
+
+    /// Commits the open transaction: changed partitions' state to the changelog, offsets with
+    /// the group metadata, then commit. On failure aborts and replays (see the module docs).
+    /// Blocking. Returns whether anything was committed.
+    pub fn commit<C: rdkafka::consumer::ConsumerContext>(
+        &self,
+        consumer: &impl Consumer<C>,
+    ) -> Result<bool, EosError> {
+        self.with_lock(|inner| {
+            if !inner.in_txn && !inner.poisoned && !inner.ledger.pending() {
+                return Ok(false);
+            }
+            let started = Instant::now();
+            let result = if inner.poisoned || !inner.in_txn {
+                Err(EosError::Poisoned)
+            } else {
+                self.try_commit(inner, consumer)
+            };
+            tracing::debug!(
+                elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+                ok = result.is_ok(),
+                "transaction commit"
+            );
+            match result {
+                Ok(()) => {
+                    inner.ledger.committed();
+                    inner.in_txn = false;
+                    Ok(true)
+                }
+                Err(e) => {
+                    warn!(error = %e, "transaction failed; aborting it and replaying its outcomes in a new one");
+                    self.abort_and_replay(inner);
+                    Err(e)
+                }
+            }
+        })
+    }
+
+    fn try_commit<C: rdkafka::consumer::ConsumerContext>(
+        &self,
+        inner: &mut Inner,
+        consumer: &impl Consumer<C>,
+    ) -> Result<(), EosError> {
+        let mut offsets = TopicPartitionList::new();
+        for (partition, value, next_offset) in inner.ledger.changes()? {
+            let key = partition.to_string();
+            loop {
+                let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&self.state_topic)
+                    .partition(partition)
+                    .key(key.as_str())
+                    .payload(value.as_slice());
+                match inner.producer.send_result(record) {
+                    Ok(_) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                        inner.producer.poll(Duration::from_millis(10));
+                    }
+                    Err((e, _)) => return Err(e.into()),
+                }
+            }
+            offsets.add_partition_offset(
+                &self.orders_topic,
+                partition,
+                Offset::Offset(next_offset),
+            )?;
+        }
+        let metadata = consumer.group_metadata().ok_or(EosError::NoGroupMetadata)?;
+        retry_retriable(|| {
+            inner
+                .producer
+                .send_offsets_to_transaction(&offsets, &metadata, TXN_TIMEOUT)
+        })?;
+        retry_retriable(|| inner.producer.commit_transaction(TXN_TIMEOUT))?;
+        Ok(())
+    }
+
+    /// Aborts the open transaction (replacing the producer if it cannot) and redoes its writes
+    /// in a new one ([`Ledger::replay`]). A replay that fails leaves the transaction poisoned
+    /// for the next commit.
+    fn abort_and_replay(&self, inner: &mut Inner) {
+        if inner.in_txn
+            && let Err(e) = inner.producer.abort_transaction(TXN_TIMEOUT)
+        {
+            warn!(error = %e, "abort failed; replacing the transactional producer");
+            match transactional_producer(&self.producer_config) {
+                Ok(p) => inner.producer = p,
+                Err(e) => {
+                    warn!(error = %e, "could not replace the producer; will retry at the next commit")
+                }
+            }
+        }
+        inner.in_txn = false;
+        inner.poisoned = false;
+        for dead in inner.ledger.replay() {
+            if let Sent::Busy = self.send_effect(inner, dead.as_ref()) {
+                // the queue drains while we wait; nothing else can use the producer now
+                inner.producer.poll(Duration::from_millis(50));
+                if !matches!(self.send_effect(inner, dead.as_ref()), Sent::Ok) {
+                    inner.poisoned = true;
+                }
+            }
+        }
+        info!(
+            replayed = inner.ledger.uncommitted(),
+            poisoned = inner.poisoned,
+            "outcomes replayed into a new transaction"
+        );
+    }
+
+    /// Aborts whatever is open (shutdown after a failed final commit): pending outcomes are
+    /// dropped, their records are processed again by the next owner.
+    pub fn abort(&self) {
+        self.with_lock(|inner| {
+            if inner.in_txn {
+                if let Err(e) = inner.producer.abort_transaction(TXN_TIMEOUT) {
+                    warn!(error = %e, "abort failed");
+                }
+                inner.in_txn = false;
+            }
+        });
+    }
+}
+
+/// How producing an outcome's records went.
+enum Sent {
+    Ok,
+    Busy,
+    Failed,
+}
+
+/// Retries a transactional call while librdkafka says the error is retriable.
+fn retry_retriable(mut call: impl FnMut() -> Result<(), KafkaError>) -> Result<(), KafkaError> {
+    let mut tries = 0;
+    loop {
+        match call() {
+            Err(KafkaError::Transaction(e)) if e.is_retriable() && tries < 10 => {
+                tries += 1;
+                warn!(error = %e, tries, "retriable transaction error; retrying");
+                std::thread::sleep(Duration::from_millis(200 * tries));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn committed_offset<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    topic: &str,
+    partition: i32,
+) -> Option<i64> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(30))
+        .ok()?;
+    match committed.find_partition(topic, partition)?.offset() {
+        Offset::Offset(o) => Some(o),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use order_schema::Cents;
+
+    fn restored(partition: i32, next_offset: i64) -> Ledger {
+        let mut l = Ledger::default();
+        l.restored(
+            partition,
+            PartitionState {
+                next_offset,
+                ..PartitionState::default()
+            },
+        );
+        l
+    }
+
+    fn sold(l: &mut Ledger, partition: i32, offset: i64, cents: i64) {
+        assert!(l.accepts(partition, offset));
+        let effect = Effect::Processed {
+            product: "laptop",
+            price: Cents(cents),
+        };
+        l.apply(partition, offset, effect, 0, None);
+    }
+
+    fn letter(n: u8) -> DeadLetter {
+        DeadLetter {
+            key: Some(vec![n]),
+            value: None,
+            headers: OwnedHeaders::new(),
+        }
+    }
+
+    fn dead_lettered(l: &mut Ledger, partition: i32, offset: i64, n: u8) {
+        let effect = Effect::DeadLettered {
+            category: Category::Validation,
+            headers: OwnedHeaders::new(),
+        };
+        l.apply(partition, offset, effect, 2, Some(letter(n)));
+    }
+
+    #[test]
+    fn applied_outcomes_move_working_and_the_commit_catches_up() {
+        let mut l = restored(0, 10);
+        sold(&mut l, 0, 10, 150);
+        sold(&mut l, 0, 11, 250);
+        dead_lettered(&mut l, 0, 12, 1);
+        assert!(l.pending());
+        assert_eq!(l.uncommitted(), 3);
+        let changes = l.changes().unwrap();
+        assert_eq!(changes.len(), 1);
+        let (partition, bytes, next) = &changes[0];
+        assert_eq!((*partition, *next), (0, 13));
+        let state: PartitionState = serde_json::from_slice(bytes).unwrap();
+        assert_eq!(state.total.count, 2);
+        assert_eq!(state.total.revenue_cents, 400);
+        assert_eq!(state.retries, 2);
+        l.committed();
+        assert!(!l.pending());
+        assert!(l.changes().unwrap().is_empty());
+        assert!(l.replay().is_empty(), "nothing to redo once committed");
+    }
+
+    #[test]
+    fn records_behind_what_was_applied_and_partitions_not_held_are_stale() {
+        let mut l = restored(0, 10);
+        assert!(!l.accepts(0, 9), "before the restored offset");
+        sold(&mut l, 0, 10, 100);
+        assert!(!l.accepts(0, 10), "seen again after a rewind");
+        assert!(l.accepts(0, 11));
+        assert!(!l.accepts(1, 0), "never assigned here");
+        // applying to a partition not held changes nothing
+        l.apply(
+            1,
+            0,
+            Effect::Processed {
+                product: "laptop",
+                price: Cents(1),
+            },
+            0,
+            None,
+        );
+        assert_eq!(l.report().processed, 1);
+    }
+
+    #[test]
+    fn an_abort_replays_the_uncommitted_dead_letters_in_order_per_partition() {
+        let mut l = restored(0, 0);
+        l.restored(1, PartitionState::default());
+        l.restored(2, PartitionState::default());
+        dead_lettered(&mut l, 0, 0, 1);
+        sold(&mut l, 0, 1, 100);
+        dead_lettered(&mut l, 0, 2, 2);
+        sold(&mut l, 1, 0, 100);
+        // partition 2 has nothing uncommitted: nothing of it is replayed
+        let keys: Vec<Option<Vec<u8>>> = l
+            .replay()
+            .into_iter()
+            .map(|d| d.and_then(|d| d.key))
+            .collect();
+        assert_eq!(
+            keys,
+            [None, Some(vec![1]), Some(vec![2]), None],
+            "partition 0 opens the transaction and redoes its two letters; partition 1 has none"
+        );
+        // the replay does not change working: the effects stay applied once
+        assert_eq!(l.report().processed, 2);
+        assert_eq!(l.report().dead_lettered, 2);
+    }
+
+    #[test]
+    fn releasing_says_whether_uncommitted_outcomes_went_with_the_partitions() {
+        let mut l = restored(0, 0);
+        l.restored(1, PartitionState::default());
+        sold(&mut l, 1, 0, 100);
+        assert!(!l.release(&[0]), "partition 0 had nothing uncommitted");
+        assert!(!l.holds(0));
+        assert!(l.release(&[1, 7]), "partition 1 did; 7 was never held");
+        assert!(!l.pending());
+        assert!(l.replay().is_empty());
+    }
+}

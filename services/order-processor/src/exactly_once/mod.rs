@@ -1,0 +1,348 @@
+//! Exactly-once: outcomes, state and offsets in one Kafka transaction.
+//!
+//! The model is Kafka Streams with `exactly_once_v2`. One transactional producer per replica;
+//! each partition's aggregate state lives in memory twice, as `working` (what this replica has
+//! applied) and `committed` (what the last committed transaction contains). A record's outcome
+//! is applied under the core's lock: its dead letter (if any) is produced inside the open
+//! transaction and `working` moves on. Every `COMMIT_INTERVAL_MS` the committer writes each
+//! changed partition's state to the compacted changelog topic (key = partition number, to the
+//! changelog partition of the same number), adds the consumer offsets with the group's
+//! metadata (KIP-447, which fences zombie replicas through the group generation) and commits.
+//! If the transaction fails it is aborted and its outcomes are redone in a fresh one: `working`
+//! already holds the effect of every outcome since the last commit, so what has to be redone
+//! is the writes, that is the dead letters (kept per partition until their commit) and, at
+//! the next commit, the state. The consumer's position never moves back, so no record can be
+//! skipped or counted twice. Processed records leave nothing behind but their effect on
+//! `working`: memory between commits grows with dead letters, not with throughput.
+//!
+//! On assignment, a partition's state is restored from the changelog before any of its records
+//! is processed, once no transaction is pending on its changelog partition (a crashed
+//! replica's open transaction blocks until the broker aborts it after
+//! `TRANSACTION_TIMEOUT_MS`). Readers of the dead-letter and changelog topics use
+//! `read_committed`, so aborted attempts are invisible to them.
+//!
+//! Layout: [`core`] holds the transaction and the [`core::Ledger`] of the held partitions;
+//! [`changelog`] reads and creates the changelog topic; this module is the guarantee as the
+//! rest of the processor sees it ([`ExactlyOnce`]): restore on assignment, settling a
+//! record's outcome, the committer, the commit on revocation and at shutdown, and the group's
+//! totals.
+
+pub mod changelog;
+pub mod core;
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use kafka_batch::RawMessage;
+use order_runtime::backoff::Backoff;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, warn};
+
+use self::changelog::ChangelogReaders;
+use self::core::{Applied, Core, Effect};
+use crate::aggregate::StatsReport;
+use crate::config::Config;
+use crate::consumer::ProcessorConsumer;
+use crate::durability::{CommittedPartition, Durability, GroupTotals, TotalsError};
+use crate::record::Outcome;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EosError {
+    #[error("Kafka transaction failed: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("the consumer has no group metadata yet")]
+    NoGroupMetadata,
+    #[error("a record could not join the transaction")]
+    Poisoned,
+    #[error("changelog partition {partition} still has a pending transaction after {waited_s} s")]
+    ChangelogBusy { partition: i32, waited_s: u64 },
+    #[error("changelog record of partition {partition} is unreadable: {source}")]
+    BadChangelog {
+        partition: i32,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("the state of partition {partition} could not be encoded for the changelog: {source}")]
+    EncodeState {
+        partition: i32,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// The exactly-once guarantee of one replica.
+pub struct ExactlyOnce {
+    core: Core,
+    config: Config,
+    /// The changelog readers of the restores in progress, shared (see [`ExactlyOnce::readers`]).
+    readers: Mutex<Weak<tokio::sync::Mutex<ChangelogReaders>>>,
+    /// The committer thread, joined at shutdown.
+    committer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    totals: Arc<GroupView>,
+}
+
+/// A worker's share: the partition it processes.
+pub struct Partition(i32);
+
+impl ExactlyOnce {
+    /// Creates the transactional producer (a broker round trip or more, off the async
+    /// threads).
+    pub async fn new(config: &Config, client_id: &str) -> Result<Self, KafkaError> {
+        let (c, id) = (config.clone(), client_id.to_owned());
+        let core = tokio::task::spawn_blocking(move || Core::new(&c, &id))
+            .await
+            .map_err(|_| KafkaError::Canceled)??;
+        Ok(ExactlyOnce {
+            core,
+            config: config.clone(),
+            readers: Mutex::new(Weak::new()),
+            committer: Mutex::new(None),
+            totals: Arc::new(GroupView {
+                config: config.clone(),
+                reader: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// Changelog readers for a restore: the pair the restores in progress use, or a new one.
+    /// An assignment restores all its partitions at once, and a pair per partition meant two
+    /// clients each (threads, connections, buffers) for a read of a few records. Restores take
+    /// turns on the pair (a read assigns the reader to its partition), waiting on the async
+    /// lock rather than on a blocking thread each; the pair closes when the last restore of
+    /// the wave lets go of it.
+    fn readers(&self) -> Result<Arc<tokio::sync::Mutex<ChangelogReaders>>, KafkaError> {
+        let mut slot = self
+            .readers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(readers) = slot.upgrade() {
+            return Ok(readers);
+        }
+        let readers = Arc::new(tokio::sync::Mutex::new(ChangelogReaders::new(
+            &self.config.common,
+        )?));
+        *slot = Arc::downgrade(&readers);
+        Ok(readers)
+    }
+
+    /// One restore of `partition`'s state and position.
+    async fn restore(
+        self: &Arc<Self>,
+        consumer: &Arc<ProcessorConsumer<Self>>,
+        partition: i32,
+    ) -> Result<(), String> {
+        let readers = self.readers().map_err(|e| e.to_string())?;
+        let readers = readers.lock_owned().await;
+        let (this, consumer) = (self.clone(), consumer.clone());
+        tokio::task::spawn_blocking(move || {
+            this.core.restore(&readers, consumer.as_ref(), partition)
+        })
+        .await
+        .map_err(|e| format!("restore task failed: {e}"))?
+        .map_err(|e| e.to_string())
+    }
+
+    fn commit<C: ConsumerContext>(&self, consumer: &impl Consumer<C>) {
+        if let Err(e) = self.core.commit(consumer) {
+            warn!(error = %e, "commit failed; the outcomes were replayed into a new transaction");
+        }
+    }
+}
+
+impl Durability for ExactlyOnce {
+    type Partition = Partition;
+
+    fn configure_consumer(&self, client: &mut ClientConfig) {
+        // offsets are committed by the transactions only
+        client.set("enable.auto.commit", "false");
+    }
+
+    async fn prepare(&self) -> Result<(), KafkaError> {
+        changelog::ensure_changelog(&self.config.common, &self.config.state_topic()).await
+    }
+
+    /// Without its state the partition must not be processed. A restore fails on temporary
+    /// broker errors too (a changelog partition with no leader yet, just after the topic was
+    /// created): it is tried again until it works or the partition is taken away, since the
+    /// rebalance that would otherwise restart it may never come (a cooperative rebalance
+    /// leaves a kept partition where it is).
+    async fn on_assigned(
+        self: &Arc<Self>,
+        consumer: &Arc<ProcessorConsumer<Self>>,
+        _: &str,
+        partition: i32,
+        cancel: &CancellationToken,
+    ) -> Option<Partition> {
+        let mut wait = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            match self.restore(consumer, partition).await {
+                Ok(()) => return Some(Partition(partition)),
+                Err(e) => {
+                    warn!(partition, error = %e, retry_in_ms = wait.upcoming_ms(),
+                        "could not restore the partition's state yet; it waits");
+                }
+            }
+            if !wait.wait(cancel).await {
+                return None;
+            }
+        }
+    }
+
+    fn holds(&self, part: &Partition) -> bool {
+        self.core.holds(part.0)
+    }
+
+    async fn settle(
+        &self,
+        _: &mut Partition,
+        msg: &RawMessage<'_>,
+        outcome: &Outcome,
+        _: &CancellationToken,
+    ) -> bool {
+        loop {
+            let applied = match outcome {
+                Outcome::Processed { order, price, .. } => self.core.apply(
+                    msg,
+                    Effect::Processed {
+                        product: &order.product,
+                        price: *price,
+                    },
+                    outcome.retries(),
+                ),
+                Outcome::DeadLetter(dead) => dead.span.in_scope(|| {
+                    self.core.apply(
+                        msg,
+                        Effect::DeadLettered {
+                            category: dead.category,
+                            headers: dead.headers.clone(),
+                        },
+                        outcome.retries(),
+                    )
+                }),
+            };
+            match applied {
+                Applied::Yes => return true,
+                Applied::Stale => return false,
+                // a commit holds the core for a broker round trip: wait for its release
+                // rather than a runtime thread (blocking on the lock made tokio start a
+                // thread per waiting record: ~280 threads and twice the memory under load)
+                Applied::Locked => self.core.until_released().await,
+                // deliveries drain the queue; nothing announces it, and it is rare (a flood
+                // of dead letters between two commits)
+                Applied::QueueFull => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        }
+    }
+
+    fn checkpoint(&self, _: &mut Partition) {
+        // offsets go with the transaction
+    }
+
+    fn on_revoked<C: ConsumerContext>(&self, consumer: &impl Consumer<C>, partitions: &[i32]) {
+        self.commit(consumer);
+        self.core.release(partitions);
+    }
+
+    /// Commits the open transaction every `COMMIT_INTERVAL_MS` until shutdown, on a thread of
+    /// its own. A commit blocks for a broker round trip or more (~100 ms); given to tokio's
+    /// blocking pool every second, it kept a rotating set of 5-6 pool threads from ever idling
+    /// out, each holding its allocator cache.
+    fn start(
+        self: &Arc<Self>,
+        consumer: &Arc<ProcessorConsumer<Self>>,
+        shutdown: &CancellationToken,
+    ) -> std::io::Result<()> {
+        use std::sync::mpsc::{RecvTimeoutError, channel};
+        let interval = Duration::from_millis(self.config.processor.commit_interval_ms);
+        let (stop, stopped) = channel::<()>();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            drop(stop);
+        });
+        let (this, consumer) = (self.clone(), consumer.clone());
+        let handle = std::thread::Builder::new()
+            .name("eos-committer".into())
+            .spawn(move || {
+                let mut due = std::time::Instant::now() + interval;
+                loop {
+                    let wait = due.saturating_duration_since(std::time::Instant::now());
+                    match stopped.recv_timeout(wait) {
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                    this.commit(consumer.as_ref());
+                    // a commit that overran the interval pushes the next one back a whole
+                    // interval
+                    let now = std::time::Instant::now();
+                    due += interval;
+                    if due < now {
+                        due = now + interval;
+                    }
+                }
+            })?;
+        *self
+            .committer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(handle);
+        Ok(())
+    }
+
+    fn shutdown<C: ConsumerContext>(&self, consumer: &impl Consumer<C>) {
+        let committer = self
+            .committer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        // a commit in flight finishes first
+        if let Some(c) = committer
+            && c.join().is_err()
+        {
+            error!("the committer thread panicked");
+        }
+        self.commit(consumer);
+        // a failed final commit leaves its replay open: abort it rather than let it block the
+        // changelog and dead-letter partitions until the broker times it out
+        self.core.abort();
+    }
+
+    fn report(&self) -> StatsReport {
+        self.core.owned_report()
+    }
+
+    fn group_totals(&self) -> Arc<dyn GroupTotals> {
+        self.totals.clone()
+    }
+}
+
+/// The group's committed totals, read from the changelog with one reader kept for the
+/// purpose (made on first use), instead of a Kafka client per request.
+struct GroupView {
+    config: Config,
+    reader: Mutex<Option<BaseConsumer>>,
+}
+
+impl GroupTotals for GroupView {
+    fn committed(&self) -> Result<Vec<CommittedPartition>, TotalsError> {
+        let unavailable = |e: &dyn std::fmt::Display| TotalsError::Unavailable(e.to_string());
+        let mut slot = self
+            .reader
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let reader = match slot.take() {
+            Some(reader) => reader,
+            None => changelog::changelog_reader(&self.config.common, "read_committed")
+                .map_err(|e| unavailable(&e))?,
+        };
+        let read = changelog::committed_partitions(
+            &reader,
+            &self.config.state_topic(),
+            &self.config.common.orders_topic,
+        );
+        *slot = Some(reader);
+        read.map_err(|e| unavailable(&e))
+    }
+}

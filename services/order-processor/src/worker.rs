@@ -1,0 +1,148 @@
+//! One assigned partition's worker: takes its records in batches from the partition's own
+//! queue, takes each to its outcome ([`crate::record`]), has the guarantee make it durable
+//! ([`Durability::settle`]), and keeps the metrics. A record in retry backoff holds back only
+//! its own partition.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use kafka_batch::{PartitionBatches, RawMessage};
+use order_runtime::trace;
+use rdkafka::message::Message;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, warn};
+
+use crate::consumer::ProcessorConsumer;
+use crate::durability::Durability;
+use crate::metrics::{CategoryLabel, Metrics, Tally};
+use crate::record::{Outcome, Records};
+
+/// What the workers of one processor share.
+pub struct Processing<D> {
+    pub records: Records,
+    pub durability: Arc<D>,
+    pub metrics: Metrics,
+    /// `CONSUMER_GROUP`, for the processing spans.
+    pub group: String,
+}
+
+/// The worker of one partition, from its assignment until it is stopped (revoked, or
+/// shutting down).
+pub struct PartitionWorker<D: Durability> {
+    pub processing: Arc<Processing<D>>,
+    pub consumer: Arc<ProcessorConsumer<D>>,
+    pub topic: String,
+    pub partition: i32,
+    /// The partition's queue, split from the consumer's before the assignment took effect.
+    pub queue: PartitionBatches,
+    pub cancel: CancellationToken,
+}
+
+impl<D: Durability> PartitionWorker<D> {
+    /// Runs until cancelled. Records of a batch left when it stops are dropped unprocessed:
+    /// the partition is going, and its next owner starts from what was committed.
+    pub async fn run(self) {
+        let durability = self.processing.durability.clone();
+        let Some(mut part) = durability
+            .on_assigned(&self.consumer, &self.topic, self.partition, &self.cancel)
+            .await
+        else {
+            return;
+        };
+        let mut batch = Vec::with_capacity(kafka_batch::MAX_BATCH);
+        let mut tally = self.processing.metrics.tally();
+        'work: loop {
+            if self.cancel.is_cancelled() {
+                break;
+            }
+            // what is queued is taken at once, up to a batch; only an empty queue arms the
+            // cancellation alongside the wait
+            self.queue.pop(&mut batch);
+            if batch.is_empty() {
+                // about to wait: what was done shows in /metrics and goes to the next commit
+                self.settle(&mut part, &mut tally);
+                tokio::select! {
+                    biased;
+                    () = self.cancel.cancelled() => break,
+                    () = self.queue.wait() => continue,
+                }
+            }
+            for m in batch.drain(..) {
+                if self.cancel.is_cancelled() || !durability.holds(&part) {
+                    break 'work;
+                }
+                if let Some(e) = m.error() {
+                    warn!(error = %e, partition = self.partition, "consumer error");
+                    continue;
+                }
+                let done = self.handle(&mut part, &m, &mut tally).await;
+                if tally.pending() >= Tally::FLUSH_EVERY {
+                    self.settle(&mut part, &mut tally);
+                }
+                if !done && self.cancel.is_cancelled() {
+                    break 'work;
+                }
+                // a full queue never makes the worker wait, so without this a busy partition
+                // would keep its runtime thread from /healthz and other partitions
+                tokio::task::coop::consume_budget().await;
+            }
+        }
+        // before the worker is done: the commit that follows a revocation or shutdown
+        // includes it
+        self.settle(&mut part, &mut tally);
+    }
+
+    /// Makes what the worker did visible: to the next commit and to `/metrics`.
+    fn settle(&self, part: &mut D::Partition, tally: &mut Tally) {
+        self.processing.durability.checkpoint(part);
+        self.processing.metrics.flush(tally);
+    }
+
+    /// Takes one record to its durable outcome; `false` when that did not happen (stopped,
+    /// or the partition is no longer ours): the record will be seen again.
+    async fn handle(
+        &self,
+        part: &mut D::Partition,
+        msg: &RawMessage<'_>,
+        tally: &mut Tally,
+    ) -> bool {
+        let started = Instant::now();
+        let p = &self.processing;
+        let span = trace::consumer_span(msg, &p.group);
+        let done = async {
+            let Some(outcome) = p.records.evaluate(msg, &self.cancel).await else {
+                return false;
+            };
+            let durable = p.durability.settle(part, msg, &outcome, &self.cancel).await;
+            if durable {
+                count(&p.metrics, tally, msg, &outcome);
+            }
+            durable
+        }
+        .instrument(span)
+        .await;
+        tally.process_duration(started.elapsed().as_secs_f64());
+        done
+    }
+}
+
+/// Counts a durable outcome.
+fn count(metrics: &Metrics, tally: &mut Tally, msg: &RawMessage<'_>, outcome: &Outcome) {
+    match outcome {
+        Outcome::Processed { price, .. } => {
+            tally.processed(u64::try_from(price.0).unwrap_or(0));
+            if let Some(ts) = msg.timestamp().to_millis() {
+                metrics.observe_end_to_end(tally, msg.partition(), ts);
+            }
+        }
+        Outcome::DeadLetter(dead) => {
+            metrics.dead_lettered.inc();
+            metrics
+                .dead_letters
+                .get_or_create(&CategoryLabel {
+                    category: dead.category.as_str(),
+                })
+                .inc();
+        }
+    }
+}
