@@ -32,7 +32,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
+use rdkafka::types::RDKafkaErrorCode;
 use serde::Deserialize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::net::TcpListener;
@@ -110,6 +112,9 @@ struct CategoryLabel {
 
 /// Marks the readiness condition when the group gives us our (possibly empty) assignment.
 pub struct AnalyzerContext {
+    /// `/readyz`'s consumer condition (see [`watch_subscription`]).
+    ready: Arc<AtomicBool>,
+    /// Set at the first assignment, for good.
     joined: Arc<AtomicBool>,
 }
 
@@ -119,6 +124,7 @@ impl ConsumerContext for AnalyzerContext {
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             self.joined.store(true, Ordering::Release);
+            self.ready.store(true, Ordering::Release);
             info!(partitions = tpl.count(), "dead-letter partitions assigned");
         }
     }
@@ -147,7 +153,8 @@ impl Application {
         let common = &config.common;
         let codec = OrderCodec::new(&common.schema_registry_url, &common.orders_topic)?;
         let probe = Arc::new(Probe::default());
-        let joined = probe.condition("joined consumer group");
+        let ready = probe.condition("joined consumer group");
+        let joined = Arc::new(AtomicBool::new(false));
         let mut client = kafka::consumer_config(
             common,
             &format!("{SERVICE_NAME}-{}", order_runtime::telemetry::instance_id()),
@@ -159,7 +166,10 @@ impl Application {
             .set("auto.offset.reset", "earliest");
         let consumer: Arc<StreamConsumer<AnalyzerContext>> = Arc::new(
             client
-                .create_with_context(AnalyzerContext { joined })
+                .create_with_context(AnalyzerContext {
+                    ready: ready.clone(),
+                    joined: joined.clone(),
+                })
                 .map_err(StartError::Kafka)?,
         );
         consumer
@@ -172,6 +182,7 @@ impl Application {
             Duration::from_secs(5),
             shutdown.clone(),
         );
+        watch_subscription(&consumer, &common.dlq_topic, ready, joined, &shutdown);
         let mut registry = Registry::default();
         let consumed = Family::<CategoryLabel, Counter>::default();
         registry.register(
@@ -272,6 +283,10 @@ impl Application {
                     // a backlog never makes recv() wait: let /healthz and /report in
                     tokio::task::coop::consume_budget().await;
                 }
+                // the topic not created yet: said once by `watch_subscription`
+                Some(Err(KafkaError::MessageConsumption(
+                    RDKafkaErrorCode::UnknownTopicOrPartition,
+                ))) => {}
                 Some(Err(e)) => warn!(error = %e, "consumer error"),
                 None => {}
             }
@@ -289,6 +304,47 @@ impl Application {
         let final_report = report.lock().map(|r| r.clone()).unwrap_or_default();
         Ok(final_report)
     }
+}
+
+/// The consumer's readiness condition: the group joined, or the dead-letter topic not created
+/// yet. A healthy system may never dead-letter anything, so the topic may never exist; the
+/// analyzer is subscribed, reports the (empty) truth, and reads the topic once it appears.
+/// The consumer never joins its group before that, so waiting for the join would keep it
+/// unready for good.
+fn watch_subscription(
+    consumer: &Arc<StreamConsumer<AnalyzerContext>>,
+    topic: &str,
+    ready: Arc<AtomicBool>,
+    joined: Arc<AtomicBool>,
+    shutdown: &CancellationToken,
+) {
+    let consumer = Arc::downgrade(consumer);
+    let topic = topic.to_owned();
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        let mut said = false;
+        while !joined.load(Ordering::Acquire) {
+            let Some(c) = consumer.upgrade() else { return };
+            let t = topic.clone();
+            let missing = tokio::task::spawn_blocking(move || {
+                kafka::partition_count(c.client(), &t, Duration::from_secs(3)).is_ok_and(|n| n == 0)
+            })
+            .await
+            .unwrap_or(false);
+            if missing && !said {
+                info!(%topic, "the dead-letter topic does not exist yet (nothing dead-lettered so far); it is read once created");
+                said = true;
+            }
+            // the join may have come meanwhile: it decides then
+            if !joined.load(Ordering::Acquire) {
+                ready.store(missing, Ordering::Release);
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+        }
+    });
 }
 
 impl order_runtime::service::Service for Application {

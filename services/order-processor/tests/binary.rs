@@ -161,3 +161,77 @@ async fn at_least_once_stopped_with_sigterm_mid_stream_and_restarted_it_loses_no
         0
     );
 }
+
+/// Pods are often started before the job that creates their topics has run. Each guarantee
+/// waits, not ready and saying what for, then processes once the topic is there; the analyzer
+/// is ready without its topic (a healthy system may never dead-letter anything) and reads it
+/// once it appears.
+#[tokio::test(flavor = "multi_thread")]
+async fn started_before_their_topics_exist_they_wait_then_work() {
+    let stack = Stack::from_env();
+    let (orders, dlq) = (unique("orders"), unique("dlq"));
+    let mut processors = Vec::new();
+    for guarantee in ["exactly_once", "at_least_once"] {
+        let mut vars = stack.vars(&orders, &dlq);
+        vars.push(("CONSUMER_GROUP".into(), unique(guarantee)));
+        vars.push(("PROCESSING_GUARANTEE".into(), guarantee.into()));
+        let mut p = Service::start(BIN, &vars);
+        p.wait_for("/healthz", Duration::from_secs(20)).await;
+        processors.push((guarantee, p));
+    }
+    let mut analyzer = Service::start(
+        order_testkit::service_bin("dlq-analyzer").to_str().unwrap(),
+        &stack.vars(&orders, &dlq),
+    );
+    analyzer.wait_for("/readyz", Duration::from_secs(30)).await;
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (guarantee, p) in &processors {
+        let (status, body) = p.get("/readyz").await.unwrap();
+        assert_eq!(status, 503, "{guarantee}: {body}");
+        assert!(body.contains("orders topic exists"), "{guarantee}: {body}");
+        assert!(p.output().contains("waiting for the orders topic"), "{guarantee}");
+    }
+
+    stack.create_topic(&orders, 2).await;
+    stack.create_topic(&dlq, 1).await;
+    let codec = OrderCodec::new(&stack.registry, &orders).unwrap();
+    let producer = stack.producer();
+    let order = Order {
+        order_id: "late-topic-1".into(),
+        product: "laptop".into(),
+        price: 12.5,
+    };
+    let good = codec.encode(&order).await.unwrap();
+    for value in [&good[..], b"not an order"] {
+        stack
+            .produce_raw(&producer, &orders, None, Some(b"k"), Some(value), &[])
+            .await;
+    }
+    for (guarantee, p) in &mut processors {
+        p.wait_for("/readyz", Duration::from_secs(60)).await;
+        eventually(
+            &format!("{guarantee} to process what was sent"),
+            Duration::from_secs(60),
+            || async {
+                let s = p.get_json("/stats").await.ok()?;
+                (s["processed"] == 1 && s["dead_lettered"] == 1).then_some(())
+            },
+        )
+        .await;
+    }
+    eventually(
+        "the analyzer to read both replicas' dead letters",
+        Duration::from_secs(60),
+        || async {
+            let r = analyzer.get_json("/report").await.ok()?;
+            (r["total"] == 2).then_some(())
+        },
+    )
+    .await;
+    for (_, p) in processors {
+        let (status, output) = p.terminate(Duration::from_secs(30));
+        assert_eq!(status.code(), Some(0), "{output}");
+    }
+    analyzer.terminate(Duration::from_secs(20));
+}
