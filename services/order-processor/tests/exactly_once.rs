@@ -32,8 +32,7 @@ async fn replicas_killed_with_sigkill_and_replaced_lose_and_double_nothing() {
         || async { (committed(&b).await > 3_000).then_some(()) },
     )
     .await;
-    let (status, _) = a.kill();
-    assert!(!status.success(), "SIGKILL is not a clean exit");
+    a.kill();
     let a2 = w.replica(&stack).await;
 
     eventually(

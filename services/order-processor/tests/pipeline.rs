@@ -459,10 +459,12 @@ async fn retries_keep_their_backoff_and_do_not_hold_back_other_partitions() {
         .windows(2)
         .map(|w| (w[1] - w[0]).as_millis())
         .collect();
+    // the schedule itself is unit-tested with paused time (record.rs); end to end, a retry
+    // never comes early, and a loaded machine may make it late
     for (gap, expected) in gaps.iter().zip([300u128, 600, 1200]) {
         assert!(
-            *gap >= expected && *gap < expected + 250,
-            "gaps {gaps:?}, expected about 300, 600, 1200 ms"
+            *gap >= expected && *gap < expected + 2_000,
+            "gaps {gaps:?}, expected 300, 600, 1200 ms or a little more"
         );
     }
     // every order of the other partition was done while the stuck one was still retrying
