@@ -494,31 +494,7 @@ pub fn summary_text(s: &Stats) -> String {
     )
 }
 
-impl order_runtime::service::Service for Application {
-    type Config = Config;
-    type Report = Stats;
-    const NAME: &'static str = SERVICE_NAME;
-    const DEFAULT_PORT: u16 = 8101;
-
-    fn config(vars: &[(String, String)]) -> Result<Config, order_runtime::ConfigError> {
-        Config::from_vars(vars)
-    }
-    fn log_format(config: &Config) -> order_runtime::LogFormat {
-        config.common.log_format
-    }
-    async fn build(config: Config, shutdown: CancellationToken) -> anyhow::Result<Self> {
-        Ok(Application::build(config, shutdown).await?)
-    }
-    fn port(&self) -> u16 {
-        self.port()
-    }
-    async fn run_until_stopped(self) -> anyhow::Result<Stats> {
-        Application::run_until_stopped(self).await
-    }
-    fn summary_text(report: &Stats) -> String {
-        summary_text(report)
-    }
-}
+order_runtime::impl_service!(Application, Config, Stats, summary_text, SERVICE_NAME, 8101);
 
 #[cfg(test)]
 mod tests {

@@ -163,7 +163,6 @@ impl Durability for AtLeastOnce {
             Outcome::DeadLetter(dead) => st.dead_letter(dead.category),
         }
         st.retries += u64::from(outcome.retries());
-        st.next_offset = msg.offset() + 1;
         part.unstored = Some(msg.offset());
         true
     }

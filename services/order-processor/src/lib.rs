@@ -450,28 +450,11 @@ pub fn summary_text(r: &aggregate::StatsReport) -> String {
     s
 }
 
-impl order_runtime::service::Service for Application {
-    type Config = Config;
-    type Report = aggregate::StatsReport;
-    const NAME: &'static str = SERVICE_NAME;
-    const DEFAULT_PORT: u16 = 8102;
-
-    fn config(vars: &[(String, String)]) -> Result<Config, order_runtime::ConfigError> {
-        Config::from_vars(vars)
-    }
-    fn log_format(config: &Config) -> order_runtime::LogFormat {
-        config.common.log_format
-    }
-    async fn build(config: Config, shutdown: CancellationToken) -> anyhow::Result<Self> {
-        Ok(Application::build(config, shutdown).await?)
-    }
-    fn port(&self) -> u16 {
-        self.port()
-    }
-    async fn run_until_stopped(self) -> anyhow::Result<aggregate::StatsReport> {
-        Application::run_until_stopped(self).await
-    }
-    fn summary_text(report: &aggregate::StatsReport) -> String {
-        summary_text(report)
-    }
-}
+order_runtime::impl_service!(
+    Application,
+    Config,
+    aggregate::StatsReport,
+    summary_text,
+    SERVICE_NAME,
+    8102
+);

@@ -190,7 +190,10 @@ async fn started_before_their_topics_exist_they_wait_then_work() {
         let (status, body) = p.get("/readyz").await.unwrap();
         assert_eq!(status, 503, "{guarantee}: {body}");
         assert!(body.contains("orders topic exists"), "{guarantee}: {body}");
-        assert!(p.output().contains("waiting for the orders topic"), "{guarantee}");
+        assert!(
+            p.output().contains("waiting for the orders topic"),
+            "{guarantee}"
+        );
     }
 
     stack.create_topic(&orders, 2).await;

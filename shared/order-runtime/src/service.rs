@@ -51,3 +51,40 @@ async fn run<S: Service>() -> anyhow::Result<ExitCode> {
     println!("SUMMARY {}", serde_json::to_string(&report)?);
     Ok(ExitCode::SUCCESS)
 }
+
+/// Implements [`Service`] for a service crate's `Application`, whose inherent `build`, `port`
+/// and `run_until_stopped` have the shapes every service gives them:
+/// `impl_service!(Application, Config, Report, summary_text, NAME, 8103)`.
+#[macro_export]
+macro_rules! impl_service {
+    ($app:ty, $config:ty, $report:ty, $summary:path, $name:expr, $port:expr) => {
+        impl $crate::service::Service for $app {
+            type Config = $config;
+            type Report = $report;
+            const NAME: &'static str = $name;
+            const DEFAULT_PORT: u16 = $port;
+
+            fn config(vars: &[(String, String)]) -> Result<$config, $crate::ConfigError> {
+                <$config>::from_vars(vars)
+            }
+            fn log_format(config: &$config) -> $crate::LogFormat {
+                config.common.log_format
+            }
+            async fn build(
+                config: $config,
+                shutdown: ::tokio_util::sync::CancellationToken,
+            ) -> ::anyhow::Result<Self> {
+                Ok(<$app>::build(config, shutdown).await?)
+            }
+            fn port(&self) -> u16 {
+                <$app>::port(self)
+            }
+            async fn run_until_stopped(self) -> ::anyhow::Result<$report> {
+                <$app>::run_until_stopped(self).await
+            }
+            fn summary_text(report: &$report) -> String {
+                $summary(report)
+            }
+        }
+    };
+}
