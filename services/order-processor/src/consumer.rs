@@ -115,7 +115,15 @@ impl<D: Durability> ProcessorContext<D> {
                     .iter()
                     .filter_map(|k| workers.remove_entry(k))
                     .collect(),
-                None => workers.drain().collect(),
+                None => {
+                    // at shutdown, queues split for an assignment that never completed go too
+                    // (each holds the consumer)
+                    self.split
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .clear();
+                    workers.drain().collect()
+                }
             }
         };
         for (_, worker) in &stopping {

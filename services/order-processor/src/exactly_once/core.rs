@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering, fence};
 use std::sync::{Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
+use order_runtime::backoff::Backoff;
 use order_runtime::dead_letter::Category;
 use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -604,13 +605,16 @@ enum Sent {
 
 /// Retries a transactional call while librdkafka says the error is retriable.
 fn retry_retriable(mut call: impl FnMut() -> Result<(), KafkaError>) -> Result<(), KafkaError> {
+    // 200 ms doubling to 2 s, ten tries at most
+    let mut wait = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
     let mut tries = 0;
     loop {
         match call() {
             Err(KafkaError::Transaction(e)) if e.is_retriable() && tries < 10 => {
                 tries += 1;
-                warn!(error = %e, tries, "retriable transaction error; retrying");
-                std::thread::sleep(Duration::from_millis(200 * tries));
+                warn!(error = %e, tries, retry_in_ms = wait.upcoming_ms(), "retriable transaction error; retrying");
+                // the commit's own thread (or a rebalance callback, which must block)
+                std::thread::sleep(wait.next_wait());
             }
             other => return other,
         }
