@@ -5,6 +5,7 @@ use std::time::Duration;
 use order_runtime::CommonConfig;
 use order_runtime::backoff::Backoff;
 use order_runtime::config::{ConfigError, check_range, load};
+use order_schema::Catalogue;
 use serde::Deserialize;
 
 use crate::decision::RetryPolicy;
@@ -67,6 +68,11 @@ pub struct ProcessorSettings {
     /// crashed replica's). Default 10000.
     #[serde(default = "default_transaction_timeout")]
     pub transaction_timeout_ms: u64,
+    /// `PRODUCT_CATALOGUE`: the products accepted, comma-separated, matched ignoring case
+    /// (an order is counted under the catalogue's spelling); `*` accepts any non-empty
+    /// product. Default: the ten products the generator sells.
+    #[serde(default)]
+    pub product_catalogue: Option<String>,
     /// `ANALYZER_URL`: the dlq-analyzer whose `/report` the status page (`/`) shows beside the
     /// group's totals. Default `http://127.0.0.1:8103`.
     #[serde(default = "default_analyzer_url")]
@@ -109,6 +115,8 @@ fn default_analyzer_url() -> String {
 pub struct Config {
     pub common: CommonConfig,
     pub processor: ProcessorSettings,
+    /// `PRODUCT_CATALOGUE`, parsed.
+    pub catalogue: Catalogue,
 }
 
 impl Config {
@@ -171,7 +179,16 @@ impl Config {
         {
             return Err(ConfigError("STATE_TOPIC must not be empty".into()));
         }
-        Ok(Config { common, processor })
+        let catalogue = match &p.product_catalogue {
+            None => Catalogue::default(),
+            Some(text) => Catalogue::parse(text)
+                .map_err(|e| ConfigError(format!("PRODUCT_CATALOGUE: {e}")))?,
+        };
+        Ok(Config {
+            common,
+            processor,
+            catalogue,
+        })
     }
 
     /// The changelog topic of per-partition state.
@@ -235,6 +252,7 @@ mod tests {
             ("PROCESSING_GUARANTEE", "exactly_twice"),
             ("COMMIT_INTERVAL_MS", "5"),
             ("ANALYZER_URL", "localhost:8103"),
+            ("PRODUCT_CATALOGUE", ","),
         ] {
             let e = Config::from_vars(&vars(&[(var, value)])).unwrap_err();
             assert!(e.to_string().contains(var), "{var}={value}: {e}");

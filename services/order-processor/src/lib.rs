@@ -20,6 +20,7 @@
 //! - [`aggregate`]: per-partition count, revenue, min, max in integer cents, mergeable.
 //! - [`config`]: the environment (SPEC) and the retry policy.
 //! - [`metrics`]: Prometheus series.
+//! - [`pause`]: `POST /pause` and `/resume` of all partitions or one.
 //! - [`status`]: the status page on `/` (group totals, throughput, lag and retries per
 //!   partition, the analyzer's dead letters), one self-contained page in the binary.
 //! - [`Application`]: builds all of it (binding the HTTP port first, port 0 in tests) and runs
@@ -33,6 +34,7 @@ pub mod decision;
 pub mod durability;
 pub mod exactly_once;
 pub mod metrics;
+pub mod pause;
 pub mod record;
 pub mod status;
 pub mod worker;
@@ -169,19 +171,22 @@ impl<D: Durability> Pipeline<D> {
         let common = &config.common;
         let mut registry = Registry::default();
         let metrics = metrics::Metrics::register(&mut registry);
+        let probe = Arc::new(Probe::default());
+        let pause = Arc::new(pause::PauseControl::new(probe.clone(), &mut registry));
         let processing = Arc::new(Processing {
             records: Records {
                 codec: OrderCodec::new(&common.schema_registry_url, &common.orders_topic)?,
                 failures,
                 policy: config.retry_policy(),
+                catalogue: config.catalogue.clone(),
                 dlq_topic: common.dlq_topic.clone(),
                 retries: metrics.retries.clone(),
             },
             durability: Arc::new(durability),
             metrics,
             group: config.processor.consumer_group.clone(),
+            pause,
         });
-        let probe = Arc::new(Probe::default());
         let joined = probe.condition("joined consumer group");
         let context = ProcessorContext::new(processing.clone(), shutdown.child_token(), joined);
         let mut client =
@@ -398,7 +403,7 @@ fn router<D: Durability>(
                 Json(doc)
             }),
         )
-        .with_state(processing);
+        .with_state(processing.clone());
     let global = Router::new()
         .route("/stats/global", get(global_stats))
         .with_state(totals.clone());
@@ -406,7 +411,9 @@ fn router<D: Durability>(
         .route("/", get(status::page))
         .route("/status.json", get(status::status))
         .with_state(Arc::new(status::StatusPage::new(config.clone(), totals)));
+    let pause = processing.pause.clone().router();
     http::router(probe, Arc::new(registry))
+        .merge(pause)
         .merge(stats)
         .merge(global)
         .merge(page)

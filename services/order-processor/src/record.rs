@@ -10,7 +10,7 @@ use kafka_batch::RawMessage;
 use order_runtime::backoff::Backoff;
 use order_runtime::dead_letter::{self, Category};
 use order_runtime::trace;
-use order_schema::{Cents, CodecError, Order, OrderCodec};
+use order_schema::{Catalogue, Cents, CodecError, Order, OrderCodec};
 use prometheus_client::metrics::counter::Counter;
 use rdkafka::Timestamp;
 use rdkafka::message::{Message, OwnedHeaders};
@@ -74,6 +74,8 @@ pub struct Records {
     pub codec: OrderCodec,
     pub failures: Arc<dyn FailureInjector>,
     pub policy: RetryPolicy,
+    /// `PRODUCT_CATALOGUE`.
+    pub catalogue: Catalogue,
     pub dlq_topic: String,
     /// `processor_retries_total`.
     pub retries: Counter,
@@ -99,9 +101,9 @@ impl Records {
                 };
                 (decide(Known::Malformed(kind), &self.policy), e.to_string())
             }
-            Ok(order) => {
+            Ok(mut order) => {
                 Span::current().record("order.id", order.order_id.as_str());
-                match order.validate() {
+                match order.validate_in(&self.catalogue) {
                     Err(e) => (decide(Known::Invalid(&e), &self.policy), e.to_string()),
                     Ok(price) => {
                         let verdict = attempts(

@@ -15,6 +15,7 @@ use tracing::{Instrument, warn};
 use crate::consumer::ProcessorConsumer;
 use crate::durability::Durability;
 use crate::metrics::{CategoryLabel, Metrics, Tally};
+use crate::pause::PauseControl;
 use crate::record::{Outcome, Records};
 
 /// What the workers of one processor share.
@@ -24,6 +25,8 @@ pub struct Processing<D> {
     pub metrics: Metrics,
     /// `CONSUMER_GROUP`, for the processing spans.
     pub group: String,
+    /// `POST /pause` and `/resume`.
+    pub pause: Arc<PauseControl>,
 }
 
 /// The worker of one partition, from its assignment until it is stopped (revoked, or
@@ -51,9 +54,19 @@ impl<D: Durability> PartitionWorker<D> {
         };
         let mut batch = Vec::with_capacity(kafka_batch::MAX_BATCH);
         let mut tally = self.processing.metrics.tally();
+        let mut paused = self.processing.pause.watch();
         'work: loop {
             if self.cancel.is_cancelled() {
                 break;
+            }
+            // checked between batches: a batch in hand is finished first, never dropped
+            if paused.borrow_and_update().holds(self.partition) {
+                self.settle(&mut part, &mut tally);
+                tokio::select! {
+                    biased;
+                    () = self.cancel.cancelled() => break,
+                    changed = paused.changed() => if changed.is_err() { break } else { continue },
+                }
             }
             // what is queued is taken at once, up to a batch; only an empty queue arms the
             // cancellation alongside the wait

@@ -21,6 +21,9 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Default)]
 pub struct Probe {
     conditions: std::sync::Mutex<Vec<(&'static str, Arc<AtomicBool>)>>,
+    /// A state worth knowing that does not make the service unready (for example paused
+    /// consumption); `/readyz` adds it to its answer.
+    note: std::sync::Mutex<Option<String>>,
 }
 
 impl Probe {
@@ -31,6 +34,13 @@ impl Probe {
             c.push((name, flag.clone()));
         }
         flag
+    }
+
+    /// Sets (or clears) what `/readyz` adds to its answer.
+    pub fn set_note(&self, note: Option<String>) {
+        if let Ok(mut n) = self.note.lock() {
+            *n = note;
+        }
     }
 
     /// Names of the conditions that do not hold; empty means ready.
@@ -64,12 +74,20 @@ pub fn router(probe: Arc<Probe>, registry: Arc<Registry>) -> Router {
 
 async fn readyz(State(s): State<Shared>) -> Response {
     let unmet = s.probe.unmet();
+    let note = s
+        .probe
+        .note
+        .lock()
+        .ok()
+        .and_then(|n| n.clone())
+        .map(|n| format!("; {n}"))
+        .unwrap_or_default();
     if unmet.is_empty() {
-        (StatusCode::OK, "ready").into_response()
+        (StatusCode::OK, format!("ready{note}")).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {}", unmet.join(", ")),
+            format!("not ready: {}{note}", unmet.join(", ")),
         )
             .into_response()
     }

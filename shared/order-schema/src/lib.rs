@@ -99,15 +99,91 @@ impl ValidationError {
     }
 }
 
+/// The products a processor accepts (`PRODUCT_CATALOGUE`). Names match ignoring ASCII case,
+/// and an accepted order is counted under the catalogue's spelling ("Laptop" is "laptop").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Catalogue {
+    /// Any non-empty product name, counted as sent (`PRODUCT_CATALOGUE=*`).
+    Any,
+    /// These names only.
+    Only(Vec<String>),
+}
+
+impl Default for Catalogue {
+    /// [`PRODUCTS`].
+    fn default() -> Self {
+        Catalogue::Only(PRODUCTS.iter().map(|p| (*p).to_owned()).collect())
+    }
+}
+
+impl Catalogue {
+    /// `*` for any product, otherwise a comma-separated list of names (blanks around names
+    /// are ignored; an empty list is refused).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text.trim() == "*" {
+            return Ok(Catalogue::Any);
+        }
+        let names: Vec<String> = text
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if names.is_empty() {
+            return Err(format!(
+                "{text:?} names no product; give a comma-separated list, or * for any product"
+            ));
+        }
+        Ok(Catalogue::Only(names))
+    }
+
+    /// The catalogue's spelling of `product`, if it sells it.
+    pub fn lookup<'a>(&'a self, product: &'a str) -> Option<&'a str> {
+        match self {
+            Catalogue::Any => (!product.trim().is_empty()).then_some(product),
+            Catalogue::Only(names) => names
+                .iter()
+                .find(|n| n.eq_ignore_ascii_case(product))
+                .map(String::as_str),
+        }
+    }
+}
+
+/// [`Catalogue::default`], built once.
+static DEFAULT_CATALOGUE: LazyLock<Catalogue> = LazyLock::new(Catalogue::default);
+
 impl Order {
-    /// Checks the business rules and returns the price in cents.
+    /// Checks the business rules against the default catalogue ([`PRODUCTS`]) and returns the
+    /// price in cents.
     pub fn validate(&self) -> Result<Cents, ValidationError> {
+        self.check(&DEFAULT_CATALOGUE).map(|(cents, _)| cents)
+    }
+
+    /// Checks the business rules against `catalogue`, returns the price in cents and puts
+    /// the product under the catalogue's spelling.
+    pub fn validate_in(&mut self, catalogue: &Catalogue) -> Result<Cents, ValidationError> {
+        let (cents, spelling) = self.check(catalogue)?;
+        if let Some(name) = spelling {
+            self.product = name;
+        }
+        Ok(cents)
+    }
+
+    /// The price in cents, and the catalogue's spelling of the product when it differs.
+    fn check(&self, catalogue: &Catalogue) -> Result<(Cents, Option<String>), ValidationError> {
         if self.order_id.trim().is_empty() {
             return Err(ValidationError::EmptyOrderId);
         }
-        if !PRODUCTS.contains(&self.product.as_str()) {
-            return Err(ValidationError::UnknownProduct(self.product.clone()));
-        }
+        let spelling = match catalogue.lookup(&self.product) {
+            None => return Err(ValidationError::UnknownProduct(self.product.clone())),
+            Some(name) if name == self.product => None,
+            Some(name) => Some(name.to_owned()),
+        };
+        let cents = self.price_cents()?;
+        Ok((cents, spelling))
+    }
+
+    fn price_cents(&self) -> Result<Cents, ValidationError> {
         if self.price.is_nan() || self.price <= 0.0 {
             return Err(ValidationError::NonPositivePrice(self.price));
         }
@@ -839,5 +915,39 @@ mod tests {
             "not a valid Order (bad_magic_byte): magic byte is 0x01"
         );
         assert!(!e.is_temporary());
+    }
+
+    #[test]
+    fn the_catalogue_matches_ignoring_case_and_counts_under_its_own_spelling() {
+        let mut o = order();
+        o.product = "LapTop".into();
+        assert_eq!(o.validate_in(&Catalogue::default()), Ok(Cents(123_456)));
+        assert_eq!(o.product, "laptop");
+        let only = Catalogue::parse(" Widget , gadget ").unwrap();
+        assert_eq!(
+            only,
+            Catalogue::Only(vec!["Widget".into(), "gadget".into()])
+        );
+        o.product = "widget".into();
+        assert!(o.validate_in(&only).is_ok());
+        assert_eq!(o.product, "Widget");
+        o.product = "laptop".into();
+        assert_eq!(
+            o.validate_in(&only).unwrap_err().kind(),
+            "unknown_product",
+            "not in this catalogue"
+        );
+    }
+
+    #[test]
+    fn a_catalogue_switched_off_takes_any_product_but_an_empty_one() {
+        let any = Catalogue::parse("*").unwrap();
+        let mut o = order();
+        o.product = "Anything At All".into();
+        assert!(o.validate_in(&any).is_ok());
+        assert_eq!(o.product, "Anything At All");
+        o.product = "  ".into();
+        assert_eq!(o.validate_in(&any).unwrap_err().kind(), "unknown_product");
+        assert!(Catalogue::parse(" , ").is_err());
     }
 }

@@ -29,6 +29,7 @@
 
 pub mod changelog;
 pub mod core;
+pub mod reset;
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;

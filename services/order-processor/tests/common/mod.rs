@@ -155,6 +155,31 @@ impl Workload {
         failing: &BTreeSet<(i32, i64)>,
         timeout: Duration,
     ) {
+        self.assert_totals_exact(stack, any_replica, timeout).await;
+        let letters = stack.read_all(&self.dlq, failing.len(), Duration::from_secs(60));
+        let mut seen = BTreeSet::new();
+        for m in &letters {
+            let h = headers_of(m);
+            let at = (
+                h["dlq.original.partition"].parse().unwrap(),
+                h["dlq.original.offset"].parse().unwrap(),
+            );
+            assert!(seen.insert(at), "dead letter for {at:?} twice");
+        }
+        assert_eq!(
+            &seen, failing,
+            "the dead-letter topic holds exactly the failing records"
+        );
+    }
+
+    /// Waits until the group's committed totals cover every record, then checks them against
+    /// the ground truth.
+    pub async fn assert_totals_exact(
+        &self,
+        stack: &Stack,
+        any_replica: &Service,
+        timeout: Duration,
+    ) {
         let deadline = std::time::Instant::now() + timeout;
         let global = loop {
             let g = any_replica.get_json("/stats/global").await;
@@ -213,21 +238,6 @@ impl Workload {
             global["partitions"].as_array().map(Vec::len),
             Some(6),
             "{global}"
-        );
-
-        let letters = stack.read_all(&self.dlq, failing.len(), Duration::from_secs(60));
-        let mut seen = BTreeSet::new();
-        for m in &letters {
-            let h = headers_of(m);
-            let at = (
-                h["dlq.original.partition"].parse().unwrap(),
-                h["dlq.original.offset"].parse().unwrap(),
-            );
-            assert!(seen.insert(at), "dead letter for {at:?} twice");
-        }
-        assert_eq!(
-            &seen, failing,
-            "the dead-letter topic holds exactly the failing records"
         );
     }
 }
