@@ -5,6 +5,8 @@
 //! - [`report`]: the running report: totals by category and error kind, the value of the
 //!   orders that failed (decoded where the bytes allow), by product, the latest failures.
 //! - [`Application`]: consumes the topic and serves `/report`.
+//! - [`redrive`]: dead letters sent back to the orders topic, filtered, rate-limited, at most
+//!   once per request even across crashes (`dlq-analyzer redrive ...`, `POST /redrive`).
 //! - [`waterfall`]: `dlq-analyzer trace <id>` (`make trace`), one trace from Jaeger's query API
 //!   drawn in the terminal: the journey of a dead letter across the three services.
 //!
@@ -13,12 +15,14 @@
 //! the ones since its last restart. The consumer group (`CONSUMER_GROUP`) shares the
 //! partitions out when several analyzers run.
 
+pub mod redrive;
 pub mod report;
 pub mod waterfall;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 use order_runtime::config::{ConfigError, load};
@@ -56,6 +60,25 @@ pub struct AnalyzerSettings {
     /// `SUMMARY_INTERVAL_MS`: how often the summary is logged. Default 10000.
     #[serde(default = "default_interval")]
     pub summary_interval_ms: u64,
+    /// `REDRIVE_MAX_COUNT`: a dead letter already redriven this often goes to the parking
+    /// topic instead. Default 3.
+    #[serde(default = "default_redrive_max")]
+    pub redrive_max_count: u32,
+    /// `DLQ_PARKING_TOPIC`: where redrives park records over `REDRIVE_MAX_COUNT`. Default
+    /// `<DLQ_TOPIC>-parking`.
+    #[serde(default)]
+    pub dlq_parking_topic: Option<String>,
+    /// `REDRIVE_RATE`: records per second of a redrive that names no rate; 0 for no limit.
+    /// Default 1000.
+    #[serde(default = "default_redrive_rate")]
+    pub redrive_rate: f64,
+}
+
+fn default_redrive_max() -> u32 {
+    3
+}
+fn default_redrive_rate() -> f64 {
+    1000.0
 }
 
 fn default_port() -> u16 {
@@ -84,10 +107,31 @@ impl Config {
             100,
             3_600_000,
         )?;
+        order_runtime::config::check_range(
+            "REDRIVE_MAX_COUNT",
+            analyzer.redrive_max_count,
+            0,
+            1000,
+        )?;
+        order_runtime::config::check_range("REDRIVE_RATE", analyzer.redrive_rate, 0.0, 1e7)?;
         if analyzer.consumer_group.trim().is_empty() {
             return Err(ConfigError("CONSUMER_GROUP must not be empty".into()));
         }
         Ok(Config { common, analyzer })
+    }
+
+    /// What redrives need of the settings.
+    pub fn redrive(&self) -> redrive::RedriveSettings {
+        redrive::RedriveSettings {
+            max_count: self.analyzer.redrive_max_count,
+            parking_topic: self
+                .analyzer
+                .dlq_parking_topic
+                .clone()
+                .filter(|t| !t.trim().is_empty())
+                .unwrap_or_else(|| format!("{}-parking", self.common.dlq_topic)),
+            rate: self.analyzer.redrive_rate,
+        }
     }
 }
 
@@ -135,7 +179,7 @@ pub struct Application {
     listener: TcpListener,
     port: u16,
     consumer: Arc<StreamConsumer<AnalyzerContext>>,
-    codec: OrderCodec,
+    codec: Arc<OrderCodec>,
     report: Arc<Mutex<Report>>,
     probe: Arc<Probe>,
     registry: Registry,
@@ -151,7 +195,10 @@ impl Application {
             .map_err(|source| StartError::Bind { port, source })?;
         let port = listener.local_addr().map(|a| a.port()).unwrap_or(port);
         let common = &config.common;
-        let codec = OrderCodec::new(&common.schema_registry_url, &common.orders_topic)?;
+        let codec = Arc::new(OrderCodec::new(
+            &common.schema_registry_url,
+            &common.orders_topic,
+        )?);
         let probe = Arc::new(Probe::default());
         let ready = probe.condition("joined consumer group");
         let joined = Arc::new(AtomicBool::new(false));
@@ -221,14 +268,27 @@ impl Application {
             shutdown,
             ..
         } = self;
+        let redrives = Arc::new(Redrives {
+            config: config.clone(),
+            codec: codec.clone(),
+            runs: Mutex::default(),
+            shutdown: shutdown.clone(),
+        });
         let r = report.clone();
-        let routes = Router::new().route(
-            "/report",
-            get(move || {
-                let r = r.clone();
-                async move { Json(r.lock().map(|r| r.clone()).unwrap_or_default()) }
-            }),
-        );
+        let runs = redrives.clone();
+        let routes = Router::new()
+            .route(
+                "/report",
+                get(move || {
+                    let (r, runs) = (r.clone(), runs.clone());
+                    async move {
+                        let mut report = r.lock().map(|r| r.clone()).unwrap_or_default();
+                        report.redrives = runs.list();
+                        Json(report)
+                    }
+                }),
+            )
+            .merge(redrives.clone().router());
         let server = tokio::spawn(http::serve(
             listener,
             http::router(probe, Arc::new(registry)).merge(routes),
@@ -301,8 +361,91 @@ impl Application {
             }
         }
         let _ = server.await;
-        let final_report = report.lock().map(|r| r.clone()).unwrap_or_default();
+        let mut final_report = report.lock().map(|r| r.clone()).unwrap_or_default();
+        final_report.redrives = redrives.list();
         Ok(final_report)
+    }
+}
+
+/// The redrives this analyzer ran or runs (`POST /redrive`, `GET /redrive`).
+struct Redrives {
+    config: Config,
+    codec: Arc<OrderCodec>,
+    runs: Mutex<Vec<Arc<Mutex<redrive::RedriveRun>>>>,
+    shutdown: CancellationToken,
+}
+
+impl Redrives {
+    fn list(&self) -> Vec<redrive::RedriveRun> {
+        self.runs
+            .lock()
+            .map(|runs| {
+                runs.iter()
+                    .filter_map(|r| r.lock().ok().map(|r| r.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// `POST /redrive` with [`redrive::Options`] as JSON: a dry run answers with what it
+    /// found; a real run starts and answers 202 with its record, which `GET /redrive` and
+    /// `/report` keep up to date.
+    async fn start(self: Arc<Self>, options: redrive::Options) -> axum::response::Response {
+        use axum::http::StatusCode;
+        use axum::response::IntoResponse;
+        let run = Arc::new(Mutex::new(redrive::new_run(&options)));
+        if let Ok(mut runs) = self.runs.lock() {
+            runs.push(run.clone());
+        }
+        let this = self.clone();
+        let job = {
+            let run = run.clone();
+            async move {
+                let result = redrive::run(
+                    &this.config.common,
+                    &this.config.redrive(),
+                    &this.codec,
+                    &options,
+                    &run,
+                    &this.shutdown,
+                )
+                .await;
+                if let Err(e) = &result
+                    && let Ok(mut r) = run.lock()
+                {
+                    warn!(error = %e, id = %r.id, "redrive failed");
+                    r.status = format!("failed: {e}");
+                    r.finished_at = Some(order_runtime::dead_letter::now_rfc3339());
+                }
+                result
+            }
+        };
+        let snapshot = |run: &Mutex<redrive::RedriveRun>| run.lock().map(|r| r.clone()).ok();
+        if run.lock().is_ok_and(|r| r.dry_run) {
+            return match job.await {
+                Ok(()) => Json(snapshot(&run)).into_response(),
+                Err(e @ redrive::RedriveError::BadRequest(_)) => {
+                    (StatusCode::BAD_REQUEST, e.to_string()).into_response()
+                }
+                Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+            };
+        }
+        tokio::spawn(job);
+        (StatusCode::ACCEPTED, Json(snapshot(&run))).into_response()
+    }
+
+    fn router(self: Arc<Self>) -> Router {
+        Router::new()
+            .route(
+                "/redrive",
+                axum::routing::post(
+                    |State(r): State<Arc<Self>>, Json(options): Json<redrive::Options>| async move {
+                        r.start(options).await
+                    },
+                )
+                .get(|State(r): State<Arc<Self>>| async move { Json(r.list()) }),
+            )
+            .with_state(self)
     }
 }
 

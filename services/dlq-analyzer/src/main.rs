@@ -4,8 +4,11 @@
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
-    if std::env::args().nth(1).as_deref() == Some("trace") {
-        return trace(std::env::args().nth(2));
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("trace") => return trace(args.get(1).cloned()),
+        Some("redrive") => return redrive(&args[1..]),
+        _ => {}
     }
     order_runtime::service::main::<dlq_analyzer::Application>()
 }
@@ -14,4 +17,17 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
 #[tokio::main(flavor = "current_thread")]
 async fn trace(id: Option<String>) -> anyhow::Result<std::process::ExitCode> {
     Ok(dlq_analyzer::waterfall::command(id.as_deref()).await)
+}
+
+/// `dlq-analyzer redrive ...`: dead letters back to the orders topic (see `redrive`).
+#[tokio::main]
+async fn redrive(args: &[String]) -> anyhow::Result<std::process::ExitCode> {
+    let vars = order_runtime::config::process_env();
+    let config = dlq_analyzer::Config::from_vars(&vars)?;
+    let _telemetry = order_runtime::telemetry::init(
+        dlq_analyzer::SERVICE_NAME,
+        config.common.log_format,
+        &vars,
+    )?;
+    Ok(dlq_analyzer::redrive::command(args).await)
 }

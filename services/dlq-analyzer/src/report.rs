@@ -44,6 +44,8 @@ pub struct Report {
     pub by_attempts: BTreeMap<u32, u64>,
     /// The latest failures, newest last.
     pub recent: VecDeque<Failure>,
+    /// The redrives this analyzer ran: what, when, how many.
+    pub redrives: Vec<crate::redrive::RedriveRun>,
 }
 
 impl Report {

@@ -132,6 +132,15 @@ pub fn adopt(span: &tracing::Span, parent: &Context) {
     }
 }
 
+/// Links `span` to the span `cx` carries (for example a dead letter's), without making it the
+/// parent: a new trace that points back at the old one.
+pub fn link(span: &tracing::Span, cx: &Context) {
+    let remote = cx.span().span_context().clone();
+    if remote.is_valid() {
+        span.add_link(remote);
+    }
+}
+
 /// The trace id of `span` in hex, when it has one.
 pub fn trace_id(span: &tracing::Span) -> Option<String> {
     let cx = span.context();

@@ -1,0 +1,342 @@
+//! Redrive against the real stack: a fixed cause brought back to exact totals, a redrive
+//! killed mid-way and run again, a poison record parked.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use order_schema::{Order, OrderCodec, PRODUCTS};
+use order_testkit::{Service, Stack, eventually, headers_of, unique};
+use rdkafka::message::Message;
+
+const BIN: &str = env!("CARGO_BIN_EXE_dlq-analyzer");
+
+/// `dlq-analyzer redrive <args>` with `vars`, run to its end: (success, its JSON, stderr).
+fn redrive(vars: &[(String, String)], args: &[&str]) -> (bool, serde_json::Value, String) {
+    let out = Command::new(BIN)
+        .arg("redrive")
+        .args(args)
+        .env_clear()
+        .env("RUST_LOG", "warn")
+        .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let json = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("REDRIVE "))
+        .and_then(|j| serde_json::from_str(j).ok())
+        .unwrap_or(serde_json::Value::Null);
+    (
+        out.status.success(),
+        json,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn once_the_cause_is_fixed_a_filtered_redrive_brings_the_totals_to_the_truth() {
+    let stack = Stack::from_env();
+    let (orders, dlq, group) = (unique("orders"), unique("dlq"), unique("g"));
+    stack.create_topic(&orders, 2).await;
+    stack.create_topic(&dlq, 1).await;
+    let codec = OrderCodec::new(&stack.registry, &orders).unwrap();
+    let producer = stack.producer();
+    let (mut valid_cents, mut drones) = (0i64, BTreeSet::new());
+    for i in 0..240i64 {
+        let (product, garbage) = match i % 8 {
+            0 => ("drone", false),
+            1 if i % 24 == 1 => ("", true),
+            _ => (
+                PRODUCTS[usize::try_from(i).unwrap() % PRODUCTS.len()],
+                false,
+            ),
+        };
+        let id = format!("order-{i}");
+        if garbage {
+            stack
+                .produce_raw(
+                    &producer,
+                    &orders,
+                    None,
+                    Some(id.as_bytes()),
+                    Some(b"junk"),
+                    &[],
+                )
+                .await;
+            continue;
+        }
+        let cents = 1_000 + i;
+        #[allow(clippy::cast_precision_loss)]
+        let o = Order {
+            order_id: id.clone(),
+            product: product.into(),
+            price: cents as f64 / 100.0,
+        };
+        let bytes = codec.encode(&o).await.unwrap();
+        stack
+            .produce_raw(
+                &producer,
+                &orders,
+                None,
+                Some(id.as_bytes()),
+                Some(&bytes),
+                &[],
+            )
+            .await;
+        valid_cents += cents;
+        if product == "drone" {
+            drones.insert(id);
+        }
+    }
+    let garbage = 10u64;
+    let processor_bin = order_testkit::service_bin("order-processor");
+    let mut vars = stack.vars(&orders, &dlq);
+    vars.push(("CONSUMER_GROUP".into(), group.clone()));
+    let global = |s: &Service| {
+        let url = s.url("/stats/global");
+        async move {
+            reqwest::get(url)
+                .await
+                .ok()?
+                .json::<serde_json::Value>()
+                .await
+                .ok()
+        }
+    };
+
+    // drones are not sold yet: dead-lettered as unknown_product, with the garbage
+    let mut p = Service::start(processor_bin.to_str().unwrap(), &vars);
+    p.wait_for("/healthz", Duration::from_secs(30)).await;
+    eventually(
+        "the first run's outcomes",
+        Duration::from_secs(60),
+        || async {
+            let g = global(&p).await?;
+            (g["dead_lettered"] == drones.len() as u64 + garbage).then_some(())
+        },
+    )
+    .await;
+    p.terminate(Duration::from_secs(30));
+
+    // a dry run says what would go, and sends nothing
+    let (ok, dry, err) = redrive(&vars, &["--kind", "unknown_product", "--dry-run"]);
+    assert!(ok, "{err}");
+    assert_eq!(dry["matched"], drones.len(), "{dry}");
+    assert_eq!(dry["redriven"], 0, "{dry}");
+    assert_eq!(dry["records"].as_array().unwrap().len(), drones.len());
+
+    // drones are sold now; exactly their dead letters go back (the sends exported to Jaeger)
+    let mut traced = vars.clone();
+    traced.extend(
+        [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
+            ("OTEL_SERVICE_NAME", "dlq-analyzer"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+            // spans are built at info
+            ("RUST_LOG", "info"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    let (ok, done, err) = redrive(&traced, &["--kind", "unknown_product"]);
+    assert!(ok, "{err}");
+    assert_eq!(done["redriven"], drones.len(), "{done}");
+    assert_eq!(done["parked"], 0, "{done}");
+    let catalogue = format!("{},drone", PRODUCTS.join(","));
+    vars.push(("PRODUCT_CATALOGUE".into(), catalogue));
+    let mut p = Service::start(processor_bin.to_str().unwrap(), &vars);
+    p.wait_for("/healthz", Duration::from_secs(30)).await;
+    let truth = 240 - garbage;
+    let g = eventually(
+        "the group's totals to reach the truth",
+        Duration::from_secs(60),
+        || async {
+            let g = global(&p).await?;
+            (g["processed"] == truth).then_some(g)
+        },
+    )
+    .await;
+    #[allow(clippy::cast_precision_loss)]
+    let revenue = valid_cents as f64 / 100.0;
+    assert_eq!(g["revenue"].as_f64(), Some(revenue), "{g}");
+    assert_eq!(g["by_product"]["drone"]["processed"], drones.len(), "{g}");
+
+    // the redriven records: the drones, once each, counted, with their trace context renewed
+    let sent = stack.read_all(&orders, 240 + drones.len(), Duration::from_secs(20));
+    let redriven: Vec<_> = sent
+        .iter()
+        .filter(|m| headers_of(m).contains_key("redrive.count"))
+        .collect();
+    let keys: BTreeSet<String> = redriven
+        .iter()
+        .map(|m| String::from_utf8(m.key().unwrap().to_vec()).unwrap())
+        .collect();
+    assert_eq!(keys, drones);
+    assert_eq!(redriven.len(), drones.len(), "each once");
+    for m in &redriven {
+        let h = headers_of(m);
+        assert_eq!(h["redrive.count"], "1");
+        assert!(h.keys().all(|k| !k.starts_with("dlq.")), "{h:?}");
+    }
+    // a redriven order's send is a new trace, linked to its dead letter's trace
+    let letters = stack.read_all(&dlq, drones.len() + 10, Duration::from_secs(10));
+    let trace_of = |traceparent: &str| traceparent.split('-').nth(1).unwrap().to_owned();
+    let first = redriven[0];
+    let original = letters
+        .iter()
+        .find(|l| l.key() == first.key())
+        .map(|l| trace_of(&headers_of(l)["traceparent"]))
+        .unwrap();
+    let new_trace = trace_of(&headers_of(first)["traceparent"]);
+    assert_ne!(new_trace, original);
+    let url = format!("http://127.0.0.1:16686/api/traces/{new_trace}");
+    eventually(
+        "the redrive's span in Jaeger, linked to the dead letter's trace",
+        Duration::from_secs(30),
+        || async {
+            let body: serde_json::Value = reqwest::get(&url).await.ok()?.json().await.ok()?;
+            let spans = body["data"][0]["spans"].as_array()?.clone();
+            spans
+                .iter()
+                .any(|s| {
+                    s["operationName"] == format!("send {orders}")
+                        && s["references"]
+                            .as_array()
+                            .is_some_and(|r| r.iter().any(|x| x["traceID"] == original.as_str()))
+                })
+                .then_some(())
+        },
+    )
+    .await;
+
+    // the garbage stays where it was, and nothing new was dead-lettered
+    assert_eq!(letters.len(), drones.len() + 10);
+    let (status, output) = p.terminate(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "{output}");
+
+    // run again, the same request has nothing left to do
+    let (ok, again, err) = redrive(&vars, &["--kind", "unknown_product"]);
+    assert!(ok, "{err}");
+    assert_eq!(again["redriven"], 0, "{again}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redrive_killed_mid_way_and_run_again_resends_nothing_twice() {
+    let stack = Stack::from_env();
+    let (orders, dlq) = (unique("orders"), unique("dlq"));
+    stack.create_topic(&orders, 3).await;
+    stack.create_topic(&dlq, 2).await;
+    let producer = stack.producer();
+    const N: usize = 5_000;
+    let meta = [
+        ("dlq.error.category", "validation"),
+        ("dlq.error.kind", "unknown_product"),
+    ];
+    let sends = (0..N).map(|i| {
+        let (stack, producer, dlq) = (&stack, &producer, &dlq);
+        async move {
+            let key = format!("k{i}");
+            stack
+                .produce_raw(producer, dlq, None, Some(key.as_bytes()), Some(b"v"), &meta)
+                .await;
+        }
+    });
+    futures::future::join_all(sends).await;
+    let vars = stack.vars(&orders, &dlq);
+
+    let mut first = Command::new(BIN)
+        .args(["redrive", "--kind", "unknown_product", "--rate", "1000"])
+        .env_clear()
+        .env("RUST_LOG", "warn")
+        .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // some committed transactions, and one open, when it dies
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let partial = stack.read_all(&orders, 1, Duration::from_secs(5)).len();
+    assert!(partial > 0 && partial < N, "killed mid-way: {partial} sent");
+
+    let (ok, done, err) = redrive(&vars, &["--kind", "unknown_product", "--rate", "0"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        done["redriven"].as_u64().unwrap() as usize,
+        N - partial,
+        "{done}"
+    );
+    let sent = stack.read_all(&orders, N, Duration::from_secs(30));
+    let keys: BTreeSet<Vec<u8>> = sent.iter().map(|m| m.key().unwrap().to_vec()).collect();
+    assert_eq!(sent.len(), N, "every dead letter once, none twice");
+    assert_eq!(keys.len(), N);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_redriven_too_often_is_parked() {
+    let stack = Stack::from_env();
+    let (orders, dlq) = (unique("orders"), unique("dlq"));
+    let parking = format!("{dlq}-parking");
+    for t in [&orders, &dlq, &parking] {
+        stack.create_topic(t, 1).await;
+    }
+    let producer = stack.producer();
+    for (key, count) in [("poison", "3"), ("fresh", "1")] {
+        stack
+            .produce_raw(
+                &producer,
+                &dlq,
+                None,
+                Some(key.as_bytes()),
+                Some(b"v"),
+                &[
+                    ("dlq.error.category", "retries_exhausted"),
+                    ("dlq.error.kind", "transient_failure"),
+                    ("redrive.count", count),
+                ],
+            )
+            .await;
+    }
+    let vars = stack.vars(&orders, &dlq);
+    // the same request by HTTP, as a dry run: listed in /report's redrives
+    let mut analyzer = Service::start(BIN, &vars);
+    analyzer.wait_for("/readyz", Duration::from_secs(30)).await;
+    let dry: serde_json::Value = reqwest::Client::new()
+        .post(analyzer.url("/redrive"))
+        .json(&serde_json::json!({"category": "retries_exhausted", "dry_run": true}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(dry["matched"], 2, "{dry}");
+    assert_eq!(dry["records"][0]["parked"], true, "{dry}");
+    let bad = reqwest::Client::new()
+        .post(analyzer.url("/redrive"))
+        .json(&serde_json::json!({"category": "nonsense", "dry_run": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status().as_u16(), 400);
+    let report = analyzer.get_json("/report").await.unwrap();
+    assert_eq!(report["redrives"][0]["status"], "done", "{report}");
+    analyzer.terminate(Duration::from_secs(20));
+
+    let (ok, done, err) = redrive(&vars, &["--category", "retries_exhausted"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        (done["redriven"].as_u64(), done["parked"].as_u64()),
+        (Some(1), Some(1)),
+        "{done}"
+    );
+    let parked = stack.read_all(&parking, 1, Duration::from_secs(10));
+    assert_eq!(parked.len(), 1);
+    assert_eq!(parked[0].key(), Some(&b"poison"[..]));
+    let sent = stack.read_all(&orders, 1, Duration::from_secs(10));
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].key(), Some(&b"fresh"[..]));
+    assert_eq!(headers_of(&sent[0])["redrive.count"], "2");
+}
