@@ -99,6 +99,72 @@ async fn a_pause_holds_consumption_and_a_resume_drains_it_exactly() {
     assert_eq!(status.code(), Some(0), "{output}");
 }
 
+/// Records the group has not committed, over all partitions (`/status.json`).
+async fn lag(p: &Service) -> i64 {
+    let status = p.get_json("/status.json").await.unwrap();
+    status["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["lag"].as_i64().unwrap())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn partitions_assigned_to_a_paused_replica_in_a_rebalance_start_paused() {
+    let stack = Stack::from_env();
+    let w = Workload::new(&stack, 600).await;
+    let total = i64::try_from(w.total()).unwrap();
+    let mut a = w.replica(&stack).await;
+    a.wait_for("/readyz", Duration::from_secs(60)).await;
+    assert_eq!(post(&a, "/pause").await.0, 200);
+    let mut b = w.replica(&stack).await;
+    b.wait_for("/readyz", Duration::from_secs(60)).await;
+    assert_eq!(post(&b, "/pause").await.0, 200);
+    eventually(
+        "both replicas to hold partitions",
+        Duration::from_secs(60),
+        || async {
+            let held = |s: serde_json::Value| s["partitions"].as_array().map_or(0, Vec::len);
+            let (x, y) = (
+                held(a.get_json("/stats").await.ok()?),
+                held(b.get_json("/stats").await.ok()?),
+            );
+            (x > 0 && y > 0 && x + y == 6).then_some(())
+        },
+    )
+    .await;
+    w.feed(&stack, 2_000).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(lag(&a).await, total, "both replicas hold");
+
+    // b leaves: its partitions move to a, which is paused, so they wait too
+    let (status, output) = b.terminate(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "{output}");
+    eventually(
+        "a to hold all six partitions",
+        Duration::from_secs(60),
+        || async {
+            let s = a.get_json("/stats").await.ok()?;
+            (s["partitions"].as_array()?.len() == 6).then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        lag(&a).await,
+        total,
+        "nothing processed after the rebalance"
+    );
+    assert_eq!(a.get_json("/stats").await.unwrap()["processed"], 0);
+
+    assert_eq!(post(&a, "/resume").await.0, 200);
+    w.assert_totals_exact(&stack, &a, Duration::from_secs(120))
+        .await;
+    let (status, output) = a.terminate(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "{output}");
+}
+
 fn reset(w: &Workload, stack: &Stack, to: &str) -> (bool, String) {
     let out = std::process::Command::new(BIN)
         .args(["reset", "--to", to])
