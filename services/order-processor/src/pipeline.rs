@@ -1,0 +1,314 @@
+//! The running processor for one guarantee: the consumer and its workers, the wait for the
+//! topics, the poll loop, the HTTP routes, and the shutdown sequence. Generic over the
+//! [`Durability`] that `lib.rs` picked.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use order_runtime::backoff::Backoff;
+use order_runtime::http::{self, Probe};
+use order_runtime::kafka;
+use order_schema::OrderCodec;
+use prometheus_client::registry::Registry;
+use rdkafka::consumer::Consumer;
+use rdkafka::message::Message;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::consumer::{ProcessorConsumer, ProcessorContext};
+use crate::durability::{Durability, GroupTotals, TotalsError};
+use crate::record::{FailureInjector, Records};
+use crate::worker::Processing;
+use crate::{Running, StartError, aggregate, kafka_error, metrics, pause, status};
+
+/// The processor with its guarantee: the consumer, its workers, the HTTP routes.
+pub(crate) struct Pipeline<D: Durability> {
+    config: Config,
+    listener: TcpListener,
+    processing: Arc<Processing<D>>,
+    probe: Arc<Probe>,
+    registry: Registry,
+    consumer: Arc<ProcessorConsumer<D>>,
+    shutdown: CancellationToken,
+}
+
+impl<D: Durability> Pipeline<D> {
+    pub(crate) fn build(
+        durability: D,
+        config: Config,
+        failures: Arc<dyn FailureInjector>,
+        listener: TcpListener,
+        client_id: &str,
+        shutdown: CancellationToken,
+    ) -> Result<Self, StartError> {
+        let common = &config.common;
+        let mut registry = Registry::default();
+        let metrics = metrics::Metrics::register(&mut registry);
+        let probe = Arc::new(Probe::default());
+        let pause = Arc::new(pause::PauseControl::new(probe.clone(), &mut registry));
+        let processing = Arc::new(Processing {
+            records: Records {
+                codec: OrderCodec::new(&common.schema_registry_url, &common.orders_topic)?,
+                failures,
+                policy: config.retry_policy(),
+                catalogue: config.catalogue.clone(),
+                dlq_topic: common.dlq_topic.clone(),
+                retries: metrics.retries.clone(),
+            },
+            durability: Arc::new(durability),
+            metrics,
+            group: config.processor.consumer_group.clone(),
+            pause,
+        });
+        let joined = probe.condition("joined consumer group");
+        let context = ProcessorContext::new(processing.clone(), shutdown.child_token(), joined);
+        let mut client =
+            kafka::consumer_config(common, client_id, &config.processor.consumer_group);
+        processing.durability.configure_consumer(&mut client);
+        if !common
+            .kafka_properties
+            .contains_key("statistics.interval.ms")
+        {
+            // feeds the consumer-lag gauge
+            client.set("statistics.interval.ms", "5000");
+        }
+        let consumer: ProcessorConsumer<D> = client
+            .create_with_context(context)
+            .map_err(kafka_error("consumer"))?;
+        let consumer = Arc::new(consumer);
+        consumer.context().attach(&consumer);
+        http::watch_dependencies(
+            &probe,
+            common,
+            kafka::readiness_check(&consumer, &common.orders_topic, |c| c.client()),
+            Duration::from_secs(5),
+            shutdown.clone(),
+        );
+        Ok(Pipeline {
+            config,
+            listener,
+            processing,
+            probe,
+            registry,
+            consumer,
+            shutdown,
+        })
+    }
+
+    pub(crate) fn run(self) -> Running {
+        Box::pin(self.run_until_stopped())
+    }
+
+    async fn run_until_stopped(self) -> anyhow::Result<aggregate::StatsReport> {
+        let Pipeline {
+            config,
+            listener,
+            processing,
+            probe,
+            registry,
+            consumer,
+            shutdown,
+        } = self;
+        let durability = processing.durability.clone();
+        let topic_exists = probe.condition("orders topic exists");
+        let server = tokio::spawn(http::serve(
+            listener,
+            router(
+                processing.clone(),
+                durability.group_totals(),
+                &config,
+                probe,
+                registry,
+            ),
+            shutdown.clone(),
+        ));
+        let progress = tokio::spawn(log_progress(
+            durability.clone(),
+            Duration::from_millis(config.processor.stats_log_interval_ms),
+            shutdown.clone(),
+        ));
+        let topic = &config.common.orders_topic;
+        if wait_until_ready(&consumer, topic, durability.as_ref(), &shutdown).await {
+            topic_exists.store(true, std::sync::atomic::Ordering::Release);
+            consumer.subscribe(&[topic.as_str()])?;
+            info!(
+                %topic,
+                group = %config.processor.consumer_group,
+                guarantee = ?config.processor.processing_guarantee,
+                "processing orders"
+            );
+            durability.start(&consumer, &shutdown)?;
+            poll_until_stopped(&consumer, &processing, &shutdown).await;
+        }
+        info!("stopping: finishing records in hand");
+        let _ = progress.await;
+        let (stopping, d) = (consumer.clone(), durability.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            stopping.context().stop_workers(None);
+            d.shutdown(stopping.as_ref());
+        })
+        .await;
+        let report = durability.report();
+        consumer.unsubscribe();
+        let _ = server.await;
+        info!(
+            processed = report.processed,
+            revenue = %report.revenue,
+            average = report.average.unwrap_or(0.0),
+            dead_lettered = report.dead_lettered,
+            retries = report.retries,
+            "order-processor stopped"
+        );
+        Ok(report)
+    }
+}
+
+/// Waits, not ready, until the orders topic exists and the guarantee has what it needs in the
+/// cluster, saying what it waits for. `false` when shut down first.
+async fn wait_until_ready<D: Durability>(
+    consumer: &Arc<ProcessorConsumer<D>>,
+    topic: &str,
+    durability: &D,
+    shutdown: &CancellationToken,
+) -> bool {
+    let mut wait = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
+    loop {
+        let (c, t) = (consumer.clone(), topic.to_owned());
+        let partitions = tokio::task::spawn_blocking(move || {
+            kafka::partition_count(c.client(), &t, Duration::from_secs(5))
+        })
+        .await;
+        match partitions {
+            Ok(Ok(0)) => {
+                warn!(%topic, retry_in_ms = wait.upcoming_ms(), "waiting for the orders topic to be created");
+            }
+            Ok(Ok(_)) => match durability.prepare().await {
+                Ok(()) => return true,
+                Err(e) => {
+                    warn!(error = %e, retry_in_ms = wait.upcoming_ms(), "waiting for the processing guarantee's topics");
+                }
+            },
+            Ok(Err(e)) => {
+                warn!(error = %e, retry_in_ms = wait.upcoming_ms(), "waiting for the cluster to answer");
+            }
+            Err(e) => warn!(error = %e, "topic check failed"),
+        }
+        if !wait.wait(shutdown).await {
+            return false;
+        }
+    }
+}
+
+/// Keeps the consumer polled (rebalances, liveness) while the workers do the work. A record
+/// can only come here if its partition's queue was not split, which the rebalance protocol
+/// rules out: it is counted, logged and rewound, to be seen again.
+async fn poll_until_stopped<D: Durability>(
+    consumer: &ProcessorConsumer<D>,
+    processing: &Processing<D>,
+    shutdown: &CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            m = consumer.recv() => match m {
+                Ok(m) => {
+                    processing.metrics.unsplit_records.inc();
+                    warn!(partition = m.partition(), offset = m.offset(), "record arrived outside its partition queue; rewinding");
+                    if let Err(e) = consumer.seek(m.topic(), m.partition(), rdkafka::Offset::Offset(m.offset()), Duration::from_secs(5)) {
+                        warn!(error = %e, "seek failed");
+                    }
+                }
+                Err(e) => warn!(error = %e, "consumer error"),
+            },
+        }
+    }
+}
+
+/// Logs the running average every `STATS_LOG_INTERVAL_MS` while it moves, until `stop`. A
+/// timer rather than a check per record: the hot path takes no shared lock for it.
+async fn log_progress<D: Durability>(durability: Arc<D>, every: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut logged = 0;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let r = durability.report();
+        if r.processed == logged {
+            continue;
+        }
+        logged = r.processed;
+        info!(
+            processed = r.processed,
+            revenue = %r.revenue,
+            average = r.average.unwrap_or(0.0),
+            min = r.min.map_or(0.0, order_schema::Cents::dollars),
+            max = r.max.map_or(0.0, order_schema::Cents::dollars),
+            dead_lettered = r.dead_lettered,
+            retries = r.retries,
+            "running average"
+        );
+    }
+}
+
+/// The routes: shared health and metrics, `/stats`, `/stats/global` and the status page.
+fn router<D: Durability>(
+    processing: Arc<Processing<D>>,
+    totals: Arc<dyn GroupTotals>,
+    config: &Config,
+    probe: Arc<Probe>,
+    registry: Registry,
+) -> Router {
+    let stats = Router::new()
+        .route(
+            "/stats",
+            get(|State(p): State<Arc<Processing<D>>>| async move {
+                // this replica's share, plus its end-to-end latency since start-up
+                let mut doc = serde_json::to_value(p.durability.report()).unwrap_or_default();
+                if let (Some(map), Ok(latency)) = (
+                    doc.as_object_mut(),
+                    serde_json::to_value(p.metrics.end_to_end_summary()),
+                ) {
+                    map.insert("end_to_end_latency_ms".to_owned(), latency);
+                }
+                Json(doc)
+            }),
+        )
+        .with_state(processing.clone());
+    let global = Router::new()
+        .route("/stats/global", get(global_stats))
+        .with_state(totals.clone());
+    let page = Router::new()
+        .route("/", get(status::page))
+        .route("/status.json", get(status::status))
+        .with_state(Arc::new(status::StatusPage::new(config.clone(), totals)));
+    let pause = processing.pause.clone().router();
+    http::router(probe, Arc::new(registry))
+        .merge(pause)
+        .merge(stats)
+        .merge(global)
+        .merge(page)
+}
+
+/// `GET /stats/global`: the whole group's committed totals (exactly-once only).
+async fn global_stats(State(totals): State<Arc<dyn GroupTotals>>) -> axum::response::Response {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    match tokio::task::spawn_blocking(move || totals.report()).await {
+        Ok(Ok(report)) => Json(report).into_response(),
+        Ok(Err(e @ TotalsError::NotKept(_))) => {
+            (StatusCode::CONFLICT, e.to_string()).into_response()
+        }
+        Ok(Err(e @ TotalsError::Unavailable(_))) => {
+            (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response()
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
