@@ -14,6 +14,9 @@
 //! A redriven record keeps the dead letter's key and value, and its headers less the `dlq.*`
 //! error metadata and the old trace context, plus `redrive.count` (one more than the dead
 //! letter's). Its send is a span of its own, linked to the dead letter's trace.
+//!
+//! A run takes the dead letters the topic holds when it starts: one that arrives meanwhile (a
+//! redriven record failing again) is left to the next run, so nothing goes round twice in one.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -318,6 +321,22 @@ pub async fn run(
         assignment.add_partition_offset(dlq, *p, offset)?;
     }
     consumer.assign(&assignment)?;
+    // what the topic holds now is what this run takes: dead letters that arrive meanwhile
+    // (a redriven record failing again, say) are the next run's, so no record goes round twice
+    // in one run
+    let ends = {
+        let (c, t, ps) = (consumer.clone(), dlq.clone(), partitions.clone());
+        tokio::task::spawn_blocking(move || {
+            ps.iter()
+                .map(|p| {
+                    c.fetch_watermarks(&t, *p, TIMEOUT)
+                        .map(|(_, high)| (*p, high))
+                })
+                .collect::<Result<BTreeMap<i32, i64>, KafkaError>>()
+        })
+        .await
+        .map_err(|e| RedriveError::BadRequest(e.to_string()))??
+    };
 
     let producer: Option<Arc<ThreadedProducer<DefaultProducerContext>>> = if options.dry_run {
         None
@@ -342,7 +361,8 @@ pub async fn run(
     let rate = options.rate.unwrap_or(settings.rate);
     let pace = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
     let mut due = Instant::now();
-    let mut at_end: std::collections::BTreeSet<i32> = std::collections::BTreeSet::new();
+    // partitions read up to their end at the start (or to their end, if sooner)
+    let mut done: std::collections::BTreeSet<i32> = std::collections::BTreeSet::new();
     // per DLQ partition: the offset after the last record read, for the transaction's commit
     let mut next: BTreeMap<i32, i64> = BTreeMap::new();
     let mut in_txn = false;
@@ -362,7 +382,7 @@ pub async fn run(
     };
 
     let outcome: Result<&'static str, RedriveError> = loop {
-        if partitions.iter().all(|p| at_end.contains(p)) || taken >= limit {
+        if partitions.iter().all(|p| done.contains(p)) || taken >= limit {
             break Ok("done");
         }
         let msg = tokio::select! {
@@ -372,12 +392,21 @@ pub async fn run(
         let m: BorrowedMessage<'_> = match msg {
             Ok(m) => m,
             Err(KafkaError::PartitionEOF(p)) => {
-                at_end.insert(p);
+                done.insert(p);
                 continue;
             }
             Err(e) => break Err(e.into()),
         };
-        at_end.remove(&m.partition());
+        if done.contains(&m.partition()) {
+            continue;
+        }
+        if ends
+            .get(&m.partition())
+            .is_none_or(|end| m.offset() >= *end)
+        {
+            done.insert(m.partition());
+            continue;
+        }
         next.insert(m.partition(), m.offset() + 1);
         update(&mut |r| r.scanned += 1);
         let meta = Metadata::from_headers(m.headers());

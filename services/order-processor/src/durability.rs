@@ -30,7 +30,7 @@ pub trait Durability: Send + Sync + Sized + 'static {
     fn configure_consumer(&self, client: &mut ClientConfig);
 
     /// Once the orders topic exists, before subscribing: what the guarantee needs in the
-    /// cluster (exactly-once: its changelog topic).
+    /// cluster (exactly-once: its changelog topic and its transactional producer).
     fn prepare(&self) -> impl Future<Output = Result<(), KafkaError>> + Send;
 
     /// A partition was assigned and its queue split: makes it ready to process (exactly-once

@@ -112,9 +112,7 @@ impl Application {
         let client_id = format!("{SERVICE_NAME}-{}", order_runtime::telemetry::instance_id());
         let running = match config.processor.processing_guarantee {
             Guarantee::ExactlyOnce => {
-                let durability = exactly_once::ExactlyOnce::new(&config, &client_id)
-                    .await
-                    .map_err(kafka_error("transactional producer"))?;
+                let durability = exactly_once::ExactlyOnce::new(&config, &client_id);
                 Pipeline::build(durability, config, failures, listener, &client_id, shutdown)?.run()
             }
             Guarantee::AtLeastOnce => {

@@ -190,7 +190,7 @@ async fn wait_until_ready<D: Durability>(
             Ok(Ok(_)) => match durability.prepare().await {
                 Ok(()) => return true,
                 Err(e) => {
-                    warn!(error = %e, retry_in_ms = wait.upcoming_ms(), "waiting for the processing guarantee's topics");
+                    warn!(error = %e, retry_in_ms = wait.upcoming_ms(), "waiting for what the processing guarantee needs in the cluster (exactly-once: the changelog topic and the transactional producer)");
                 }
             },
             Ok(Err(e)) => {

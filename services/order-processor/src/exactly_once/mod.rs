@@ -31,7 +31,7 @@ pub mod changelog;
 pub mod core;
 pub mod reset;
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use kafka_batch::RawMessage;
@@ -66,6 +66,8 @@ pub enum EosError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("the transactional producer is not made yet")]
+    NotPrepared,
     #[error("the state of partition {partition} could not be encoded for the changelog: {source}")]
     EncodeState {
         partition: i32,
@@ -76,8 +78,11 @@ pub enum EosError {
 
 /// The exactly-once guarantee of one replica.
 pub struct ExactlyOnce {
-    core: Core,
+    /// Made by [`Durability::prepare`], beside the changelog check: both are broker round
+    /// trips and neither needs the other. Nothing uses it before: the consumer subscribes after.
+    core: OnceLock<Core>,
     config: Config,
+    client_id: String,
     /// The changelog readers of the restores in progress, shared (see [`ExactlyOnce::readers`]).
     readers: Mutex<Weak<tokio::sync::Mutex<ChangelogReaders>>>,
     /// The committer thread, joined at shutdown.
@@ -89,23 +94,23 @@ pub struct ExactlyOnce {
 pub struct Partition(i32);
 
 impl ExactlyOnce {
-    /// Creates the transactional producer (a broker round trip or more, off the async
-    /// threads).
-    pub async fn new(config: &Config, client_id: &str) -> Result<Self, KafkaError> {
-        let (c, id) = (config.clone(), client_id.to_owned());
-        let core = tokio::task::spawn_blocking(move || Core::new(&c, &id))
-            .await
-            .map_err(|_| KafkaError::Canceled)??;
-        Ok(ExactlyOnce {
-            core,
+    /// The guarantee, before [`Durability::prepare`] has made its transactional producer.
+    pub fn new(config: &Config, client_id: &str) -> Self {
+        ExactlyOnce {
+            core: OnceLock::new(),
             config: config.clone(),
+            client_id: client_id.to_owned(),
             readers: Mutex::new(Weak::new()),
             committer: Mutex::new(None),
             totals: Arc::new(GroupView {
                 config: config.clone(),
                 reader: Mutex::new(None),
             }),
-        })
+        }
+    }
+
+    fn core(&self) -> Option<&Core> {
+        self.core.get()
     }
 
     /// Changelog readers for a restore: the pair the restores in progress use, or a new one.
@@ -138,8 +143,9 @@ impl ExactlyOnce {
         let readers = self.readers().map_err(|e| e.to_string())?;
         let readers = readers.lock_owned().await;
         let (this, consumer) = (self.clone(), consumer.clone());
-        tokio::task::spawn_blocking(move || {
-            this.core.restore(&readers, consumer.as_ref(), partition)
+        tokio::task::spawn_blocking(move || match this.core() {
+            Some(core) => core.restore(&readers, consumer.as_ref(), partition),
+            None => Err(EosError::NotPrepared),
         })
         .await
         .map_err(|e| format!("restore task failed: {e}"))?
@@ -147,7 +153,7 @@ impl ExactlyOnce {
     }
 
     fn commit<C: ConsumerContext>(&self, consumer: &impl Consumer<C>) {
-        if let Err(e) = self.core.commit(consumer) {
+        if let Some(Err(e)) = self.core().map(|c| c.commit(consumer)) {
             warn!(error = %e, "commit failed; the outcomes were replayed into a new transaction");
         }
     }
@@ -161,8 +167,22 @@ impl Durability for ExactlyOnce {
         client.set("enable.auto.commit", "false");
     }
 
+    /// The changelog topic, and the transactional producer (fencing any earlier producer with
+    /// the same `transactional.id`), side by side.
     async fn prepare(&self) -> Result<(), KafkaError> {
-        changelog::ensure_changelog(&self.config.common, &self.config.state_topic()).await
+        let state_topic = self.config.state_topic();
+        let changelog = changelog::ensure_changelog(&self.config.common, &state_topic);
+        if self.core().is_some() {
+            return changelog.await;
+        }
+        let (c, id) = (self.config.clone(), self.client_id.clone());
+        let (changelog, core) = tokio::join!(
+            changelog,
+            tokio::task::spawn_blocking(move || Core::new(&c, &id))
+        );
+        let core = core.map_err(|_| KafkaError::Canceled)??;
+        let _ = self.core.set(core);
+        changelog
     }
 
     /// Without its state the partition must not be processed. A restore fails on temporary
@@ -193,7 +213,7 @@ impl Durability for ExactlyOnce {
     }
 
     fn holds(&self, part: &Partition) -> bool {
-        self.core.holds(part.0)
+        self.core().is_some_and(|c| c.holds(part.0))
     }
 
     async fn settle(
@@ -203,9 +223,12 @@ impl Durability for ExactlyOnce {
         outcome: &Outcome,
         _: &CancellationToken,
     ) -> bool {
+        let Some(core) = self.core() else {
+            return false;
+        };
         loop {
             let applied = match outcome {
-                Outcome::Processed { order, price, .. } => self.core.apply(
+                Outcome::Processed { order, price, .. } => core.apply(
                     msg,
                     Effect::Processed {
                         product: &order.product,
@@ -214,7 +237,7 @@ impl Durability for ExactlyOnce {
                     outcome.retries(),
                 ),
                 Outcome::DeadLetter(dead) => dead.span.in_scope(|| {
-                    self.core.apply(
+                    core.apply(
                         msg,
                         Effect::DeadLettered {
                             category: dead.category,
@@ -230,7 +253,7 @@ impl Durability for ExactlyOnce {
                 // a commit holds the core for a broker round trip: wait for its release
                 // rather than a runtime thread (blocking on the lock made tokio start a
                 // thread per waiting record: ~280 threads and twice the memory under load)
-                Applied::Locked => self.core.until_released().await,
+                Applied::Locked => core.until_released().await,
                 // deliveries drain the queue; nothing announces it, and it is rare (a flood
                 // of dead letters between two commits)
                 Applied::QueueFull => tokio::time::sleep(Duration::from_millis(1)).await,
@@ -244,7 +267,9 @@ impl Durability for ExactlyOnce {
 
     fn on_revoked<C: ConsumerContext>(&self, consumer: &impl Consumer<C>, partitions: &[i32]) {
         self.commit(consumer);
-        self.core.release(partitions);
+        if let Some(core) = self.core() {
+            core.release(partitions);
+        }
     }
 
     /// Commits the open transaction every `COMMIT_INTERVAL_MS` until shutdown, on a thread of
@@ -307,11 +332,14 @@ impl Durability for ExactlyOnce {
         self.commit(consumer);
         // a failed final commit leaves its replay open: abort it rather than let it block the
         // changelog and dead-letter partitions until the broker times it out
-        self.core.abort();
+        if let Some(core) = self.core() {
+            core.abort();
+        }
     }
 
     fn report(&self) -> StatsReport {
-        self.core.owned_report()
+        self.core()
+            .map_or_else(|| StatsReport::new(std::iter::empty()), Core::owned_report)
     }
 
     fn group_totals(&self) -> Arc<dyn GroupTotals> {
