@@ -95,9 +95,21 @@ impl Workload {
 
     /// Sends every record, `per_second` at most, and returns where each failing one landed.
     pub async fn feed(&self, stack: &Stack, per_second: usize) -> BTreeSet<(i32, i64)> {
+        self.feed_part(stack, 0..self.records.len(), per_second)
+            .await
+    }
+
+    /// Sends the records in `range` (in the order they were made), `per_second` at most, and
+    /// returns where each failing one landed.
+    pub async fn feed_part(
+        &self,
+        stack: &Stack,
+        range: std::ops::Range<usize>,
+        per_second: usize,
+    ) -> BTreeSet<(i32, i64)> {
         let producer = stack.producer();
         let mut failing = BTreeSet::new();
-        for chunk in self.records.chunks(per_second / 10) {
+        for chunk in self.records[range].chunks(per_second / 10) {
             let started = std::time::Instant::now();
             let mut pending = Vec::with_capacity(chunk.len());
             for (key, value, fails) in chunk {
