@@ -156,7 +156,7 @@ struct CategoryLabel {
 
 /// Marks the readiness condition when the group gives us our (possibly empty) assignment.
 pub struct AnalyzerContext {
-    /// `/readyz`'s consumer condition (see [`watch_subscription`]).
+    /// `/readyz`'s consumer condition (see [`subscription_ready`]).
     ready: Arc<AtomicBool>,
     /// Set at the first assignment, for good.
     joined: Arc<AtomicBool>,
@@ -167,8 +167,8 @@ impl ClientContext for AnalyzerContext {}
 impl ConsumerContext for AnalyzerContext {
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            self.joined.store(true, Ordering::Release);
-            self.ready.store(true, Ordering::Release);
+            self.joined.store(true, Ordering::SeqCst);
+            self.ready.store(true, Ordering::SeqCst);
             info!(partitions = tpl.count(), "dead-letter partitions assigned");
         }
     }
@@ -225,11 +225,15 @@ impl Application {
         http::watch_dependencies(
             &probe,
             common,
-            kafka::readiness_check(&consumer, &common.dlq_topic, |c| c.client()),
+            kafka::readiness_check_observing(
+                &consumer,
+                &common.dlq_topic,
+                |c| c.client(),
+                subscription_ready(&common.dlq_topic, ready, joined),
+            ),
             Duration::from_secs(5),
             shutdown.clone(),
         );
-        watch_subscription(&consumer, &common.dlq_topic, ready, joined, &shutdown);
         let mut registry = Registry::default();
         let consumed = Family::<CategoryLabel, Counter>::default();
         registry.register(
@@ -343,7 +347,7 @@ impl Application {
                     // a backlog never makes recv() wait: let /healthz and /report in
                     tokio::task::coop::consume_budget().await;
                 }
-                // the topic not created yet: said once by `watch_subscription`
+                // the topic not created yet: said once by `subscription_ready`
                 Some(Err(KafkaError::MessageConsumption(
                     RDKafkaErrorCode::UnknownTopicOrPartition,
                 ))) => {}
@@ -449,45 +453,32 @@ impl Redrives {
     }
 }
 
-/// The consumer's readiness condition: the group joined, or the dead-letter topic not created
-/// yet. A healthy system may never dead-letter anything, so the topic may never exist; the
-/// analyzer is subscribed, reports the (empty) truth, and reads the topic once it appears.
-/// The consumer never joins its group before that, so waiting for the join would keep it
-/// unready for good.
-fn watch_subscription(
-    consumer: &Arc<StreamConsumer<AnalyzerContext>>,
+/// The consumer's readiness condition, fed by each broker check of `/readyz`: the group
+/// joined, or the dead-letter topic not created yet. A healthy system may never dead-letter
+/// anything, so the topic may never exist; the analyzer is subscribed, reports the (empty)
+/// truth, and reads the topic once it appears. The consumer never joins its group before
+/// that, so waiting for the join would keep it unready for good.
+fn subscription_ready(
     topic: &str,
     ready: Arc<AtomicBool>,
     joined: Arc<AtomicBool>,
-    shutdown: &CancellationToken,
-) {
-    let consumer = Arc::downgrade(consumer);
+) -> impl Fn(usize) + Send + Sync + 'static {
     let topic = topic.to_owned();
-    let shutdown = shutdown.clone();
-    tokio::spawn(async move {
-        let mut said = false;
-        while !joined.load(Ordering::Acquire) {
-            let Some(c) = consumer.upgrade() else { return };
-            let t = topic.clone();
-            let missing = tokio::task::spawn_blocking(move || {
-                kafka::partition_count(c.client(), &t, Duration::from_secs(3)).is_ok_and(|n| n == 0)
-            })
-            .await
-            .unwrap_or(false);
-            if missing && !said {
-                info!(%topic, "the dead-letter topic does not exist yet (nothing dead-lettered so far); it is read once created");
-                said = true;
-            }
-            // the join may have come meanwhile: it decides then
-            if !joined.load(Ordering::Acquire) {
-                ready.store(missing, Ordering::Release);
-            }
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_secs(2)) => {}
-            }
+    let said = AtomicBool::new(false);
+    move |partitions| {
+        if joined.load(Ordering::SeqCst) {
+            return;
         }
-    });
+        let missing = partitions == 0;
+        if missing && !said.swap(true, Ordering::Relaxed) {
+            info!(%topic, "the dead-letter topic does not exist yet (nothing dead-lettered so far); it is read once created");
+        }
+        ready.store(missing, Ordering::SeqCst);
+        // a join between the first look and the store decides
+        if joined.load(Ordering::SeqCst) {
+            ready.store(true, Ordering::SeqCst);
+        }
+    }
 }
 
 order_runtime::impl_service!(

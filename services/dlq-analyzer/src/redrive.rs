@@ -143,6 +143,18 @@ pub enum RedriveError {
     BadRequest(String),
     #[error("Kafka: {0}")]
     Kafka(#[from] KafkaError),
+    #[error("a blocking Kafka call did not finish: {0}")]
+    Interrupted(String),
+}
+
+/// Runs a blocking librdkafka call off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, KafkaError> + Send + 'static,
+) -> Result<T, RedriveError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| RedriveError::Interrupted(e.to_string()))?
+        .map_err(RedriveError::from)
 }
 
 /// The request's id: the one given, or a stable name for the filter (FNV-1a of its JSON).
@@ -160,13 +172,7 @@ pub fn request_id(options: &Options) -> String {
 }
 
 fn millis(text: &str, what: &str) -> Result<i64, RedriveError> {
-    let at = humantime::parse_rfc3339_weak(text)
-        .map_err(|e| RedriveError::BadRequest(format!("{what} {text:?}: {e}")))?;
-    let ms = at
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_err(|_| RedriveError::BadRequest(format!("{what} {text} is before 1970")))?
-        .as_millis();
-    Ok(i64::try_from(ms).unwrap_or(i64::MAX))
+    dead_letter::rfc3339_millis(text).map_err(|e| RedriveError::BadRequest(format!("{what}: {e}")))
 }
 
 /// A [`Filter`] checked and ready to apply.
@@ -229,20 +235,8 @@ impl Compiled {
 /// The redriven record's headers: the dead letter's less `dlq.*`, trace context and the old
 /// count, plus the new count.
 fn redriven_headers(dead: Option<&impl Headers>, count: u32) -> OwnedHeaders {
-    let mut out = OwnedHeaders::new_with_capacity(dead.map_or(0, Headers::count) + 4);
-    if let Some(h) = dead {
-        for header in h.iter() {
-            if header.key.starts_with(dead_letter::PREFIX)
-                || header.key == REDRIVE_COUNT
-                || trace::PROPAGATION_HEADERS.contains(&header.key)
-            {
-                continue;
-            }
-            out = out.insert(header);
-        }
-    }
     let count = count.to_string();
-    out.insert(Header {
+    dead_letter::carried_headers(dead, &[REDRIVE_COUNT], 4).insert(Header {
         key: REDRIVE_COUNT,
         value: Some(count.as_bytes()),
     })
@@ -296,9 +290,7 @@ pub async fn run(
     let partitions = {
         let c = consumer.clone();
         let t = dlq.clone();
-        tokio::task::spawn_blocking(move || kafka::partition_count(c.client(), &t, TIMEOUT))
-            .await
-            .map_err(|e| RedriveError::BadRequest(e.to_string()))??
+        blocking(move || kafka::partition_count(c.client(), &t, TIMEOUT)).await?
     };
     let partitions: Vec<i32> = (0..i32::try_from(partitions).unwrap_or(0)).collect();
     // where this request stopped last time (the beginning the first time)
@@ -308,9 +300,7 @@ pub async fn run(
     }
     let committed = {
         let (c, s) = (consumer.clone(), start.clone());
-        tokio::task::spawn_blocking(move || c.committed_offsets(s, TIMEOUT))
-            .await
-            .map_err(|e| RedriveError::BadRequest(e.to_string()))??
+        blocking(move || c.committed_offsets(s, TIMEOUT)).await?
     };
     let mut assignment = TopicPartitionList::new();
     for p in &partitions {
@@ -326,7 +316,7 @@ pub async fn run(
     // in one run
     let ends = {
         let (c, t, ps) = (consumer.clone(), dlq.clone(), partitions.clone());
-        tokio::task::spawn_blocking(move || {
+        blocking(move || {
             ps.iter()
                 .map(|p| {
                     c.fetch_watermarks(&t, *p, TIMEOUT)
@@ -334,8 +324,7 @@ pub async fn run(
                 })
                 .collect::<Result<BTreeMap<i32, i64>, KafkaError>>()
         })
-        .await
-        .map_err(|e| RedriveError::BadRequest(e.to_string()))??
+        .await?
     };
 
     let producer: Option<Arc<ThreadedProducer<DefaultProducerContext>>> = if options.dry_run {
@@ -351,9 +340,7 @@ pub async fn run(
         let p = Arc::new(p);
         let q = p.clone();
         // fences a crashed earlier run of the same request
-        tokio::task::spawn_blocking(move || q.init_transactions(TIMEOUT))
-            .await
-            .map_err(|e| RedriveError::BadRequest(e.to_string()))??;
+        blocking(move || q.init_transactions(TIMEOUT)).await?;
         Some(p)
     };
     let metadata = consumer.group_metadata();
@@ -580,13 +567,11 @@ async fn commit_txn(
     metadata: &Arc<ConsumerGroupMetadata>,
 ) -> Result<(), RedriveError> {
     let (p, md) = (producer.clone(), metadata.clone());
-    tokio::task::spawn_blocking(move || {
+    blocking(move || {
         p.send_offsets_to_transaction(&offsets, &md, TIMEOUT)?;
         p.commit_transaction(TIMEOUT)
     })
     .await
-    .map_err(|e| RedriveError::BadRequest(e.to_string()))?
-    .map_err(RedriveError::from)
 }
 
 /// A new run's record.

@@ -54,41 +54,32 @@ async fn once_the_cause_is_fixed_a_filtered_redrive_brings_the_totals_to_the_tru
             ),
         };
         let id = format!("order-{i}");
-        if garbage {
-            stack
-                .produce_raw(
-                    &producer,
-                    &orders,
-                    None,
-                    Some(id.as_bytes()),
-                    Some(b"junk"),
-                    &[],
-                )
-                .await;
-            continue;
-        }
         let cents = 1_000 + i;
-        #[allow(clippy::cast_precision_loss)]
-        let o = Order {
-            order_id: id.clone(),
-            product: product.into(),
-            price: cents as f64 / 100.0,
+        let value = if garbage {
+            b"junk".to_vec()
+        } else {
+            #[allow(clippy::cast_precision_loss)]
+            let o = Order {
+                order_id: id.clone(),
+                product: product.into(),
+                price: cents as f64 / 100.0,
+            };
+            valid_cents += cents;
+            if product == "drone" {
+                drones.insert(id.clone());
+            }
+            codec.encode(&o).await.unwrap()
         };
-        let bytes = codec.encode(&o).await.unwrap();
         stack
             .produce_raw(
                 &producer,
                 &orders,
                 None,
                 Some(id.as_bytes()),
-                Some(&bytes),
+                Some(&value),
                 &[],
             )
             .await;
-        valid_cents += cents;
-        if product == "drone" {
-            drones.insert(id);
-        }
     }
     let garbage = 10u64;
     let processor_bin = order_testkit::service_bin("order-processor");

@@ -110,7 +110,7 @@ impl Durability for AtLeastOnce {
         // the shared consumer defaults are this guarantee's: auto-commit, manual store
     }
 
-    async fn prepare(&self) -> Result<(), KafkaError> {
+    async fn prepare(&self, _: usize) -> Result<(), KafkaError> {
         Ok(())
     }
 

@@ -29,9 +29,13 @@ pub trait Durability: Send + Sync + Sized + 'static {
     /// Consumer settings the guarantee needs.
     fn configure_consumer(&self, client: &mut ClientConfig);
 
-    /// Once the orders topic exists, before subscribing: what the guarantee needs in the
-    /// cluster (exactly-once: its changelog topic and its transactional producer).
-    fn prepare(&self) -> impl Future<Output = Result<(), KafkaError>> + Send;
+    /// Once the orders topic exists (with `orders_partitions` partitions), before subscribing:
+    /// what the guarantee needs in the cluster (exactly-once: its changelog topic, as many
+    /// partitions, and its transactional producer).
+    fn prepare(
+        &self,
+        orders_partitions: usize,
+    ) -> impl Future<Output = Result<(), KafkaError>> + Send;
 
     /// A partition was assigned and its queue split: makes it ready to process (exactly-once
     /// restores its state and position first). `None` when `cancel` fired before it was.

@@ -187,7 +187,7 @@ async fn wait_until_ready<D: Durability>(
             Ok(Ok(0)) => {
                 warn!(%topic, retry_in_ms = wait.upcoming_ms(), "waiting for the orders topic to be created");
             }
-            Ok(Ok(_)) => match durability.prepare().await {
+            Ok(Ok(partitions)) => match durability.prepare(partitions).await {
                 Ok(()) => return true,
                 Err(e) => {
                     warn!(error = %e, retry_in_ms = wait.upcoming_ms(), "waiting for what the processing guarantee needs in the cluster (exactly-once: the changelog topic and the transactional producer)");

@@ -115,14 +115,20 @@ impl Records {
                             cancel,
                         )
                         .await?;
-                        if let Verdict::Processed { retries } = verdict {
-                            return Some(Outcome::Processed {
-                                order,
-                                price,
-                                retries,
-                            });
-                        }
-                        (verdict, String::new())
+                        let message = match verdict {
+                            Verdict::Processed { retries } => {
+                                return Some(Outcome::Processed {
+                                    order,
+                                    price,
+                                    retries,
+                                });
+                            }
+                            Verdict::DeadLetter { attempts, .. } => {
+                                format!("temporary failure persisted through {attempts} attempts")
+                            }
+                            Verdict::Retry { .. } => String::new(),
+                        };
+                        (verdict, message)
                     }
                 }
             }
@@ -132,14 +138,7 @@ impl Records {
                 category,
                 kind,
                 attempts,
-            } => {
-                let message = if message.is_empty() {
-                    format!("temporary failure persisted through {attempts} attempts")
-                } else {
-                    message
-                };
-                Some(self.dead_letter(msg, category, kind, attempts, &message))
-            }
+            } => Some(self.dead_letter(msg, category, kind, attempts, &message)),
             // `decide` processes or retries only a valid order, and `attempts` returns only
             // final verdicts: not reached
             Verdict::Processed { .. } | Verdict::Retry { .. } => {

@@ -95,20 +95,44 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
-/// The dead letter's headers: the original ones (less trace context and earlier `dlq.*`
-/// headers, which would be stale) followed by ours.
-pub fn headers<H: Headers>(original: Option<&H>, meta: &Metadata) -> OwnedHeaders {
-    let mut out = OwnedHeaders::new_with_capacity(original.map_or(0, Headers::count) + 10);
+/// Milliseconds since the epoch of an RFC 3339 time (`2026-12-01T10:00:00Z`).
+pub fn rfc3339_millis(text: &str) -> Result<i64, String> {
+    let at = humantime::parse_rfc3339_weak(text)
+        .map_err(|e| format!("{text:?} is not an RFC 3339 time: {e}"))?;
+    let ms = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_err(|_| format!("{text} is before 1970"))?
+        .as_millis();
+    Ok(i64::try_from(ms).unwrap_or(i64::MAX))
+}
+
+/// The headers a record carries on to a new life (dead letter, redrive): the original ones
+/// less trace context and `dlq.*` headers, which would be stale, and less `also_drop`; room
+/// for `room` more.
+pub fn carried_headers<H: Headers>(
+    original: Option<&H>,
+    also_drop: &[&str],
+    room: usize,
+) -> OwnedHeaders {
+    let mut out = OwnedHeaders::new_with_capacity(original.map_or(0, Headers::count) + room);
     if let Some(h) = original {
         for header in h.iter() {
             if header.key.starts_with(PREFIX)
                 || crate::trace::PROPAGATION_HEADERS.contains(&header.key)
+                || also_drop.contains(&header.key)
             {
                 continue;
             }
             out = out.insert(header);
         }
     }
+    out
+}
+
+/// The dead letter's headers: the original ones carried on ([`carried_headers`]) followed by
+/// ours.
+pub fn headers<H: Headers>(original: Option<&H>, meta: &Metadata) -> OwnedHeaders {
+    let mut out = carried_headers(original, &[], 10);
     let partition = meta.original_partition.to_string();
     let offset = meta.original_offset.to_string();
     let timestamp = meta.original_timestamp.map(|t| t.to_string());

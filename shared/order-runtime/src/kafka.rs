@@ -91,9 +91,26 @@ pub fn cluster_answers<C: ClientContext>(
     topic: &str,
     timeout: Duration,
 ) -> bool {
-    client
-        .fetch_metadata(Some(topic), timeout)
-        .is_ok_and(|m| !m.brokers().is_empty())
+    topic_seen(client, topic, timeout).is_some()
+}
+
+/// The same request as [`cluster_answers`]: `topic`'s partition count (0 when it does not
+/// exist yet), or `None` when no broker answers.
+fn topic_seen<C: ClientContext>(
+    client: &Client<C>,
+    topic: &str,
+    timeout: Duration,
+) -> Option<usize> {
+    let md = client.fetch_metadata(Some(topic), timeout).ok()?;
+    if md.brokers().is_empty() {
+        return None;
+    }
+    Some(
+        md.topics()
+            .first()
+            .filter(|t| t.error().is_none())
+            .map_or(0, |t| t.partitions().len()),
+    )
 }
 
 /// The broker check `/readyz` runs (see [`crate::http::watch_dependencies`]): whether the
@@ -108,12 +125,31 @@ where
     T: Send + Sync + 'static,
     C: ClientContext + 'static,
 {
+    readiness_check_observing(owner, topic, client, |_| {})
+}
+
+/// [`readiness_check`] that also hands `on_topic` what the same request says of the topic:
+/// its partition count, 0 while it does not exist.
+pub fn readiness_check_observing<T, C>(
+    owner: &std::sync::Arc<T>,
+    topic: &str,
+    client: fn(&T) -> &Client<C>,
+    on_topic: impl Fn(usize) + Send + Sync + 'static,
+) -> impl Fn() -> bool + Send + Sync + 'static
+where
+    T: Send + Sync + 'static,
+    C: ClientContext + 'static,
+{
     let owner = std::sync::Arc::downgrade(owner);
     let topic = topic.to_owned();
     move || {
-        owner
+        let seen = owner
             .upgrade()
-            .is_some_and(|o| cluster_answers(client(&o), &topic, Duration::from_secs(3)))
+            .and_then(|o| topic_seen(client(&o), &topic, Duration::from_secs(3)));
+        if let Some(partitions) = seen {
+            on_topic(partitions);
+        }
+        seen.is_some()
     }
 }
 

@@ -125,10 +125,9 @@ pub fn producer_span(topic: &str, key: &str) -> tracing::Span {
 /// Makes `parent` the parent of `span`, links to it too (a consumer span is both a child of the
 /// send and, per the messaging conventions, linked to it).
 pub fn adopt(span: &tracing::Span, parent: &Context) {
-    let remote = parent.span().span_context().clone();
-    if remote.is_valid() {
+    if parent.span().span_context().is_valid() {
         let _ = span.set_parent(parent.clone());
-        span.add_link(remote);
+        link(span, parent);
     }
 }
 

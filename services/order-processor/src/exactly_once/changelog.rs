@@ -155,10 +155,13 @@ pub fn committed_partitions(
     Ok(committed)
 }
 
-/// Creates the changelog topic (compacted, as many partitions as the orders topic) or checks
-/// the existing one has enough partitions. The orders topic must exist (the processor waits
-/// for it before this).
-pub async fn ensure_changelog(common: &CommonConfig, state_topic: &str) -> Result<(), KafkaError> {
+/// Creates the changelog topic (compacted, with the orders topic's `orders` partitions) or
+/// checks the existing one has enough partitions.
+pub async fn ensure_changelog(
+    common: &CommonConfig,
+    state_topic: &str,
+    orders: usize,
+) -> Result<(), KafkaError> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::client::DefaultClientContext;
     let mut c = kafka::base(common, "order-processor-admin");
@@ -166,15 +169,7 @@ pub async fn ensure_changelog(common: &CommonConfig, state_topic: &str) -> Resul
     c.set("allow.auto.create.topics", "false");
     let admin: AdminClient<DefaultClientContext> =
         kafka::with_user_properties(c, common).create()?;
-    let count = |topic: &str| kafka::partition_count(admin.inner(), topic, Duration::from_secs(10));
-    let orders = count(&common.orders_topic)?;
-    if orders == 0 {
-        return Err(KafkaError::AdminOpCreation(format!(
-            "the orders topic {} does not exist; create it first",
-            common.orders_topic
-        )));
-    }
-    let existing = count(state_topic)?;
+    let existing = kafka::partition_count(admin.inner(), state_topic, Duration::from_secs(10))?;
     if existing >= orders {
         return Ok(());
     }

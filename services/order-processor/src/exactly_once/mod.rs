@@ -169,9 +169,10 @@ impl Durability for ExactlyOnce {
 
     /// The changelog topic, and the transactional producer (fencing any earlier producer with
     /// the same `transactional.id`), side by side.
-    async fn prepare(&self) -> Result<(), KafkaError> {
+    async fn prepare(&self, orders_partitions: usize) -> Result<(), KafkaError> {
         let state_topic = self.config.state_topic();
-        let changelog = changelog::ensure_changelog(&self.config.common, &state_topic);
+        let changelog =
+            changelog::ensure_changelog(&self.config.common, &state_topic, orders_partitions);
         if self.core().is_some() {
             return changelog.await;
         }

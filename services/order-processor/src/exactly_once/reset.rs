@@ -48,14 +48,9 @@ impl Target {
                 Err(format!("offset {offset} is negative"))
             };
         }
-        let at = humantime::parse_rfc3339_weak(text).map_err(|e| {
-            format!("{text:?} is not `earliest`, an offset or an RFC 3339 time: {e}")
-        })?;
-        let ms = at
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_err(|_| format!("{text} is before 1970"))?
-            .as_millis();
-        Ok(Target::Time(i64::try_from(ms).unwrap_or(i64::MAX)))
+        order_runtime::dead_letter::rfc3339_millis(text)
+            .map(Target::Time)
+            .map_err(|e| format!("{text:?} is not `earliest` or an offset, and {e}"))
     }
 }
 
