@@ -468,16 +468,22 @@ pub async fn run(
         let span = trace::producer_span(topic, &key);
         trace::link(&span, &trace::extract(m.headers()));
         let headers = if parked {
-            // parked as it was, so that what failed stays readable
-            let mut h = m.headers().map_or_else(OwnedHeaders::new, |h| h.detach());
+            // parked as it was, so that what failed stays readable (the trace context becomes
+            // the park's send when there is one)
+            let mut h = OwnedHeaders::new_with_capacity(m.headers().map_or(0, Headers::count) + 4);
+            for header in m.headers().into_iter().flat_map(Headers::iter) {
+                if span.is_none() || !trace::PROPAGATION_HEADERS.contains(&header.key) {
+                    h = h.insert(header);
+                }
+            }
             let c = count.to_string();
             h = h.insert(Header {
                 key: "redrive.parked.count",
                 value: Some(c.as_bytes()),
             });
-            trace::inject(&span, h)
+            trace::inject_or_carry(&span, h, None::<&OwnedHeaders>)
         } else {
-            trace::inject(&span, redriven_headers(m.headers(), count))
+            trace::inject_or_carry(&span, redriven_headers(m.headers(), count), m.headers())
         };
         let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).headers(headers);
         if let Some(k) = m.key() {

@@ -97,8 +97,26 @@ async fn once_the_cause_is_fixed_a_filtered_redrive_brings_the_totals_to_the_tru
         }
     };
 
+    // exported to Jaeger, so that dead letters and redriven orders carry trace context
+    let traced = |vars: &[(String, String)], service: &str| {
+        let mut v = vars.to_vec();
+        v.extend(
+            [
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
+                ("OTEL_SERVICE_NAME", service),
+                ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+                // spans are built at info
+                ("RUST_LOG", "info"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned())),
+        );
+        v
+    };
     // drones are not sold yet: dead-lettered as unknown_product, with the garbage
-    let mut p = Service::start(processor_bin.to_str().unwrap(), &vars);
+    let mut p = Service::start(
+        processor_bin.to_str().unwrap(),
+        &traced(&vars, "order-processor"),
+    );
     p.wait_for("/healthz", Duration::from_secs(30)).await;
     eventually(
         "the first run's outcomes",
@@ -119,18 +137,10 @@ async fn once_the_cause_is_fixed_a_filtered_redrive_brings_the_totals_to_the_tru
     assert_eq!(dry["records"].as_array().unwrap().len(), drones.len());
 
     // drones are sold now; exactly their dead letters go back (the sends exported to Jaeger)
-    let mut traced = vars.clone();
-    traced.extend(
-        [
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
-            ("OTEL_SERVICE_NAME", "dlq-analyzer"),
-            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
-            // spans are built at info
-            ("RUST_LOG", "info"),
-        ]
-        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    let (ok, done, err) = redrive(
+        &traced(&vars, "dlq-analyzer"),
+        &["--kind", "unknown_product"],
     );
-    let (ok, done, err) = redrive(&traced, &["--kind", "unknown_product"]);
     assert!(ok, "{err}");
     assert_eq!(done["redriven"], drones.len(), "{done}");
     assert_eq!(done["parked"], 0, "{done}");

@@ -188,14 +188,20 @@ impl Records {
         warn!(
             category = %category, kind, error = message, attempts,
             partition = msg.partition(), offset = msg.offset(),
-            trace_id = trace::trace_id(&current).unwrap_or_default(),
+            trace_id = trace::trace_id(&current)
+                .or_else(|| trace::context_trace_id(&trace::extract(msg.headers())))
+                .unwrap_or_default(),
             "dead-lettering record"
         );
         let key = msg
             .key()
             .and_then(|k| std::str::from_utf8(k).ok())
             .unwrap_or("");
-        let span = trace::producer_span(&self.dlq_topic, key);
+        let span = if trace::recording() {
+            trace::producer_span(&self.dlq_topic, key)
+        } else {
+            Span::none()
+        };
         span.record("error.type", category.as_str());
         let metadata = dead_letter::Metadata {
             category,
@@ -212,7 +218,11 @@ impl Records {
             failed_service: crate::SERVICE_NAME.to_owned(),
             failed_at: dead_letter::now_rfc3339(),
         };
-        let headers = trace::inject(&span, dead_letter::headers(msg.headers(), &metadata));
+        let headers = trace::inject_or_carry(
+            &span,
+            dead_letter::headers(msg.headers(), &metadata),
+            msg.headers(),
+        );
         Outcome::DeadLetter(DeadLetter {
             category,
             retries: attempts.saturating_sub(1),
@@ -235,15 +245,20 @@ pub async fn attempts(
 ) -> Option<Verdict> {
     let mut attempt = 1;
     loop {
+        let traced = trace::recording();
         let failed = {
-            let span = info_span!(
-                "attempt",
-                otel.name = format!("process attempt {attempt}"),
-                otel.kind = "internal",
-                messaging.kafka.attempt = attempt,
-                error.type = field::Empty,
-                otel.status_code = field::Empty,
-            );
+            let span = if traced {
+                info_span!(
+                    "attempt",
+                    otel.name = format!("process attempt {attempt}"),
+                    otel.kind = "internal",
+                    messaging.kafka.attempt = attempt,
+                    error.type = field::Empty,
+                    otel.status_code = field::Empty,
+                )
+            } else {
+                Span::none()
+            };
             let _entered = span.enter();
             let failed = failures.fails(order, partition, attempt);
             if failed {
@@ -264,7 +279,11 @@ pub async fn attempts(
                     trace_id = trace::trace_id(&Span::current()).unwrap_or_default(),
                     "temporary failure, will retry"
                 );
-                let backoff = info_span!("backoff", otel.kind = "internal", backoff.ms = wait_ms);
+                let backoff = if traced {
+                    info_span!("backoff", otel.kind = "internal", backoff.ms = wait_ms)
+                } else {
+                    Span::none()
+                };
                 let waited = async {
                     tokio::select! {
                         () = cancel.cancelled() => false,

@@ -1,10 +1,11 @@
 //! One trace per order across the three services, as Jaeger (the native stack's) stores it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use order_testkit::{Service, Stack, eventually, service_bin, unique};
+use rdkafka::Message as _;
 use serde_json::Value;
 
 const JAEGER: &str = "http://127.0.0.1:16686";
@@ -57,6 +58,19 @@ fn spans_of(trace: &Value) -> Vec<Span> {
                 .unwrap_or_default(),
         })
         .collect()
+}
+
+/// The processor with `pv`, the analyzer with `av` (and a group of its own), both ready.
+async fn start_ready(
+    pv: Vec<(String, String)>,
+    mut av: Vec<(String, String)>,
+) -> (Service, Service) {
+    let mut processor = Service::start(env!("CARGO_BIN_EXE_order-processor"), &pv);
+    av.push(("CONSUMER_GROUP".to_owned(), unique("analyzer")));
+    let mut analyzer = Service::start(service_bin("dlq-analyzer").to_str().unwrap(), &av);
+    processor.wait_for("/readyz", Duration::from_secs(30)).await;
+    analyzer.wait_for("/readyz", Duration::from_secs(30)).await;
+    (processor, analyzer)
 }
 
 async fn trace_from_jaeger(trace_id: &str, wanted: impl Fn(&[Span]) -> bool) -> Vec<Span> {
@@ -129,12 +143,7 @@ async fn run_pipeline(orders: &str, dlq: &str, group: &str) -> (Value, String) {
         ("MAX_RETRIES".to_owned(), "2".to_owned()),
         ("RETRY_INITIAL_BACKOFF_MS".to_owned(), "100".to_owned()),
     ]);
-    let mut processor = Service::start(env!("CARGO_BIN_EXE_order-processor"), &pv);
-    let mut av = telemetry("dlq-analyzer");
-    av.push(("CONSUMER_GROUP".to_owned(), unique("analyzer")));
-    let mut analyzer = Service::start(service_bin("dlq-analyzer").to_str().unwrap(), &av);
-    processor.wait_for("/readyz", Duration::from_secs(30)).await;
-    analyzer.wait_for("/readyz", Duration::from_secs(30)).await;
+    let (processor, analyzer) = start_ready(pv, telemetry("dlq-analyzer")).await;
 
     for ratio in ["1", "0"] {
         let mut gv = telemetry("order-generator");
@@ -355,5 +364,129 @@ async fn the_trace_command_draws_a_dead_letters_journey() {
             found,
             "no {service} line {span:?} after the previous one in:\n{text}"
         );
+    }
+}
+
+/// The trace ids Jaeger holds for `service` (its search, newest first, up to `limit`).
+async fn traces_of(service: &str, limit: usize) -> Option<BTreeSet<String>> {
+    let body: Value = reqwest::get(format!(
+        "{JAEGER}/api/traces?service={service}&limit={limit}&lookback=1h"
+    ))
+    .await
+    .ok()?
+    .json()
+    .await
+    .ok()?;
+    Some(
+        body["data"]
+            .as_array()?
+            .iter()
+            .filter_map(|t| t["traceID"].as_str().map(str::to_owned))
+            .collect(),
+    )
+}
+
+/// `OTEL_TRACES_SAMPLER=parentbased_traceidratio` at 0.5 in all three services: the generator
+/// decides each order's fate, the processor and the analyzer follow it. An order sampled out
+/// there has no span in any service (no orphan trace of its own either); one sampled in is one
+/// trace across the three.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sampled_out_order_has_no_span_anywhere_and_a_sampled_in_one_is_one_trace() {
+    let stack = Stack::from_env();
+    let (orders, dlq, group) = (unique("orders"), unique("orders-dlq"), unique("processor"));
+    stack.create_topic(&orders, 2).await;
+    stack.create_topic(&dlq, 1).await;
+    // service names of this run only, so that Jaeger's search sees nothing else
+    let run = unique("sampling");
+    let name = |service: &str| format!("{service}-{run}");
+    let telemetry = |service: &str| -> Vec<(String, String)> {
+        let mut v = stack.vars(&orders, &dlq);
+        v.extend(
+            [
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
+                ("OTEL_SERVICE_NAME", name(service).as_str()),
+                ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+                ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+                ("OTEL_TRACES_SAMPLER_ARG", "0.5"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned())),
+        );
+        v
+    };
+    let mut pv = telemetry("order-processor");
+    pv.push(("CONSUMER_GROUP".to_owned(), group));
+    let (processor, analyzer) = start_ready(pv, telemetry("dlq-analyzer")).await;
+
+    // every order invalid, so that every one passes through all three services
+    let n = 40;
+    let mut gv = telemetry("order-generator");
+    gv.extend([
+        ("ORDER_COUNT".to_owned(), n.to_string()),
+        ("ORDER_RATE".to_owned(), "0".to_owned()),
+        ("INVALID_ORDER_RATIO".to_owned(), "1".to_owned()),
+    ]);
+    let (status, out) = Service::start(service_bin("order-generator").to_str().unwrap(), &gv)
+        .wait(Duration::from_secs(30));
+    assert!(status.success(), "{out}");
+    eventually(
+        "every dead letter analysed",
+        Duration::from_secs(60),
+        || async {
+            let r = analyzer.get_json("/report").await.ok()?;
+            (r["total"] == n).then_some(())
+        },
+    )
+    .await;
+    // stopping flushes the exporters
+    assert!(processor.terminate(Duration::from_secs(20)).0.success());
+    assert!(analyzer.terminate(Duration::from_secs(20)).0.success());
+
+    // the generator's decision, as its traceparent's flags say, per order
+    let traceparent = |m: &rdkafka::message::OwnedMessage| {
+        let tp = order_testkit::headers_of(m)
+            .remove("traceparent")
+            .expect("every record carries trace context");
+        let parts: Vec<&str> = tp.split('-').collect();
+        (parts[1].to_owned(), parts[3] == "01")
+    };
+    let decided: HashMap<Vec<u8>, (String, bool)> = stack
+        .read_all(&orders, n, Duration::from_secs(30))
+        .iter()
+        .map(|m| (m.key().unwrap().to_vec(), traceparent(m)))
+        .collect();
+    assert_eq!(decided.len(), n);
+    let (mut kept, mut dropped) = (BTreeSet::new(), BTreeSet::new());
+    for m in stack.read_all(&dlq, n, Duration::from_secs(30)) {
+        let (trace_id, sampled) = &decided[m.key().unwrap()];
+        assert_eq!(
+            &traceparent(&m),
+            &(trace_id.clone(), *sampled),
+            "the dead letter stays in its order's trace, sampled as it was"
+        );
+        if *sampled {
+            kept.insert(trace_id.clone());
+        } else {
+            dropped.insert(trace_id.clone());
+        }
+    }
+    assert_eq!(kept.len() + dropped.len(), n);
+    assert!(
+        !kept.is_empty() && !dropped.is_empty(),
+        "at 0.5 both kinds: {} kept, {} dropped",
+        kept.len(),
+        dropped.len()
+    );
+    for trace_id in &kept {
+        trace_from_jaeger(trace_id, |s| {
+            ["order-generator", "order-processor", "dlq-analyzer"]
+                .iter()
+                .all(|svc| s.iter().any(|x| x.service == name(svc)))
+        })
+        .await;
+    }
+    // every kept trace is in: each service's traces are exactly the kept ones
+    for service in ["order-generator", "order-processor", "dlq-analyzer"] {
+        let held = traces_of(&name(service), 10 * n).await.unwrap();
+        assert_eq!(held, kept, "{service}'s traces in Jaeger");
     }
 }

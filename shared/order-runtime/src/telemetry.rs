@@ -3,14 +3,18 @@
 //! [`build_subscriber`] makes the subscriber (log format, `RUST_LOG` filter, optional OTLP
 //! layer); [`init`] installs it and the W3C propagators and returns a guard that flushes
 //! spans when dropped. Export follows the standard `OTEL_*` variables: no
-//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) means no export at all.
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) means no export and no spans at all
+//! (a span nobody receives is pure cost; records keep the trace context they came with).
+//! `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG` pick the sampler, read once by the SDK's
+//! own parser; [`crate::trace`] asks the same sampler before it builds a span that continues a
+//! record's trace, so a sampled-out record costs no span at all.
 
 use opentelemetry::KeyValue;
 use opentelemetry::propagation::TextMapCompositePropagator;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{SdkTracerProvider, ShouldSample};
 use tracing::Subscriber;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
@@ -44,12 +48,17 @@ pub fn export_configured(vars: &[(String, String)]) -> bool {
         .any(|(k, v)| k == "OTEL_TRACES_EXPORTER" && v.trim() == "none")
 }
 
-/// The tracer provider: it always makes spans (so trace context flows from producer to
-/// consumer and log lines carry trace ids even when nothing is exported), and exports them
-/// over OTLP/HTTP only when `export` is true.
+/// The sampler of `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG`, parsed by the SDK (which
+/// warns about a bad value and falls back to `parentbased_always_on`, its default).
+pub fn sampler_from_env() -> Box<dyn ShouldSample> {
+    opentelemetry_sdk::trace::Config::default().sampler
+}
+
+/// The tracer provider, with `sampler`; it exports over OTLP/HTTP only when `export` is true.
 pub fn tracer_provider(
     service_name: &'static str,
     export: bool,
+    sampler: Box<dyn ShouldSample>,
 ) -> anyhow::Result<SdkTracerProvider> {
     let mut resource = Resource::builder().with_attributes([
         KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
@@ -59,7 +68,9 @@ pub fn tracer_provider(
     if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
         resource = resource.with_service_name(service_name);
     }
-    let mut builder = SdkTracerProvider::builder().with_resource(resource.build());
+    let mut builder = SdkTracerProvider::builder()
+        .with_resource(resource.build())
+        .with_sampler(sampler);
     if export {
         // http/protobuf is the OTLP default; the exporter reads endpoint, headers and timeout
         // from the OTEL_EXPORTER_OTLP_* variables itself
@@ -93,12 +104,13 @@ pub fn env_filter() -> EnvFilter {
 }
 
 /// The subscriber for `format`, filtered by `filter`, with the OpenTelemetry layer of
-/// `provider`.
+/// `provider` when there is one. Without it spans go nowhere; [`crate::trace`] makes none per
+/// record then.
 pub fn build_subscriber(
     service_name: &'static str,
     format: LogFormat,
     filter: EnvFilter,
-    provider: &SdkTracerProvider,
+    provider: Option<&SdkTracerProvider>,
 ) -> impl Subscriber + Send + Sync + for<'a> LookupSpan<'a> {
     let fmt = match format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
@@ -113,9 +125,11 @@ pub fn build_subscriber(
     // bench: 158k records/s with it, 218k without); log lines about a record name its
     // `trace_id` as a field instead.
     .with_filter(tracing_subscriber::filter::filter_fn(|m| m.is_event()));
-    let otel = tracing_opentelemetry::layer()
-        .with_tracer(provider.tracer(service_name))
-        .with_error_records_to_exceptions(true);
+    let otel = provider.map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer(service_name))
+            .with_error_records_to_exceptions(true)
+    });
     // The filter goes on the outside. Below the OpenTelemetry layer (which gives no level
     // hint) it would leave the subscriber without one next to the log layer's per-layer filter,
     // so tracing's global maximum would be TRACE whatever `RUST_LOG` says, and
@@ -138,17 +152,22 @@ pub fn init(
     vars: &[(String, String)],
 ) -> anyhow::Result<TelemetryGuard> {
     install_propagators();
-    let provider = tracer_provider(service_name, export_configured(vars))?;
-    opentelemetry::global::set_tracer_provider(provider.clone());
+    let provider = if export_configured(vars) {
+        let sampler = sampler_from_env();
+        let provider = tracer_provider(service_name, true, sampler.clone())?;
+        opentelemetry::global::set_tracer_provider(provider.clone());
+        crate::trace::enable_spans(sampler);
+        Some(provider)
+    } else {
+        None
+    };
     tracing::subscriber::set_global_default(build_subscriber(
         service_name,
         format,
         env_filter(),
-        &provider,
+        provider.as_ref(),
     ))?;
-    Ok(TelemetryGuard {
-        provider: Some(provider),
-    })
+    Ok(TelemetryGuard { provider })
 }
 
 #[cfg(test)]
@@ -171,17 +190,34 @@ mod tests {
     /// reads: it must follow `RUST_LOG`, so that filtered-out spans cost nothing to skip.
     #[test]
     fn level_hint_follows_the_filter() {
-        let provider = tracer_provider("test", false).unwrap();
+        let provider = tracer_provider("test", false, sampler_from_env()).unwrap();
         for (directives, level) in [
             ("warn", LevelFilter::WARN),
             ("info", LevelFilter::INFO),
             ("error,order_processor=debug", LevelFilter::DEBUG),
         ] {
             for format in [LogFormat::Pretty, LogFormat::Json] {
-                let subscriber =
-                    build_subscriber("test", format, EnvFilter::new(directives), &provider);
-                assert_eq!(subscriber.max_level_hint(), Some(level), "{directives}");
+                for provider in [Some(&provider), None] {
+                    let subscriber =
+                        build_subscriber("test", format, EnvFilter::new(directives), provider);
+                    assert_eq!(subscriber.max_level_hint(), Some(level), "{directives}");
+                }
             }
         }
+    }
+
+    /// Without an exporter the per-record spans are not made, whatever the level (no test in
+    /// this binary turns spans on).
+    #[test]
+    fn without_export_no_record_span_is_made() {
+        let subscriber = build_subscriber("test", LogFormat::Json, EnvFilter::new("info"), None);
+        tracing::subscriber::with_default(subscriber, || {
+            assert!(crate::trace::producer_span("orders", "key").is_none());
+            assert!(!crate::trace::recording());
+            assert!(
+                tracing::level_enabled!(tracing::Level::INFO),
+                "events still log"
+            );
+        });
     }
 }

@@ -3,12 +3,48 @@
 //! Producers inject the current span's context with [`inject`]; consumers read it back with
 //! [`extract`] and make it the parent of their processing span, so one order is one trace
 //! across the three services.
+//!
+//! Spans are made only when traces are exported ([`enable_spans`], called by
+//! [`crate::telemetry::init`]), and a span that continues a record's trace only when the
+//! sampler keeps it: a record whose trace was sampled out upstream costs no span here, and the
+//! context it came with travels on unchanged ([`inject_or_carry`]), so the services after
+//! this one sample it out too.
+
+use std::sync::OnceLock;
 
 use opentelemetry::Context;
 use opentelemetry::propagation::{Extractor, Injector};
-use opentelemetry::trace::TraceContextExt as _;
+use opentelemetry::trace::{SpanKind, TraceContextExt as _};
+use opentelemetry_sdk::trace::{SamplingDecision, ShouldSample};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+/// The exporting tracer provider's sampler; unset when nothing is exported (no spans then).
+static SAMPLER: OnceLock<Box<dyn ShouldSample>> = OnceLock::new();
+
+/// Turns spans on, with the sampler the tracer provider uses. Once per process.
+pub fn enable_spans(sampler: Box<dyn ShouldSample>) {
+    let _ = SAMPLER.set(sampler);
+}
+
+/// Whether the sampler keeps a span named `name` that continues `parent`. A root (no valid
+/// parent) is left to the SDK, which picks its trace id.
+fn keeps(sampler: &dyn ShouldSample, parent: &Context, name: &str, kind: &SpanKind) -> bool {
+    let span = parent.span();
+    let sc = span.span_context();
+    !sc.is_valid()
+        || sampler
+            .should_sample(Some(parent), sc.trace_id(), name, kind, &[], &[])
+            .decision
+            != SamplingDecision::Drop
+}
+
+/// True when spans are made and the current span is one: the test before a child span (an
+/// attempt, a backoff, a dead letter's send), so that a record whose processing span was
+/// sampled out gets no orphan spans either.
+pub fn recording() -> bool {
+    SAMPLER.get().is_some() && !tracing::Span::current().is_none()
+}
 
 /// Header names the propagators own; copies of a record's headers leave these out so that the
 /// context written is the current one, not a stale one.
@@ -23,10 +59,31 @@ impl Injector for Collect {
 }
 
 /// Adds the context of `span` to `headers`.
-pub fn inject(span: &tracing::Span, mut headers: OwnedHeaders) -> OwnedHeaders {
-    let cx = span.context();
+pub fn inject(span: &tracing::Span, headers: OwnedHeaders) -> OwnedHeaders {
+    inject_context(&span.context(), headers)
+}
+
+/// Adds the context of `span` to `headers`, or, when there is no span (none made, or sampled
+/// out), the trace context headers of `original` as they were.
+pub fn inject_or_carry<H: Headers>(
+    span: &tracing::Span,
+    mut headers: OwnedHeaders,
+    original: Option<&H>,
+) -> OwnedHeaders {
+    if !span.is_none() {
+        return inject(span, headers);
+    }
+    for h in original.into_iter().flat_map(Headers::iter) {
+        if PROPAGATION_HEADERS.contains(&h.key) {
+            headers = headers.insert(h);
+        }
+    }
+    headers
+}
+
+fn inject_context(cx: &Context, mut headers: OwnedHeaders) -> OwnedHeaders {
     let mut collected = Collect(Vec::with_capacity(3));
-    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut collected));
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(cx, &mut collected));
     for (key, value) in &collected.0 {
         headers = headers.insert(Header {
             key,
@@ -63,10 +120,18 @@ pub fn extract<H: Headers>(headers: Option<&H>) -> Context {
 /// The CONSUMER span for processing one record, named and attributed by the messaging
 /// semantic conventions (`process <topic>`), continuing the trace of the record's producer.
 /// `order.id`, `error.type`, `otel.status_code` are left for the caller to record.
+/// No span when spans are off, or when the sampler drops the record's trace.
 pub fn consumer_span(msg: &impl rdkafka::Message, group: &str) -> tracing::Span {
-    // the fields below cost FFI calls and UTF-8 checks; skip them when no subscriber could
-    // want the span (for example RUST_LOG=warn)
+    // the fields below cost FFI calls and UTF-8 checks; skip them when no span is made (no
+    // export, or RUST_LOG=warn)
+    let Some(sampler) = SAMPLER.get() else {
+        return tracing::Span::none();
+    };
     if !tracing::level_enabled!(tracing::Level::INFO) {
+        return tracing::Span::none();
+    }
+    let parent = extract(msg.headers());
+    if !keeps(sampler.as_ref(), &parent, "process", &SpanKind::Consumer) {
         return tracing::Span::none();
     }
     let topic = msg.topic();
@@ -92,7 +157,7 @@ pub fn consumer_span(msg: &impl rdkafka::Message, group: &str) -> tracing::Span 
         error.type = tracing::field::Empty,
     );
     if !span.is_disabled() {
-        adopt(&span, &extract(msg.headers()));
+        adopt(&span, &parent);
     }
     span
 }
@@ -100,9 +165,9 @@ pub fn consumer_span(msg: &impl rdkafka::Message, group: &str) -> tracing::Span 
 /// The PRODUCER span for sending one record to `topic` (`send <topic>`), a child of the current
 /// span. `messaging.destination.partition.id`, `messaging.kafka.offset` (once the broker has
 /// acknowledged), `order.id`, `order.invalid` and `error.type` are left for the caller to
-/// record. Inject it into the record's headers with [`inject`].
+/// record. Inject it into the record's headers with [`inject`]. No span when spans are off.
 pub fn producer_span(topic: &str, key: &str) -> tracing::Span {
-    if !tracing::level_enabled!(tracing::Level::INFO) {
+    if SAMPLER.get().is_none() || !tracing::level_enabled!(tracing::Level::INFO) {
         return tracing::Span::none();
     }
     tracing::info_span!(
@@ -160,6 +225,7 @@ mod tests {
     use super::*;
     use crate::config::LogFormat;
     use crate::telemetry;
+    use opentelemetry_sdk::trace::Sampler;
 
     fn header(h: &OwnedHeaders, key: &str) -> Option<String> {
         h.iter()
@@ -171,12 +237,13 @@ mod tests {
     #[test]
     fn context_and_baggage_flow_from_consumed_headers_to_produced_ones() {
         telemetry::install_propagators();
-        let provider = telemetry::tracer_provider("test", false).unwrap();
+        let provider =
+            telemetry::tracer_provider("test", false, telemetry::sampler_from_env()).unwrap();
         let subscriber = telemetry::build_subscriber(
             "test",
             LogFormat::Pretty,
             tracing_subscriber::EnvFilter::new("info"),
-            &provider,
+            Some(&provider),
         );
         tracing::subscriber::with_default(subscriber, || {
             let incoming = OwnedHeaders::new()
@@ -216,6 +283,40 @@ mod tests {
             );
             assert_eq!(header(&out, "baggage").as_deref(), Some("tenant=acme"));
         });
+    }
+
+    #[test]
+    fn a_sampled_out_trace_is_not_continued_and_travels_on_unchanged() {
+        telemetry::install_propagators();
+        let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(0.01)));
+        let with = |flags: &str| {
+            OwnedHeaders::new().insert(Header {
+                key: "traceparent",
+                value: Some(
+                    format!("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-{flags}")
+                        .as_bytes(),
+                ),
+            })
+        };
+        let (out, kept) = (with("00"), with("01"));
+        let kind = SpanKind::Consumer;
+        assert!(!keeps(&sampler, &extract(Some(&out)), "process", &kind));
+        assert!(keeps(&sampler, &extract(Some(&kept)), "process", &kind));
+        assert!(
+            keeps(&sampler, &Context::new(), "process", &kind),
+            "a root is the SDK's to decide"
+        );
+        // no span: the record's own context goes on, sampled-out flag included
+        let carried = inject_or_carry(
+            &tracing::Span::none(),
+            OwnedHeaders::new(),
+            Some(&out.clone().insert(Header {
+                key: "dlq.error.category",
+                value: Some(b"x".as_slice()),
+            })),
+        );
+        assert_eq!(carried.count(), 1);
+        assert_eq!(header(&carried, "traceparent"), header(&out, "traceparent"));
     }
 
     #[test]
