@@ -14,7 +14,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
 
 use super::EosError;
@@ -122,15 +122,22 @@ impl Ledger {
         self.parts.values().any(|p| p.uncommitted > 0)
     }
 
-    /// What the commit writes: each changed partition's state (the changelog record) and
-    /// the next offset to commit with it.
-    pub fn changes(&self) -> Result<Vec<(i32, Vec<u8>, i64)>, EosError> {
+    /// What a commit writes, taken when it starts: each changed partition's state (the
+    /// changelog record) and the next offset to commit with it. Outcomes applied while the
+    /// commit is in flight stay uncommitted, for the next one.
+    pub fn changes(&self) -> Result<Vec<Change>, EosError> {
         self.parts
             .iter()
             .filter(|(_, p)| p.uncommitted > 0)
             .map(|(n, p)| {
                 serde_json::to_vec(&p.working)
-                    .map(|v| (*n, v, p.working.next_offset))
+                    .map(|value| Change {
+                        partition: *n,
+                        value,
+                        state: p.working.clone(),
+                        outcomes: p.uncommitted,
+                        dead_letters: p.dead_letters.len(),
+                    })
                     .map_err(|source| EosError::EncodeState {
                         partition: *n,
                         source,
@@ -139,12 +146,15 @@ impl Ledger {
             .collect()
     }
 
-    /// The commit went through: `committed` catches up with `working`.
-    pub fn committed(&mut self) {
-        for part in self.parts.values_mut().filter(|p| p.uncommitted > 0) {
-            part.committed = part.working.clone();
-            part.uncommitted = 0;
-            part.dead_letters.clear();
+    /// The commit of `changes` went through: `committed` catches up with what they hold.
+    pub fn committed(&mut self, changes: &[Change]) {
+        for c in changes {
+            if let Some(part) = self.parts.get_mut(&c.partition) {
+                part.committed = c.state.clone();
+                part.uncommitted = part.uncommitted.saturating_sub(c.outcomes);
+                part.dead_letters
+                    .drain(..c.dead_letters.min(part.dead_letters.len()));
+            }
         }
     }
 
@@ -182,9 +192,30 @@ impl Ledger {
     }
 }
 
+/// One partition's share of a commit, as it was when the commit started.
+#[derive(Debug)]
+pub struct Change {
+    pub partition: i32,
+    /// The changelog record: `state`, encoded.
+    pub value: Vec<u8>,
+    pub state: PartitionState,
+    /// Outcomes and dead letters the commit covers.
+    outcomes: u64,
+    dead_letters: usize,
+}
+
+impl Change {
+    pub fn next_offset(&self) -> i64 {
+        self.state.next_offset
+    }
+}
+
 struct Inner {
     producer: FutureProducer,
     in_txn: bool,
+    /// A commit is on its way to the broker: processed records still apply (to `working`
+    /// only), dead letters wait for the next transaction.
+    committing: bool,
     /// A send inside the transaction failed: the next commit aborts instead.
     poisoned: bool,
     ledger: Ledger,
@@ -196,9 +227,12 @@ pub enum Applied {
     Yes,
     /// This replica no longer holds the partition, or already applied the record: drop it.
     Stale,
-    /// Someone holds the core (a commit, for a broker round trip): wait for
-    /// [`Core::until_released`], then apply again.
+    /// Someone holds the core for a moment: wait for [`Core::until_released`], then apply
+    /// again.
     Locked,
+    /// A dead letter while a commit is in flight: wait for [`Core::until_committed`], then
+    /// apply again in the next transaction.
+    Committing,
     /// The producer's queue is full: give it a moment to drain, then apply again.
     QueueFull,
 }
@@ -214,6 +248,11 @@ pub struct Core {
     /// Workers waiting in [`Core::until_released`]: a release notifies only when there are.
     waiters: AtomicUsize,
     released: Notify,
+    /// Mirrors `Inner::committing`, for [`Core::until_committed`].
+    committing: watch::Sender<bool>,
+    /// One commit at a time (the committer thread, a revocation, shutdown), and no release
+    /// while one is in flight.
+    commit_turn: Mutex<()>,
 }
 
 impl std::fmt::Debug for Core {
@@ -261,6 +300,7 @@ impl Core {
             inner: Mutex::new(Inner {
                 producer,
                 in_txn: false,
+                committing: false,
                 poisoned: false,
                 ledger: Ledger::default(),
             }),
@@ -273,6 +313,8 @@ impl Core {
             ),
             waiters: AtomicUsize::new(0),
             released: Notify::new(),
+            committing: watch::Sender::new(false),
+            commit_turn: Mutex::new(()),
         })
     }
 
@@ -292,9 +334,8 @@ impl Core {
         r
     }
 
-    /// [`Core::with_lock`] if nobody holds the lock; `None` without waiting otherwise. A commit
-    /// holds it for a broker round trip (~100 ms), and workers must not block a runtime
-    /// thread that long.
+    /// [`Core::with_lock`] if nobody holds the lock; `None` without waiting otherwise. Workers
+    /// must not block a runtime thread on it (an abort holds it for broker round trips).
     fn try_with_lock<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> Option<R> {
         let r = {
             let mut inner: MutexGuard<'_, Inner> = match self.inner.try_lock() {
@@ -333,8 +374,15 @@ impl Core {
         self.waiters.fetch_sub(1, Ordering::SeqCst);
     }
 
-    /// Whether this replica holds `partition` (restored and not released). While a commit is
-    /// in flight the answer is yes: [`Core::apply`] checks again and answers `Stale` for a
+    /// Returns once no commit is in flight (at once if none is).
+    pub async fn until_committed(&self) {
+        let mut committing = self.committing.subscribe();
+        // the sender lives as long as `self`
+        let _ = committing.wait_for(|c| !*c).await;
+    }
+
+    /// Whether this replica holds `partition` (restored and not released). While the core is
+    /// locked the answer is yes: [`Core::apply`] checks again and answers `Stale` for a
     /// partition that is gone.
     pub fn holds(&self, partition: i32) -> bool {
         self.try_with_lock(|inner| inner.ledger.holds(partition))
@@ -397,6 +445,10 @@ impl Core {
     /// commit failed, their outcomes are still in the open transaction: it is aborted and only
     /// the partitions this replica keeps are replayed, so the next owner alone decides them.
     pub fn release(&self, partitions: &[i32]) {
+        let _turn = self
+            .commit_turn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.with_lock(|inner| {
             if inner.ledger.release(partitions) && inner.in_txn {
                 warn!(
@@ -408,8 +460,10 @@ impl Core {
         });
     }
 
-    /// Makes one record's outcome part of the open transaction. Never waits: `Locked` when
-    /// someone holds the core, `QueueFull` when the producer cannot take the dead letter yet.
+    /// Makes one record's outcome part of the next commit. Never waits: `Locked` when someone
+    /// holds the core, `Committing` for a dead letter while a commit is in flight, `QueueFull`
+    /// when the producer cannot take the dead letter yet. A processed record writes nothing
+    /// until the commit, so it applies even while one is in flight.
     pub fn apply(&self, msg: &impl Message, effect: Effect<'_>, retries: u32) -> Applied {
         let partition = msg.partition();
         self.try_with_lock(|inner| {
@@ -418,17 +472,22 @@ impl Core {
             }
             let dead = match &effect {
                 Effect::Processed { .. } => None,
-                Effect::DeadLettered { headers, .. } => Some(DeadLetter {
-                    key: msg.key().map(<[u8]>::to_vec),
-                    value: msg.payload().map(<[u8]>::to_vec),
-                    headers: headers.clone(),
-                }),
+                Effect::DeadLettered { .. } if inner.committing => return Applied::Committing,
+                Effect::DeadLettered { headers, .. } => {
+                    let dead = DeadLetter {
+                        key: msg.key().map(<[u8]>::to_vec),
+                        value: msg.payload().map(<[u8]>::to_vec),
+                        headers: headers.clone(),
+                    };
+                    match self.send_effect(inner, Some(&dead)) {
+                        Sent::Busy => return Applied::QueueFull,
+                        // a failed send poisons the transaction; the commit aborts it and
+                        // redoes this
+                        Sent::Failed | Sent::Ok => {}
+                    }
+                    Some(dead)
+                }
             };
-            match self.send_effect(inner, dead.as_ref()) {
-                Sent::Busy => return Applied::QueueFull,
-                // a failed send poisons the transaction; the commit aborts it and redoes this
-                Sent::Failed | Sent::Ok => {}
-            }
             inner
                 .ledger
                 .apply(partition, msg.offset(), effect, retries, dead);
@@ -475,31 +534,61 @@ impl Core {
         }
     }
 
-    /// Commits the open transaction: changed partitions' state to the changelog, offsets with
-    /// the group metadata, then commit. On failure aborts and replays (see the module docs).
-    /// Blocking. Returns whether anything was committed.
+    /// Commits what was applied so far: changed partitions' state to the changelog, offsets
+    /// with the group metadata, then commit. The core's lock is held only to take the
+    /// [`Change`]s and to settle the result, not for the broker round trips in between, so
+    /// workers keep applying processed records meanwhile (they go to the next commit). On
+    /// failure aborts and replays (see the module docs). Blocking. Returns whether anything
+    /// was committed.
     pub fn commit<C: rdkafka::consumer::ConsumerContext>(
         &self,
         consumer: &impl Consumer<C>,
     ) -> Result<bool, EosError> {
-        self.with_lock(|inner| {
+        let _turn = self
+            .commit_turn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let started = Instant::now();
+        let taken = self.with_lock(|inner| {
             if !inner.in_txn && !inner.poisoned && !inner.ledger.pending() {
-                return Ok(false);
+                return Ok(None);
             }
-            let started = Instant::now();
-            let result = if inner.poisoned || !inner.in_txn {
+            if !inner.poisoned && !inner.in_txn {
+                // only processed records since the last commit: nothing has begun it yet
+                let _ = self.send_effect(inner, None);
+            }
+            let taken = if inner.poisoned {
                 Err(EosError::Poisoned)
             } else {
-                self.try_commit(inner, consumer)
+                inner.ledger.changes()
             };
-            tracing::debug!(
-                elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
-                ok = result.is_ok(),
-                "transaction commit"
-            );
-            match result {
+            match taken {
+                Ok(changes) => {
+                    inner.committing = true;
+                    self.committing.send_replace(true);
+                    Ok(Some((changes, inner.producer.clone())))
+                }
+                Err(e) => {
+                    warn!(error = %e, "transaction failed; aborting it and replaying its outcomes in a new one");
+                    self.abort_and_replay(inner);
+                    Err(e)
+                }
+            }
+        })?;
+        let Some((changes, producer)) = taken else {
+            return Ok(false);
+        };
+        let result = self.send_commit(&producer, &changes, consumer);
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+            ok = result.is_ok(),
+            "transaction commit"
+        );
+        self.with_lock(|inner| {
+            inner.committing = false;
+            let result = match result {
                 Ok(()) => {
-                    inner.ledger.committed();
+                    inner.ledger.committed(&changes);
                     inner.in_txn = false;
                     Ok(true)
                 }
@@ -508,44 +597,45 @@ impl Core {
                     self.abort_and_replay(inner);
                     Err(e)
                 }
-            }
+            };
+            self.committing.send_replace(false);
+            result
         })
     }
 
-    fn try_commit<C: rdkafka::consumer::ConsumerContext>(
+    /// The commit's broker round trips, with `producer` (the core's, which nothing else uses
+    /// while `committing`).
+    fn send_commit<C: rdkafka::consumer::ConsumerContext>(
         &self,
-        inner: &mut Inner,
+        producer: &FutureProducer,
+        changes: &[Change],
         consumer: &impl Consumer<C>,
     ) -> Result<(), EosError> {
         let mut offsets = TopicPartitionList::new();
-        for (partition, value, next_offset) in inner.ledger.changes()? {
-            let key = partition.to_string();
+        for change in changes {
+            let key = change.partition.to_string();
             loop {
                 let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&self.state_topic)
-                    .partition(partition)
+                    .partition(change.partition)
                     .key(key.as_str())
-                    .payload(value.as_slice());
-                match inner.producer.send_result(record) {
+                    .payload(change.value.as_slice());
+                match producer.send_result(record) {
                     Ok(_) => break,
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                        inner.producer.poll(Duration::from_millis(10));
+                        producer.poll(Duration::from_millis(10));
                     }
                     Err((e, _)) => return Err(e.into()),
                 }
             }
             offsets.add_partition_offset(
                 &self.orders_topic,
-                partition,
-                Offset::Offset(next_offset),
+                change.partition,
+                Offset::Offset(change.next_offset()),
             )?;
         }
         let metadata = consumer.group_metadata().ok_or(EosError::NoGroupMetadata)?;
-        retry_retriable(|| {
-            inner
-                .producer
-                .send_offsets_to_transaction(&offsets, &metadata, TXN_TIMEOUT)
-        })?;
-        retry_retriable(|| inner.producer.commit_transaction(TXN_TIMEOUT))?;
+        retry_retriable(|| producer.send_offsets_to_transaction(&offsets, &metadata, TXN_TIMEOUT))?;
+        retry_retriable(|| producer.commit_transaction(TXN_TIMEOUT))?;
         Ok(())
     }
 
@@ -690,16 +780,47 @@ mod tests {
         assert_eq!(l.uncommitted(), 3);
         let changes = l.changes().unwrap();
         assert_eq!(changes.len(), 1);
-        let (partition, bytes, next) = &changes[0];
-        assert_eq!((*partition, *next), (0, 13));
-        let state: PartitionState = serde_json::from_slice(bytes).unwrap();
+        let change = &changes[0];
+        assert_eq!((change.partition, change.next_offset()), (0, 13));
+        let state: PartitionState = serde_json::from_slice(&change.value).unwrap();
         assert_eq!(state.total.count, 2);
         assert_eq!(state.total.revenue_cents, 400);
         assert_eq!(state.retries, 2);
-        l.committed();
+        l.committed(&changes);
         assert!(!l.pending());
         assert!(l.changes().unwrap().is_empty());
         assert!(l.replay().is_empty(), "nothing to redo once committed");
+    }
+
+    /// Outcomes applied while a commit is in flight are not in it: they stay for the next.
+    #[test]
+    fn outcomes_applied_during_a_commit_wait_for_the_next_one() {
+        let mut l = restored(0, 0);
+        l.restored(1, PartitionState::default());
+        sold(&mut l, 0, 0, 100);
+        dead_lettered(&mut l, 0, 1, 1);
+        let changes = l.changes().unwrap();
+        // in flight: more of partition 0, and partition 1's first
+        sold(&mut l, 0, 2, 300);
+        sold(&mut l, 1, 0, 50);
+        l.committed(&changes);
+        assert_eq!(l.uncommitted(), 2);
+        let next = l.changes().unwrap();
+        let offsets: Vec<(i32, i64)> = next
+            .iter()
+            .map(|c| (c.partition, c.next_offset()))
+            .collect();
+        assert_eq!(offsets, [(0, 3), (1, 1)]);
+        assert_eq!(next[0].state.total.revenue_cents, 400);
+        // the committed dead letter is not redone after an abort of the next transaction
+        assert_eq!(
+            l.replay().iter().filter(|d| d.is_some()).count(),
+            0,
+            "{:?}",
+            l.replay()
+        );
+        l.committed(&next);
+        assert!(!l.pending());
     }
 
     #[test]

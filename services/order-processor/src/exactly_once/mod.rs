@@ -8,6 +8,9 @@
 //! changed partition's state to the compacted changelog topic (key = partition number, to the
 //! changelog partition of the same number), adds the consumer offsets with the group's
 //! metadata (KIP-447, which fences zombie replicas through the group generation) and commits.
+//! The commit takes what to write under the core's lock and then leaves it for the broker
+//! round trips: processed records go on applying to `working` meanwhile and are in the next
+//! commit; only a dead letter waits, since it must be produced inside a transaction.
 //! If the transaction fails it is aborted and its outcomes are redone in a fresh one: `working`
 //! already holds the effect of every outcome since the last commit, so what has to be redone
 //! is the writes, that is the dead letters (kept per partition until their commit) and, at
@@ -251,10 +254,12 @@ impl Durability for ExactlyOnce {
             match applied {
                 Applied::Yes => return true,
                 Applied::Stale => return false,
-                // a commit holds the core for a broker round trip: wait for its release
-                // rather than a runtime thread (blocking on the lock made tokio start a
-                // thread per waiting record: ~280 threads and twice the memory under load)
+                // someone holds the core for a moment (an abort: broker round trips): wait for
+                // its release rather than block a runtime thread (blocking on the lock made
+                // tokio start a thread per waiting record: ~280 threads and twice the memory)
                 Applied::Locked => core.until_released().await,
+                // a dead letter joins the next transaction once the commit in flight is done
+                Applied::Committing => core.until_committed().await,
                 // deliveries drain the queue; nothing announces it, and it is rare (a flood
                 // of dead letters between two commits)
                 Applied::QueueFull => tokio::time::sleep(Duration::from_millis(1)).await,
