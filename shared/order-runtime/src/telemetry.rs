@@ -54,6 +54,15 @@ pub fn sampler_from_env() -> Box<dyn ShouldSample> {
     opentelemetry_sdk::trace::Config::default().sampler
 }
 
+/// Whether the sampler `OTEL_TRACES_SAMPLER` names follows a remote parent's decision: the
+/// `parentbased_*` ones, and the SDK's default and fallback (`parentbased_always_on`).
+pub fn parent_based(vars: &[(String, String)]) -> bool {
+    !vars.iter().any(|(k, v)| {
+        k == "OTEL_TRACES_SAMPLER"
+            && matches!(v.trim(), "always_on" | "always_off" | "traceidratio")
+    })
+}
+
 /// The tracer provider, with `sampler`; it exports over OTLP/HTTP only when `export` is true.
 pub fn tracer_provider(
     service_name: &'static str,
@@ -156,7 +165,7 @@ pub fn init(
         let sampler = sampler_from_env();
         let provider = tracer_provider(service_name, true, sampler.clone())?;
         opentelemetry::global::set_tracer_provider(provider.clone());
-        crate::trace::enable_spans(sampler);
+        crate::trace::enable_spans(sampler, parent_based(vars));
         Some(provider)
     } else {
         None

@@ -11,6 +11,7 @@
 //! this one sample it out too.
 
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use opentelemetry::Context;
 use opentelemetry::propagation::{Extractor, Injector};
@@ -21,10 +22,44 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 /// The exporting tracer provider's sampler; unset when nothing is exported (no spans then).
 static SAMPLER: OnceLock<Box<dyn ShouldSample>> = OnceLock::new();
+/// Whether that sampler follows a remote parent's sampled flag (`parentbased_*`).
+static PARENT_BASED: AtomicBool = AtomicBool::new(false);
 
-/// Turns spans on, with the sampler the tracer provider uses. Once per process.
-pub fn enable_spans(sampler: Box<dyn ShouldSample>) {
-    let _ = SAMPLER.set(sampler);
+/// Turns spans on, with the sampler the tracer provider uses; `parent_based` when it follows
+/// the parent's decision. Once per process.
+pub fn enable_spans(sampler: Box<dyn ShouldSample>, parent_based: bool) {
+    if SAMPLER.set(sampler).is_ok() {
+        PARENT_BASED.store(parent_based, Ordering::Relaxed);
+    }
+}
+
+/// Whether the record's `traceparent` (W3C version 00) says its trace was sampled out: the
+/// cheap test before the full extraction, for the common case of a parent-based sampler at a
+/// low ratio. `false` whenever the header is missing or not plainly valid.
+fn sampled_out_upstream<H: Headers>(headers: Option<&H>) -> bool {
+    let Some(v) = headers.and_then(|h| {
+        h.iter()
+            .find(|x| x.key.eq_ignore_ascii_case("traceparent"))
+            .and_then(|x| x.value)
+    }) else {
+        return false;
+    };
+    // 00-<32 hex trace id>-<16 hex span id>-<2 hex flags>
+    let hex = |b: &[u8]| b.iter().all(u8::is_ascii_hexdigit);
+    let nonzero = |b: &[u8]| b.iter().any(|c| *c != b'0');
+    v.len() == 55
+        && v.starts_with(b"00-")
+        && v[35] == b'-'
+        && v[52] == b'-'
+        && hex(&v[3..35])
+        && nonzero(&v[3..35])
+        && hex(&v[36..52])
+        && nonzero(&v[36..52])
+        && hex(&v[53..55])
+        && matches!(
+            v[54],
+            b'0' | b'2' | b'4' | b'6' | b'8' | b'a' | b'c' | b'e' | b'A' | b'C' | b'E'
+        )
 }
 
 /// Whether the sampler keeps a span named `name` that continues `parent`. A root (no valid
@@ -127,7 +162,9 @@ pub fn consumer_span(msg: &impl rdkafka::Message, group: &str) -> tracing::Span 
     let Some(sampler) = SAMPLER.get() else {
         return tracing::Span::none();
     };
-    if !tracing::level_enabled!(tracing::Level::INFO) {
+    if !tracing::level_enabled!(tracing::Level::INFO)
+        || (PARENT_BASED.load(Ordering::Relaxed) && sampled_out_upstream(msg.headers()))
+    {
         return tracing::Span::none();
     }
     let parent = extract(msg.headers());
@@ -317,6 +354,28 @@ mod tests {
         );
         assert_eq!(carried.count(), 1);
         assert_eq!(header(&carried, "traceparent"), header(&out, "traceparent"));
+        // the cheap test agrees with the sampler on these, and leaves anything odd to it
+        assert!(sampled_out_upstream(Some(&out)));
+        assert!(!sampled_out_upstream(Some(&kept)));
+        assert!(!sampled_out_upstream(None::<&OwnedHeaders>));
+        let odd = |v: &str| {
+            OwnedHeaders::new().insert(Header {
+                key: "traceparent",
+                value: Some(v.as_bytes()),
+            })
+        };
+        for v in [
+            "00-00000000000000000000000000000000-b7ad6b7169203331-00",
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-00",
+            "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-0g",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+        ] {
+            assert!(!sampled_out_upstream(Some(&odd(v))), "{v}");
+        }
+        assert!(sampled_out_upstream(Some(&odd(
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-02"
+        ))));
     }
 
     #[test]
