@@ -317,7 +317,7 @@ impl Application {
                         .and_then(|k| std::str::from_utf8(k).ok())
                         .unwrap_or("");
                     let parent = trace::extract(m.headers());
-                    let span = trace::consumer_span(&m, &group);
+                    let span = trace::consumer_span(&m, &group, trace::traceparent(m.headers()));
                     async {
                         let meta = Metadata::from_headers(m.headers());
                         let span = tracing::Span::current();

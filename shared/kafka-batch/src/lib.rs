@@ -269,6 +269,33 @@ unsafe impl Send for RawHeaders {}
 // SAFETY: as above.
 unsafe impl Sync for RawHeaders {}
 
+impl RawHeaders {
+    /// The value of the last header called `name` (`Some(&[])` for a null value), found by
+    /// librdkafka itself: no name is converted or checked on the way.
+    pub fn last(&self, name: &CStr) -> Option<&[u8]> {
+        let (mut value, mut size) = (ptr::null(), 0usize);
+        // SAFETY: live headers and a NUL-terminated name; on success librdkafka points `value`
+        // at `size` bytes owned by the headers (or NULL for a null value).
+        let err = unsafe {
+            rd::rd_kafka_header_get_last(
+                self.ptr.as_ptr(),
+                name.as_ptr(),
+                &raw mut value,
+                &raw mut size,
+            )
+        };
+        if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+            return None;
+        }
+        Some(if value.is_null() {
+            &[]
+        } else {
+            // SAFETY: as above.
+            unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) }
+        })
+    }
+}
+
 /// A header name that is not UTF-8 (Kafka allows any bytes) reads as this, so that iterating
 /// never panics; its value is still there.
 const NOT_UTF8: &str = "\u{fffd}";

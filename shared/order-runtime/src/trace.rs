@@ -33,15 +33,21 @@ pub fn enable_spans(sampler: Box<dyn ShouldSample>, parent_based: bool) {
     }
 }
 
-/// Whether the record's `traceparent` (W3C version 00) says its trace was sampled out: the
-/// cheap test before the full extraction, for the common case of a parent-based sampler at a
-/// low ratio. `false` whenever the header is missing or not plainly valid.
-fn sampled_out_upstream<H: Headers>(headers: Option<&H>) -> bool {
-    let Some(v) = headers.and_then(|h| {
+/// The `traceparent` header's value, for [`consumer_span`] (a consumer that can look a header
+/// up by name more cheaply gives its own).
+pub fn traceparent<H: Headers>(headers: Option<&H>) -> Option<&[u8]> {
+    headers.and_then(|h| {
         h.iter()
             .find(|x| x.key.eq_ignore_ascii_case("traceparent"))
             .and_then(|x| x.value)
-    }) else {
+    })
+}
+
+/// Whether a record's `traceparent` (W3C version 00) says its trace was sampled out: the
+/// cheap test before the full extraction, for the common case of a parent-based sampler at a
+/// low ratio. `false` whenever the header is missing or not plainly valid.
+fn sampled_out_upstream(traceparent: Option<&[u8]>) -> bool {
+    let Some(v) = traceparent else {
         return false;
     };
     // 00-<32 hex trace id>-<16 hex span id>-<2 hex flags>
@@ -155,15 +161,20 @@ pub fn extract<H: Headers>(headers: Option<&H>) -> Context {
 /// The CONSUMER span for processing one record, named and attributed by the messaging
 /// semantic conventions (`process <topic>`), continuing the trace of the record's producer.
 /// `order.id`, `error.type`, `otel.status_code` are left for the caller to record.
-/// No span when spans are off, or when the sampler drops the record's trace.
-pub fn consumer_span(msg: &impl rdkafka::Message, group: &str) -> tracing::Span {
+/// No span when spans are off, or when the sampler drops the record's trace. `traceparent` is
+/// the record's header of that name ([`traceparent`] finds it).
+pub fn consumer_span(
+    msg: &impl rdkafka::Message,
+    group: &str,
+    traceparent: Option<&[u8]>,
+) -> tracing::Span {
     // the fields below cost FFI calls and UTF-8 checks; skip them when no span is made (no
     // export, or RUST_LOG=warn)
     let Some(sampler) = SAMPLER.get() else {
         return tracing::Span::none();
     };
     if !tracing::level_enabled!(tracing::Level::INFO)
-        || (PARENT_BASED.load(Ordering::Relaxed) && sampled_out_upstream(msg.headers()))
+        || (PARENT_BASED.load(Ordering::Relaxed) && sampled_out_upstream(traceparent))
     {
         return tracing::Span::none();
     }
@@ -355,9 +366,9 @@ mod tests {
         assert_eq!(carried.count(), 1);
         assert_eq!(header(&carried, "traceparent"), header(&out, "traceparent"));
         // the cheap test agrees with the sampler on these, and leaves anything odd to it
-        assert!(sampled_out_upstream(Some(&out)));
-        assert!(!sampled_out_upstream(Some(&kept)));
-        assert!(!sampled_out_upstream(None::<&OwnedHeaders>));
+        assert!(sampled_out_upstream(traceparent(Some(&out))));
+        assert!(!sampled_out_upstream(traceparent(Some(&kept))));
+        assert!(!sampled_out_upstream(traceparent(None::<&OwnedHeaders>)));
         let odd = |v: &str| {
             OwnedHeaders::new().insert(Header {
                 key: "traceparent",
@@ -371,11 +382,11 @@ mod tests {
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-0g",
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
         ] {
-            assert!(!sampled_out_upstream(Some(&odd(v))), "{v}");
+            assert!(!sampled_out_upstream(traceparent(Some(&odd(v)))), "{v}");
         }
-        assert!(sampled_out_upstream(Some(&odd(
+        assert!(sampled_out_upstream(traceparent(Some(&odd(
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-02"
-        ))));
+        )))));
     }
 
     #[test]
