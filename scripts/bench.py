@@ -11,6 +11,9 @@ same run, interleaving the contestants and repeating each (medians and min-max s
 - end-to-end latency: p50/p99/p99.9 from the moment the generator meant to send an order
   (open loop: its record timestamp is the order's due time) to its aggregation in the
   processor, at fixed rates, next to `EndToEndLatency` (one record in flight at a time);
+- tracing: the processor with default settings (no OTLP endpoint), exporting every record's
+  span to the stack's Jaeger, and exporting with 1 % sampled upstream, each against spans off;
+- dlq-analyzer: records/s over real dead letters vs `ConsumerPerformance` on the same topic;
 - memory: peak RSS of each service at full load, and RSS when idle;
 - start-up: process start to `/healthz`, and to `/readyz` (which includes joining the group);
 - images: the size of each service's image (`make images`, on the runtime base made here from
@@ -18,7 +21,9 @@ same run, interleaving the contestants and repeating each (medians and min-max s
   build's CPU does not overlap a measurement. `BENCH_IMAGES=0` skips it;
   `scripts/bench.py images` measures only this.
 
-Writes target/bench/results.json and prints a table.
+Writes target/bench/results.json and prints a table. The goals are `figures` there, each with
+its runs, its goal and whether the median meets it; the gate then compares each with the last
+accepted run (docs/bench-baseline.json) and exits 1 when one fell behind by more than the noise.
 """
 
 import json
@@ -39,8 +44,17 @@ STACK = ["bash", str(ROOT / "stack" / "stack.sh")]
 BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
 REGISTRY = os.environ.get("SCHEMA_REGISTRY_URL", "http://127.0.0.1:8081/apis/ccompat/v7")
 RECORDS = int(os.environ.get("BENCH_RECORDS", "1000000"))
-# runs with per-record spans on are slower: a fifth of the records keeps them short
+# runs with every record's span exported are slower: a fifth of the records keeps them short
 TRACED_RECORDS = RECORDS // 5
+DEAD_LETTERS = RECORDS // 5
+# export to the native stack's Jaeger, and the sampler of the 1 % runs
+OTLP = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}
+ONE_PERCENT = {**OTLP, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"}
+# the figures the gate compares with the last accepted run (committed): figure -> better
+BASELINE = ROOT / "docs" / "bench-baseline.json"
+# a figure fails the gate when worse than the baseline by more than this share, or by more than
+# its own runs spread (half the min-max range over the median), whichever is larger
+TOLERANCE = float(os.environ.get("BENCH_TOLERANCE", "0.10"))
 LATENCY_SECONDS = int(os.environ.get("BENCH_LATENCY_SECONDS", "10"))
 LATENCY_RATES = [int(r) for r in os.environ.get("BENCH_LATENCY_RATES", "1000,10000").split(",")]
 REPEATS = int(os.environ.get("BENCH_REPEATS", "5"))
@@ -245,22 +259,54 @@ def run_end_to_end_latency_tool(n):
 
 
 def run_analyzer(topic, n):
-    """dlq-analyzer reading n records of `topic` as its dead-letter topic: peak RSS MB."""
+    """dlq-analyzer reading the n dead letters of `topic`: records/s from ready (group joined,
+    as for the processor) to the first /report that counts all n, and peak RSS MB."""
     port = free_port()
+    started = time.monotonic()
     proc = subprocess.Popen([BIN / "dlq-analyzer"], env=env(topic + "-unused", HTTP_PORT=port, CONSUMER_GROUP="an-" + uuid.uuid4().hex[:8], DLQ_TOPIC=topic),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def done():
-        try:
-            return get_json(port, "/report")["total"] >= n
-        except (OSError, ValueError):
-            return False
     try:
-        peak = watch(proc, done, 300, "dlq-analyzer")
-        return max(peak, rss_kb(proc.pid, "VmHWM")) / 1024
+        ready = last = None
+        while last is None:
+            if time.monotonic() - started > 300:
+                raise RuntimeError("dlq-analyzer did not finish in 300 s")
+            now = time.monotonic()
+            if ready is None and status(port, "/readyz") == 200:
+                ready = now
+            if ready is not None and get_json(port, "/report")["total"] >= n:
+                last = time.monotonic()
+            time.sleep(0.005)
+        return {"rate": n / (last - ready), "peak_rss_mb": rss_kb(proc.pid, "VmHWM") / 1024}
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def fill_dead_letters(n, run_id):
+    """A dead-letter topic of n real dead letters: n invalid orders from our generator, sent
+    there by our processor. Returns the topic."""
+    invalid = f"bench-{run_id}-invalid"
+    create_topic(invalid, 6)
+    create_topic(invalid + "-dlq", 3)
+    run_generator(invalid, n, INVALID_ORDER_RATIO=1)
+    port = free_port()
+    proc = subprocess.Popen([BIN / "order-processor"], env=env(invalid, HTTP_PORT=port, CONSUMER_GROUP="dead-" + run_id,
+                            PROCESSING_GUARANTEE="at_least_once"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if time.monotonic() > deadline:
+                raise RuntimeError("dead letters not written in 600 s")
+            try:
+                if get_json(port, "/stats")["dead_lettered"] >= n:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    return invalid + "-dlq"
 
 
 def idle_rss(binary, topic, path="/readyz", seconds=5, **extra):
@@ -320,8 +366,17 @@ def main():
     run_generator(filled, RECORDS)
     # mean on-the-wire value size of an order: 5-byte header + Avro (uuid string, product, double)
     record_size = int(os.environ.get("BENCH_RECORD_SIZE", "56"))
+    # the same orders as upstream would send them with tracing at 1 %: each carries a traceparent,
+    # sampled in or out by the generator (parentbased_traceidratio), as the processor follows
+    sampled = f"bench-{run_id}-sampled"
+    create_topic(sampled, 6)
+    log(f"pre-filling {sampled} with {RECORDS} orders traced at 1 %")
+    run_generator(sampled, RECORDS, RUST_LOG="info", **ONE_PERCENT)
+    log(f"writing {DEAD_LETTERS} dead letters for the analyzer")
+    dead = fill_dead_letters(DEAD_LETTERS, run_id)
 
-    gen, gen_rss, perf_prod, alo, eos, perf_cons, traced_alo, traced_eos = [], [], [], [], [], [], [], []
+    gen, gen_rss, perf_prod, alo, eos, perf_cons = [], [], [], [], [], []
+    default_alo, default_eos, spans_all, off_sampled, spans_1pct, analyzer, perf_cons_dead = [], [], [], [], [], [], []
     for i in range(REPEATS):
         log(f"throughput round {i + 1}/{REPEATS}")
         t = f"bench-{run_id}-gen-{i}"
@@ -332,12 +387,29 @@ def main():
         t = f"bench-{run_id}-perf-{i}"
         create_topic(t, 6)
         perf_prod.append(run_producer_perf(t, RECORDS, record_size))
-        alo.append(run_processor(filled, RECORDS, "at_least_once"))
+        # the pairs compared with each other swap places every round: the second of two runs
+        # on the same topic measured up to 15 % slower whichever it was
+        pair = (lambda a, b: (a(), b())) if i % 2 == 0 else (lambda a, b: tuple(reversed((b(), a()))))
+        # spans off against default settings (RUST_LOG=info and no OTLP endpoint)
+        r = pair(lambda: run_processor(filled, RECORDS, "at_least_once"),
+                 lambda: run_processor(filled, RECORDS, "at_least_once", RUST_LOG="info"))
+        alo.append(r[0])
+        default_alo.append(r[1])
         perf_cons.append(run_consumer_perf(filled, RECORDS))
-        eos.append(run_processor(filled, RECORDS, "exactly_once"))
-        # the same with the default log level, where every record gets its consumer span
-        traced_alo.append(run_processor(filled, TRACED_RECORDS, "at_least_once", RUST_LOG="info"))
-        traced_eos.append(run_processor(filled, TRACED_RECORDS, "exactly_once", RUST_LOG="info"))
+        r = pair(lambda: run_processor(filled, RECORDS, "exactly_once"),
+                 lambda: run_processor(filled, RECORDS, "exactly_once", RUST_LOG="info"))
+        eos.append(r[0])
+        default_eos.append(r[1])
+        # exporting to the stack's Jaeger, every record's span sampled (fewer records: slower)
+        spans_all.append(run_processor(filled, TRACED_RECORDS, "at_least_once", RUST_LOG="info",
+                                       OTEL_TRACES_SAMPLER="always_on", **OTLP))
+        # exporting, 1 % sampled upstream, against spans off on the same records
+        r = pair(lambda: run_processor(sampled, RECORDS, "at_least_once"),
+                 lambda: run_processor(sampled, RECORDS, "at_least_once", RUST_LOG="info", **ONE_PERCENT))
+        off_sampled.append(r[0])
+        spans_1pct.append(r[1])
+        analyzer.append(run_analyzer(dead, DEAD_LETTERS))
+        perf_cons_dead.append(run_consumer_perf(dead, DEAD_LETTERS))
 
     # end-to-end latency: ours like-for-like with EndToEndLatency's producer, both guarantees,
     # and once with the generator's own defaults (linger 5 ms, snappy)
@@ -362,7 +434,6 @@ def main():
         "order_generator": idle_rss("order-generator", idle_topic, path="/healthz", ORDER_RATE=1),
         "dlq_analyzer": idle_rss("dlq-analyzer", idle_topic + "-unused", DLQ_TOPIC=idle_topic, CONSUMER_GROUP="idle-an-" + run_id),
     }
-    analyzer_peak = [run_analyzer(filled, RECORDS)]
 
     pct = lambda runs, key: summary([r[key] for r in runs])
     results = {
@@ -373,16 +444,23 @@ def main():
         "processor_at_least_once_msgs_per_s": summary([r["rate"] for r in alo]),
         "processor_exactly_once_msgs_per_s": summary([r["rate"] for r in eos]),
         "consumer_perf_fetch_msgs_per_s": summary(perf_cons),
+        "processor_at_least_once_default_settings_msgs_per_s": summary([r["rate"] for r in default_alo]),
+        "processor_exactly_once_default_settings_msgs_per_s": summary([r["rate"] for r in default_eos]),
         "traced_records": TRACED_RECORDS,
-        "processor_at_least_once_traced_msgs_per_s": summary([r["rate"] for r in traced_alo]),
-        "processor_exactly_once_traced_msgs_per_s": summary([r["rate"] for r in traced_eos]),
+        "processor_spans_all_sampled_msgs_per_s": summary([r["rate"] for r in spans_all]),
+        "processor_spans_off_on_sampled_topic_msgs_per_s": summary([r["rate"] for r in off_sampled]),
+        "processor_spans_1pct_sampled_msgs_per_s": summary([r["rate"] for r in spans_1pct]),
+        "dead_letters": DEAD_LETTERS,
+        "dlq_analyzer_msgs_per_s": summary([r["rate"] for r in analyzer]),
+        "consumer_perf_fetch_dead_letters_msgs_per_s": summary(perf_cons_dead),
         "generator_peak_rss_mb": summary(gen_rss),
         "processor_at_least_once_peak_rss_mb": summary([r["peak_rss_mb"] for r in alo]),
         "processor_exactly_once_peak_rss_mb": summary([r["peak_rss_mb"] for r in eos]),
-        "dlq_analyzer_peak_rss_mb": summary(analyzer_peak),
+        "dlq_analyzer_peak_rss_mb": summary([r["peak_rss_mb"] for r in analyzer]),
         "idle_rss_mb": idle,
         "processor_start_to_healthz_ms": summary([r["healthz_ms"] for r in alo + eos]),
         "processor_start_to_readyz_ms": summary([r["readyz_ms"] for r in alo + eos]),
+        "processor_exactly_once_start_to_readyz_ms": summary([r["readyz_ms"] for r in eos]),
         "end_to_end_latency_ms": {
             "seconds_per_run": LATENCY_SECONDS,
             "end_to_end_latency_tool": {k: pct(e2e_tool, k) for k in ("p50", "p99", "p999", "avg")},
@@ -401,6 +479,31 @@ def main():
     results["end_to_end_p99_vs_end_to_end_latency_tool"] = (
         lat[f"{LATENCY_RATES[0]}_per_s_at_least_once_like_for_like"]["p99"]["median"] / tool_p99 if tool_p99 else None)
 
+    # the goals, each a figure of this run with its runs (paired by round) and its goal
+    rate = lambda runs: [r["rate"] for r in runs]
+    per = lambda xs, ys: [x / y for x, y in zip(xs, ys)]
+    eos_p99 = [r["p99"] for r in latency[f"{LATENCY_RATES[0]}_per_s_exactly_once_like_for_like"]]
+    tool_p99s = [max(r["p99"], 1.0) for r in e2e_tool]  # the tool reports whole ms; 0 would divide
+    figures = {
+        "exactly_once_vs_consumer_perf": (per(rate(eos), perf_cons), ">=", 1.0),
+        "exactly_once_p99_vs_end_to_end_latency_tool": (per(eos_p99, tool_p99s), "<=", 5.0),
+        "default_settings_vs_spans_off": (per(rate(default_alo), rate(alo)), ">=", 0.95),
+        "spans_all_sampled_vs_spans_off": (per(rate(spans_all), rate(alo)), ">=", 0.5),
+        "spans_1pct_sampled_vs_spans_off": (per(rate(spans_1pct), rate(off_sampled)), ">=", 0.95),
+        "dlq_analyzer_vs_consumer_perf": (per(rate(analyzer), perf_cons_dead), ">=", 1.0),
+        "exactly_once_start_to_readyz_ms": ([r["readyz_ms"] for r in eos], "<", 100.0),
+        "processor_peak_rss_mb": ([max(a["peak_rss_mb"], e["peak_rss_mb"]) for a, e in zip(alo, eos)], "<", 32.0),
+        "generator_peak_rss_mb": (gen_rss, "<", 32.0),
+        "processor_vs_consumer_perf": (per(rate(alo), perf_cons), ">=", 1.0),
+        "generator_vs_producer_perf": (per(gen, perf_prod), ">=", 1.0),
+    }
+    results["figures"] = {}
+    for name, (runs, op, goal) in figures.items():
+        median = statistics.median(runs)
+        met = {">=": median >= goal, "<=": median <= goal, "<": median < goal}[op]
+        results["figures"][name] = {"median": median, "min": min(runs), "max": max(runs), "runs": runs,
+                                    "goal": f"{op} {goal}", "met": met}
+
     out = ROOT / "target" / "bench"
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -411,8 +514,13 @@ def main():
         ("processor at-least-once (records/s)", "processor_at_least_once_msgs_per_s"),
         ("processor exactly-once (records/s)", "processor_exactly_once_msgs_per_s"),
         ("ConsumerPerformance fetch (records/s)", "consumer_perf_fetch_msgs_per_s"),
-        ("processor at-least-once, spans on (records/s)", "processor_at_least_once_traced_msgs_per_s"),
-        ("processor exactly-once, spans on (records/s)", "processor_exactly_once_traced_msgs_per_s"),
+        ("processor at-least-once, default settings", "processor_at_least_once_default_settings_msgs_per_s"),
+        ("processor exactly-once, default settings", "processor_exactly_once_default_settings_msgs_per_s"),
+        ("processor, spans exported, all sampled", "processor_spans_all_sampled_msgs_per_s"),
+        ("processor, spans off (1 %-traced topic)", "processor_spans_off_on_sampled_topic_msgs_per_s"),
+        ("processor, spans exported, 1 % sampled", "processor_spans_1pct_sampled_msgs_per_s"),
+        ("dlq-analyzer (records/s)", "dlq_analyzer_msgs_per_s"),
+        ("ConsumerPerformance on dead letters", "consumer_perf_fetch_dead_letters_msgs_per_s"),
         ("generator peak RSS (MB)", "generator_peak_rss_mb"),
         ("processor at-least-once peak RSS (MB)", "processor_at_least_once_peak_rss_mb"),
         ("processor exactly-once peak RSS (MB)", "processor_exactly_once_peak_rss_mb"),
@@ -443,6 +551,39 @@ def main():
     if images is not None:
         print_image_sizes(images)
     print(f"\nwritten to {out / 'results.json'}")
+    sys.exit(gate(results["figures"]))
+
+
+def gate(figures):
+    """Prints each goal figure against its goal and the committed baseline; returns 1 when one
+    fell behind the baseline by more than the noise (see TOLERANCE). BENCH_ACCEPT=1 makes this
+    run the new baseline instead."""
+    baseline = json.loads(BASELINE.read_text()) if BASELINE.exists() else {}
+    failed = []
+    print(f"\ngoals and regression gate (baseline {BASELINE.relative_to(ROOT)})\n")
+    print(f"| {'figure':<45} | {'median':>8} | {'runs spread':>11} | {'goal':>8} | {'baseline':>8} | verdict")
+    print(f"|{'-' * 47}|{'-' * 10}|{'-' * 13}|{'-' * 10}|{'-' * 10}|{'-' * 20}")
+    for name, f in figures.items():
+        spread = (f["max"] - f["min"]) / 2 / f["median"] if f["median"] else 0.0
+        base = baseline.get(name)
+        verdict = "goal met" if f["met"] else "goal not met"
+        if base is not None:
+            allowed = max(TOLERANCE, spread)
+            lower_better = f["goal"].startswith("<")
+            worse = (f["median"] - base) / base if lower_better else (base - f["median"]) / base
+            if worse > allowed:
+                verdict += f", REGRESSED {worse:.0%} > {allowed:.0%}"
+                failed.append(name)
+        shown = f"{base:8.2f}" if base is not None else f"{'none':>8}"
+        print(f"| {name:<45} | {f['median']:8.2f} | {spread:>10.0%} | {f['goal']:>8} | {shown} | {verdict}")
+    if os.environ.get("BENCH_ACCEPT") == "1":
+        BASELINE.write_text(json.dumps({k: round(f["median"], 4) for k, f in figures.items()}, indent=2) + "\n")
+        print(f"\nBENCH_ACCEPT=1: this run is the new baseline ({BASELINE.relative_to(ROOT)}; commit it)")
+        return 0
+    if failed:
+        print(f"\nregression: {', '.join(failed)} fell behind the baseline (BENCH_ACCEPT=1 accepts a run)")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
