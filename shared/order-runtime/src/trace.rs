@@ -36,11 +36,16 @@ pub fn enable_spans(sampler: Box<dyn ShouldSample>, parent_based: bool) {
 /// The `traceparent` header's value, for [`consumer_span`] (a consumer that can look a header
 /// up by name more cheaply gives its own).
 pub fn traceparent<H: Headers>(headers: Option<&H>) -> Option<&[u8]> {
-    headers.and_then(|h| {
-        h.iter()
-            .find(|x| x.key.eq_ignore_ascii_case("traceparent"))
-            .and_then(|x| x.value)
-    })
+    headers.and_then(|h| value_of(h, "traceparent"))
+}
+
+/// The value of the first header called `key`, the case of its name ignored (as the
+/// propagators read them).
+fn value_of<'a, H: Headers>(headers: &'a H, key: &str) -> Option<&'a [u8]> {
+    headers
+        .iter()
+        .find(|h| h.key.eq_ignore_ascii_case(key))
+        .and_then(|h| h.value)
 }
 
 /// Whether a record's `traceparent` (W3C version 00) says its trace was sampled out: the
@@ -138,11 +143,7 @@ struct HeaderView<'a, H: Headers>(&'a H);
 
 impl<H: Headers> Extractor for HeaderView<'_, H> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|h| h.key.eq_ignore_ascii_case(key))
-            .and_then(|h| h.value)
-            .and_then(|v| std::str::from_utf8(v).ok())
+        value_of(self.0, key).and_then(|v| std::str::from_utf8(v).ok())
     }
 
     fn keys(&self) -> Vec<&str> {

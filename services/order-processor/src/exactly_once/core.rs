@@ -568,11 +568,7 @@ impl Core {
                     self.committing.send_replace(true);
                     Ok(Some((changes, inner.producer.clone())))
                 }
-                Err(e) => {
-                    warn!(error = %e, "transaction failed; aborting it and replaying its outcomes in a new one");
-                    self.abort_and_replay(inner);
-                    Err(e)
-                }
+                Err(e) => Err(self.abandon(inner, e)),
             }
         })?;
         let Some((changes, producer)) = taken else {
@@ -592,11 +588,7 @@ impl Core {
                     inner.in_txn = false;
                     Ok(true)
                 }
-                Err(e) => {
-                    warn!(error = %e, "transaction failed; aborting it and replaying its outcomes in a new one");
-                    self.abort_and_replay(inner);
-                    Err(e)
-                }
+                Err(e) => Err(self.abandon(inner, e)),
             };
             self.committing.send_replace(false);
             result
@@ -637,6 +629,14 @@ impl Core {
         retry_retriable(|| producer.send_offsets_to_transaction(&offsets, &metadata, TXN_TIMEOUT))?;
         retry_retriable(|| producer.commit_transaction(TXN_TIMEOUT))?;
         Ok(())
+    }
+
+    /// A commit failed with `e`: aborts the transaction and replays its outcomes in a new
+    /// one; answers `e`.
+    fn abandon(&self, inner: &mut Inner, e: EosError) -> EosError {
+        warn!(error = %e, "transaction failed; aborting it and replaying its outcomes in a new one");
+        self.abort_and_replay(inner);
+        e
     }
 
     /// Aborts the open transaction (replacing the producer if it cannot) and redoes its writes
