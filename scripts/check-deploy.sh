@@ -9,6 +9,7 @@
 #   scripts/check-deploy.sh            everything
 #   scripts/check-deploy.sh manifests  regenerate k8s/order-pipeline.yaml from the chart
 #   scripts/check-deploy.sh tools      only install the tools (helm, compose-check, hadolint, ...)
+#   scripts/check-deploy.sh helm       only build helm (for make kind-install without HELM=)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -26,13 +27,17 @@ trap 'rm -rf "$work"' EXIT
 step() { printf '\n==> %s\n' "$*"; }
 fail() { printf 'check-deploy: %s\n' "$*" >&2; exit 1; }
 
-tools() {
+build_helm() {
   mkdir -p "$bin"
-  # helm and compose-check from the Go module proxy, versions pinned in tools/go.mod and go.sum
   if [ ! -x "$helm" ]; then
     echo "building helm $HELM_VERSION from the Go module proxy"
     (cd tools && go build -trimpath -o "$helm.part" helm.sh/helm/v3/cmd/helm) && mv "$helm.part" "$helm"
   fi
+}
+
+tools() {
+  # helm and compose-check from the Go module proxy, versions pinned in tools/go.mod and go.sum
+  build_helm
   if [ ! -x "$compose_check" ] || [ tools/compose-check/main.go -nt "$compose_check" ]; then
     (cd tools && go build -o "$compose_check" ./compose-check)
   fi
@@ -67,6 +72,10 @@ for d in yaml.safe_load_all(open(sys.argv[1])):
 EOF
 }
 
+if [ "${1:-}" = helm ]; then
+  build_helm
+  exit 0
+fi
 tools
 if [ "${1:-}" = tools ]; then
   exit 0
@@ -137,6 +146,42 @@ for b in "${bad[@]}"; do
   if "$helm" template op "$chart" --set "$b" >/dev/null 2>"$work/err"; then fail "--set $b was accepted"; fi
   echo "refused --set $b: $(grep -m1 -E "at '|required" "$work/err" | sed 's/^ *//')"
 done
+
+step "the in-cluster infrastructure's settings"
+"$venv/bin/python" - "$work/default.yaml" <<'EOF2' || fail "the in-cluster infrastructure is set up wrong (above)"
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+def one(kind, suffix):
+    return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(suffix))
+def env(obj):
+    return {e["name"]: e.get("value") for e in obj["spec"]["template"]["spec"]["containers"][0].get("env", [])}
+problems = []
+job = one("Job", "-topics-1")
+if "helm.sh/hook" in job["metadata"].get("annotations", {}):
+    problems.append("the topics Job is a hook: with --wait it would run only after every object is ready")
+kafka = one("StatefulSet", "-kafka")
+if kafka["spec"]["template"]["spec"].get("enableServiceLinks") is not False:
+    problems.append("the Kafka pod gets Service links (KAFKA_* variables become broker properties)")
+kenv = env(kafka)
+if kenv.get("KAFKA_AUTO_CREATE_TOPICS_ENABLE") != "false":
+    problems.append("the broker auto-creates topics with its default partition count")
+mount = kafka["spec"]["template"]["spec"]["containers"][0]["volumeMounts"][0]["mountPath"]
+if not kenv.get("KAFKA_LOG_DIRS", "").startswith(mount.rstrip("/") + "/"):
+    problems.append("Kafka's log dir is the volume's root (lost+found stops the broker)")
+jaeger = yaml.safe_load(one("ConfigMap", "-jaeger")["data"]["config.yaml"])
+cap = jaeger["extensions"]["jaeger_storage"]["backends"]["memstore"]["memory"]["max_traces"]
+if not 0 < cap <= 20000:
+    problems.append(f"Jaeger keeps {cap} traces in memory")
+registry = one("Deployment", "-schema-registry")
+if "SCHEMA_REGISTRY_HEAP_OPTS" not in env(registry) or "startupProbe" not in registry["spec"]["template"]["spec"]["containers"][0]:
+    problems.append("the registry has the image's default heap or no startup probe")
+for p in problems:
+    print("  " + p)
+if problems:
+    sys.exit(1)
+print(f"topics Job a release object; Kafka: no Service links, no auto-creation, log dir {kenv['KAFKA_LOG_DIRS']}; "
+      f"Jaeger keeps {cap} traces; the registry's heap {env(registry)['SCHEMA_REGISTRY_HEAP_OPTS']} with a startup probe")
+EOF2
 
 step "k8s/ manifests are current with the chart"
 render_manifests >"$work/manifests.yaml"

@@ -359,6 +359,8 @@ impl Application {
             invalid_ratio = g.invalid_order_ratio,
             "generating orders"
         );
+        // on shutdown meanwhile, the loop below ends before sending
+        wait_for_topic(&producer, topic, &shutdown).await;
         let mut pacer = orders::Pacer::new(g.order_rate);
         let mut rng = rand::rng();
         let mut last_log = Instant::now();
@@ -449,6 +451,41 @@ impl Application {
         server_stop.cancel();
         let _ = server.await;
         Ok(summary)
+    }
+}
+
+/// Waits until the orders topic exists, saying so: a broker that does not create topics on
+/// first use (the chart's) fails every order sent to a missing topic once librdkafka's metadata
+/// wait runs out. Returns early on shutdown.
+async fn wait_for_topic(
+    producer: &Arc<ThreadedProducer<DeliveryCounter>>,
+    topic: &str,
+    shutdown: &CancellationToken,
+) {
+    let mut pause = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
+    loop {
+        let (p, t) = (producer.clone(), topic.to_owned());
+        match tokio::task::spawn_blocking(move || {
+            kafka::partition_count(p.client(), &t, Duration::from_secs(5))
+        })
+        .await
+        {
+            Ok(Ok(n)) if n > 0 => return,
+            Ok(Ok(_)) => {
+                warn!(
+                    topic,
+                    retry_in_ms = pause.upcoming_ms(),
+                    "waiting for the orders topic to be created"
+                );
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, retry_in_ms = pause.upcoming_ms(), "waiting for the cluster to answer");
+            }
+            Err(e) => warn!(error = %e, "topic check failed"),
+        }
+        if !pause.wait(shutdown).await {
+            return;
+        }
     }
 }
 
