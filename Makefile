@@ -6,11 +6,15 @@ LOGS := target/test-logs
 
 STACK := bash stack/stack.sh
 ENGINE := bash scripts/engine.sh
+CLUSTER := bash cluster/cluster.sh
+# the local cluster bridge's host address (cluster/cluster.sh), where pods reach the stack
+CLUSTER_HOST_ADDRESS := 10.213.0.1
 VENV := .venv
 PY_REQS := tests/interop/requirements.txt
 
 .PHONY: help demo test reset-test-logs check-deploy k8s-manifests kind-up kind-load kind-install kind-down stack-up stack-down stack-status stack-env build lint \
-        test-rust test-interop test-demo test-images python-env compose-demo compose-down bench engine-up engine-down engine-status images trace
+        test-rust test-interop test-demo test-images python-env compose-demo compose-down bench engine-up engine-down engine-status images trace \
+        cluster-up cluster-down cluster-status test-cluster
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{ printf "  make %-14s %s\n", $$1, $$2 }'
@@ -18,7 +22,7 @@ help: ## list the targets
 demo: ## native stack + build + about a hundred orders end to end, with summaries and one dead letter's trace
 	bash scripts/demo.sh
 
-test: reset-test-logs stack-up lint test-rust test-interop test-demo check-deploy test-images ## everything CI checks (starts the native stack and the container engine itself)
+test: reset-test-logs stack-up lint test-rust test-interop test-demo check-deploy test-images test-cluster ## everything CI checks (starts the native stack, the container engine and the local cluster itself)
 	@bash scripts/test-summary.sh $(LOGS)
 
 reset-test-logs:
@@ -83,6 +87,33 @@ test-images: stack-up python-env images ## the images under the chart's constrai
 	$(ENGINE) compose version
 	$(VENV)/bin/pytest tests/images -q -rA --timeout=600 2>&1 | tee $(LOGS)/pytest-images.log
 
+cluster-up: ## a real single-node Kubernetes here: control plane and kubelet as local processes, state in .cluster/
+	$(CLUSTER) up
+	@echo 'kubectl and the cluster: eval "$$(bash cluster/cluster.sh env)"'
+
+cluster-down: ## stop the local cluster by pid; remove its bridge, and what the kubelet changed on the machine
+	$(CLUSTER) down
+
+cluster-status: ## one line per cluster component
+	$(CLUSTER) status
+
+test-cluster: python-env images ## helm install/scale/upgrade/uninstall on the local cluster, against the native stack
+	@mkdir -p $(LOGS)
+	bash scripts/check-deploy.sh helm
+	$(CLUSTER) install
+	$(CLUSTER) fingerprint >$(LOGS)/machine-before-cluster.txt
+	$(CLUSTER) up
+	STACK_POD_ADDRESS=$(CLUSTER_HOST_ADDRESS) $(STACK) up
+	$(CLUSTER) load order-pipeline/order-generator:dev order-pipeline/order-processor:dev order-pipeline/dlq-analyzer:dev
+	status=0; CLUSTER_HOST_ADDRESS=$(CLUSTER_HOST_ADDRESS) $(VENV)/bin/pytest tests/cluster -q -rA -s --timeout=900 \
+	  2>&1 | tee $(LOGS)/pytest-cluster.log || status=$$?; \
+	  $(CLUSTER) down; \
+	  $(CLUSTER) fingerprint >$(LOGS)/machine-after-cluster.txt; \
+	  if diff $(LOGS)/machine-before-cluster.txt $(LOGS)/machine-after-cluster.txt; then \
+	    echo "the machine's network and kernel settings are as before the cluster"; \
+	  else echo "cluster-down left the machine changed (diff above)"; status=1; fi; \
+	  exit $$status
+
 k8s-manifests: ## regenerate k8s/order-pipeline.yaml from the chart
 	bash scripts/check-deploy.sh manifests
 
@@ -114,8 +145,8 @@ kind-load: ## build the three images and load them into the kind cluster
 	  $(KIND) load docker-image order-pipeline/$$s:$(IMAGE_TAG) --name $(KIND_CLUSTER) || exit 1; \
 	done
 
-kind-install: ## install (or upgrade) the chart into the kind cluster
-	bash scripts/check-deploy.sh tools
+kind-install: ## install (or upgrade) the chart into the kind cluster (HELM=helm to use your own)
+	@command -v $(HELM) >/dev/null || bash scripts/check-deploy.sh helm
 	$(HELM) upgrade --install order-pipeline helm/order-pipeline --namespace order-pipeline --create-namespace --wait --timeout 10m
 
 kind-down: ## delete the kind cluster

@@ -17,6 +17,7 @@
 #   engine.sh build     build the Dockerfile's three targets on the local bases
 #   engine.sh sizes     image sizes as JSON (all of each image, and our layers above the base)
 #   engine.sh compose   Docker Compose v5 (built once from the Go module proxy) on this engine
+#   engine.sh save IMAGE...   the images as a tar archive on stdout (for the local cluster)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 dir=${ENGINE_DIR:-$repo/.engine}
@@ -225,5 +226,6 @@ case "${1:-}" in
   build) build ;;
   sizes) sizes ;;
   compose) shift; compose "$@" ;;
+  save) shift; running || fail "the engine is not running (make engine-up)"; $docker save "$@" ;;
   *) echo "usage: $0 install|up|down|status|env|bases|build|sizes|compose ARGS..." >&2; exit 2 ;;
 esac

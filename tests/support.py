@@ -18,8 +18,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def get_json(port, path):
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+def get_json(where, path):
+    """`path`'s JSON from a port on 127.0.0.1, or from "host:port" (a pod of the local cluster)."""
+    address = where if isinstance(where, str) and ":" in where else f"127.0.0.1:{where}"
+    with urllib.request.urlopen(f"http://{address}{path}", timeout=5) as r:
         return json.load(r)
 
 

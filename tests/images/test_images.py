@@ -16,30 +16,19 @@ import os
 import pathlib
 import subprocess
 import sys
-import time
-
-from confluent_kafka import Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
-from confluent_kafka.schema_registry import SchemaRegistryClient
-from confluent_kafka.schema_registry.avro import AvroDeserializer
-from confluent_kafka.serialization import MessageField, SerializationContext
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from support import free_port, get_json, unique, wait_for  # noqa: E402
+from truth import BOOTSTRAP, REGISTRY, check_totals, create_topics, send_garbage  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ENGINE = ROOT / "scripts" / "engine.sh"
-BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
-REGISTRY = os.environ.get("SCHEMA_REGISTRY_URL", "http://127.0.0.1:8081/apis/ccompat/v7")
 TAG = os.environ.get("IMAGE_TAG", "dev")
-PRODUCTS = {"laptop", "phone", "tablet", "monitor", "keyboard", "mouse", "headphones", "camera", "printer", "speaker"}
-MAX_PRICE_CENTS = 1_000_000_00
 # the constraints the Helm chart sets on every pod
 CONSTRAINED = ["--network", "host", "--read-only", "--cap-drop", "ALL",
                "--security-opt", "no-new-privileges", "--user", "65532:65532"]
 # the image's own HEALTHCHECK command, asked more often than its 10 s so the test is quick
 HEALTH_OFTEN = ["--health-interval", "1s", "--health-start-period", "60s"]
-GARBAGE = [b"this is not an order", b'{"orderId": "json-instead-of-avro"}', b"\x00\x00"]
 
 
 def engine_env():
@@ -58,106 +47,8 @@ def docker(*args, check=True, timeout=120):
     return run.stdout.strip()
 
 
-def create_topics(orders, dlq):
-    admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
-    for f in admin.create_topics([NewTopic(orders, 3, 1), NewTopic(dlq, 3, 1)]).values():
-        f.result(timeout=30)
-
-
 def health(container):
     return docker("inspect", "-f", "{{if .State.Health}}{{.State.Health.Status}}{{end}}", container)
-
-
-def send_garbage(topic):
-    producer = Producer({"bootstrap.servers": BOOTSTRAP})
-    for i, value in enumerate(GARBAGE):
-        producer.produce(topic, key=f"garbage-{i}", value=value)
-    assert producer.flush(30) == 0
-
-
-def read_all(topic):
-    """Every record of `topic`, from the first offset to the end, as (partition, offset, key, value, headers)."""
-    consumer = Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": unique("truth"),
-                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
-    meta = consumer.list_topics(topic, timeout=10).topics[topic]
-    ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in meta.partitions}
-    consumer.assign([TopicPartition(topic, p, 0) for p in ends])
-    records, done = [], {p for p, end in ends.items() if end == 0}
-    deadline = time.time() + 60
-    while len(done) < len(ends) and time.time() < deadline:
-        msg = consumer.poll(0.5)
-        if msg is not None and not msg.error():
-            records.append((msg.partition(), msg.offset(), msg.key(), msg.value(), dict(msg.headers() or [])))
-        # the position, not the last record: transaction markers (exactly-once dead letters)
-        # take offsets that no record has
-        for tp in consumer.position([TopicPartition(topic, p) for p in ends if p not in done]):
-            if tp.offset >= ends[tp.partition]:
-                done.add(tp.partition)
-    consumer.close()
-    assert len(done) == len(ends), f"could not read {topic} to its end"
-    return records
-
-
-def judge(orders_topic):
-    """The ground truth of the orders topic: {(partition, offset): cents} of the valid orders and
-    {(partition, offset): category} of the records that must be dead-lettered."""
-    deserializer = AvroDeserializer(SchemaRegistryClient({"url": REGISTRY, "timeout": 10}))
-    valid, failing = {}, {}
-    for partition, offset, _key, value, _headers in read_all(orders_topic):
-        where = (partition, offset)
-        try:
-            order = deserializer(value, SerializationContext(orders_topic, MessageField.VALUE))
-        except Exception:  # noqa: BLE001 - any bytes that are not an Order
-            failing[where] = "deserialization"
-            continue
-        cents = round(order["price"] * 100)
-        if (not order["orderId"].strip() or order["product"] not in PRODUCTS or not order["price"] > 0
-                or abs(order["price"] * 100 - cents) > 1e-6 or cents > MAX_PRICE_CENTS):
-            failing[where] = "validation"
-        else:
-            valid[where] = cents
-    return valid, failing
-
-
-def check_totals(orders_topic, dlq_topic, processor_port, analyzer_port):
-    """Asserts the processor's group totals and the dead-letter topic against the ground truth."""
-    valid, failing = judge(orders_topic)
-    expected = len(valid) + len(failing)
-    seen = {}
-
-    def settled():
-        seen["stats"] = get_json(processor_port, "/stats/global")
-        done = seen["stats"]["processed"] + seen["stats"]["dead_lettered"]
-        return seen["stats"] if done >= expected else None
-
-    try:
-        stats = wait_for(f"{expected} records settled", settled, 180)
-    except AssertionError as e:
-        raise AssertionError(f"{e}; the group's last totals: {seen.get('stats')}") from None
-    dead = read_all(dlq_topic)
-    by_origin = {}
-    for _p, _o, key, value, headers in dead:
-        origin = (int(headers["dlq.original.partition"]), int(headers["dlq.original.offset"]))
-        assert origin not in by_origin, f"{origin} dead-lettered twice"
-        by_origin[origin] = (headers["dlq.error.category"].decode(), key, value)
-    # every record that breaks a rule is dead-lettered once, with the right category; a valid
-    # order may be dead-lettered only because its temporary failures outlived the retries
-    for origin, category in failing.items():
-        assert origin in by_origin, f"record {origin} ({category}) was not dead-lettered"
-        assert by_origin[origin][0] == category, (origin, by_origin[origin][0], category)
-    exhausted = {o for o, (c, _k, _v) in by_origin.items() if c == "retries_exhausted"}
-    assert set(by_origin) == set(failing) | exhausted, "a dead letter that has no reason to be there"
-    assert exhausted <= set(valid)
-    processed = {o: c for o, c in valid.items() if o not in exhausted}
-    assert stats["processed"] == len(processed)
-    assert stats["dead_lettered"] == len(by_origin)
-    assert round(stats["revenue"] * 100) == sum(processed.values())
-    assert round(stats["min"] * 100) == min(processed.values())
-    assert round(stats["max"] * 100) == max(processed.values())
-    report = wait_for("the analyzer's report", lambda: (
-        r if (r := get_json(analyzer_port, "/report"))["total"] >= len(by_origin) else None), 60)
-    assert report["total"] == len(by_origin)
-    return len(processed), len(by_origin)
 
 
 def run_service(name, image, env, *extra):

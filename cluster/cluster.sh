@@ -1,0 +1,536 @@
+#!/usr/bin/env bash
+# A real single-node Kubernetes on this machine, for the chart's install test: etcd, the API
+# server, the controller manager, the scheduler and the kubelet as local processes, on a
+# containerd of the cluster's own (Debian's containerd, runc and CNI plugins). The Kubernetes
+# binaries and etcd are built once from the Go module proxy (cluster/go.mod) and cached.
+#
+#   cluster/cluster.sh install   Debian packages and the binaries, when missing
+#   cluster/cluster.sh up        start what is not running, wait until the node is Ready
+#   cluster/cluster.sh down      stop what `up` started, by pid; remove the bridge and whatever
+#                                the kubelet left in iptables; restore the kernel settings
+#   cluster/cluster.sh status    one line per component
+#   cluster/cluster.sh env       export lines: KUBECONFIG and the binaries on PATH
+#   cluster/cluster.sh load IMAGE...   copy images from the project's engine into containerd
+#   cluster/cluster.sh fingerprint     the machine's network and kernel settings the cluster may
+#                                      touch, to compare before `up` and after `down`
+#
+# CLUSTER_DIR (default: <repo>/.cluster, git-ignored) holds binaries, PKI, state and logs.
+#
+# Network: pods get a bridge of the cluster's own (op-k8s0, 10.213.0.0/24), whose host side is
+# 10.213.0.1. The bridge has no gateway for pods and no masquerading, and forwarding stays off,
+# so pods reach only this machine (the bridge address) and each other. The API server listens on
+# 127.0.0.1; the kubelet on the bridge address. Pods get a resolv.conf naming the bridge address
+# (no DNS runs there: the chart's services are given addresses, not names).
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+src="$repo/cluster"
+dir=${CLUSTER_DIR:-$repo/.cluster}
+mkdir -p "$dir"/{bin,run,logs}
+dir=$(cd "$dir" && pwd)
+
+K8S_VERSION=v1.34.4
+NODE=op-node
+BRIDGE=op-k8s0
+BRIDGE_ADDRESS=10.213.0.1
+POD_SUBNET=10.213.0.0/24
+SERVICE_RANGE=10.214.0.0/24
+API_PORT=16443
+ETCD_PORT=12379
+KUBELET_PORT=20250
+READY_TIMEOUT_S=${CLUSTER_READY_TIMEOUT_S:-180}
+PAUSE_IMAGE=localhost/order-pipeline/pause:3.10
+components=(containerd etcd kube-apiserver kube-controller-manager kube-scheduler kubelet)
+
+say() { printf '[cluster] %s\n' "$*" >&2; }
+die() { printf '[cluster] error: %s\n' "$*" >&2; exit 1; }
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+pki="$dir/pki"
+bin="$dir/bin"
+cnt="$dir/containerd"
+export PATH="$bin:$PATH"
+kubectl() { "$bin/kubectl" --kubeconfig "$dir/admin.kubeconfig" "$@"; }
+
+# ---------------------------------------------------------------- install
+
+install() {
+  local missing=() p
+  # containerd and runc also come with docker.io (the engine); the CNI plugins do not
+  for p in containerd runc containernetworking-plugins iproute2 iptables openssl; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    say "installing ${missing[*]}"
+    local sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  fi
+  # the version the binaries report (the release build sets it the same way); Helm checks
+  # charts' kubeVersion against it
+  local v=${K8S_VERSION#v} x ldflags="" recipe t
+  for x in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldflags+=" -X $x.gitVersion=$K8S_VERSION -X $x.gitMajor=${v%%.*} -X $x.gitMinor=$(echo "$v" | cut -d. -f2)"
+    ldflags+=" -X $x.gitTreeState=clean"
+  done
+  # built again when the module's requirements or the flags change
+  recipe="$ldflags $(cat "$src/go.mod" "$src/go.sum" | sha256sum)"
+  if [ "$(cat "$bin/.built" 2>/dev/null)" != "$recipe" ]; then
+    command -v go >/dev/null || die "Go is needed to build Kubernetes from the Go module proxy"
+    t=$(now)
+    say "building Kubernetes $K8S_VERSION (kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl) and etcd from the Go module proxy; about ten minutes the first time"
+    (cd "$src" && go build -trimpath -ldflags "$ldflags" -o "$bin/" tool) >"$dir/logs/build.log" 2>&1 \
+      || { tail -n 20 "$dir/logs/build.log" >&2; die "the build failed; its log is $dir/logs/build.log"; }
+    # go names the etcd server module's binary after its path without the major version
+    mv "$bin/server" "$bin/etcd"
+    echo "$recipe" >"$bin/.built"
+    say "built in $(elapsed "$t")s"
+  fi
+  [ -x "$bin/pause" ] && [ "$src/pause.c" -ot "$bin/pause" ] \
+    || gcc -Os -static -o "$bin/pause" "$src/pause.c" || die "could not build the pause program"
+}
+
+# ---------------------------------------------------------------- processes
+
+pidfile() { echo "$dir/run/$1.pid"; }
+# ours only if the pid file names a live process whose command line carries our directory
+running() {
+  local f pid
+  f=$(pidfile "$1")
+  [ -f "$f" ] || return 1
+  pid=$(cat "$f")
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$dir"
+}
+
+launch() { # name command...
+  local name=$1; shift
+  if running "$name"; then return 0; fi
+  nohup "$@" >>"$dir/logs/$name.log" 2>&1 </dev/null &
+  echo $! >"$(pidfile "$name")"
+  say "$name started (pid $!), log: $dir/logs/$name.log"
+}
+
+stop() {
+  local name=$1 f pid i
+  f=$(pidfile "$name")
+  if ! running "$name"; then rm -f "$f"; return 0; fi
+  pid=$(cat "$f")
+  kill -TERM "$pid" 2>/dev/null || true
+  for i in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+  if kill -0 "$pid" 2>/dev/null; then say "$name did not stop in 20s; killing"; kill -KILL "$pid" 2>/dev/null || true; fi
+  rm -f "$f"
+  say "$name stopped"
+}
+
+wait_for() { # what check...
+  local what=$1 deadline; shift
+  deadline=$(( $(date +%s) + READY_TIMEOUT_S ))
+  until "$@" >/dev/null 2>&1; do
+    [ "$(date +%s)" -lt "$deadline" ] || die "$what not ready after ${READY_TIMEOUT_S}s; logs in $dir/logs"
+    sleep 0.5
+  done
+}
+
+# ---------------------------------------------------------------- PKI
+
+cert() { # name CN O [subjectAltNames]
+  local name=$1 cn=$2 o=$3 san=${4:-} subj ext
+  [ -f "$pki/$name.crt" ] && return 0
+  subj="/CN=$cn"; [ -z "$o" ] || subj="/O=$o$subj"
+  ext="$pki/$name.ext"
+  { echo "basicConstraints=CA:FALSE"
+    echo "keyUsage=critical,digitalSignature,keyEncipherment"
+    if [ -n "$san" ]; then echo "extendedKeyUsage=serverAuth,clientAuth"; echo "subjectAltName=$san"
+    else echo "extendedKeyUsage=clientAuth"; fi
+  } >"$ext"
+  openssl req -new -newkey rsa:2048 -nodes -keyout "$pki/$name.key" -subj "$subj" -out "$pki/$name.csr" 2>/dev/null
+  openssl x509 -req -in "$pki/$name.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
+    -days 365 -extfile "$ext" -out "$pki/$name.crt" 2>/dev/null
+  rm -f "$pki/$name.csr" "$ext"
+}
+
+kubeconfig() { # file user cert-name
+  cat >"$1" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+  - name: order-pipeline
+    cluster:
+      server: https://127.0.0.1:$API_PORT
+      certificate-authority: $pki/ca.crt
+users:
+  - name: $2
+    user:
+      client-certificate: $pki/$3.crt
+      client-key: $pki/$3.key
+contexts:
+  - name: order-pipeline
+    context: { cluster: order-pipeline, user: $2 }
+current-context: order-pipeline
+EOF
+}
+
+make_pki() {
+  mkdir -p "$pki"
+  if [ ! -f "$pki/ca.crt" ]; then
+    say "making the cluster's certificates (openssl)"
+    openssl req -x509 -new -newkey rsa:2048 -nodes -keyout "$pki/ca.key" -subj "/CN=order-pipeline-cluster-ca" \
+      -days 365 -out "$pki/ca.crt" 2>/dev/null
+  fi
+  cert apiserver kube-apiserver "" \
+    "IP:127.0.0.1,IP:$BRIDGE_ADDRESS,IP:${SERVICE_RANGE%.0/*}.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+  cert apiserver-kubelet-client kube-apiserver-kubelet-client system:masters
+  cert admin kubernetes-admin system:masters
+  cert controller-manager system:kube-controller-manager ""
+  cert scheduler system:kube-scheduler ""
+  cert kubelet-client "system:node:$NODE" system:nodes
+  cert kubelet "$NODE" "" "IP:$BRIDGE_ADDRESS,DNS:$NODE"
+  [ -f "$pki/sa.key" ] || { openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null; openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null; }
+  kubeconfig "$dir/admin.kubeconfig" admin admin
+  kubeconfig "$dir/controller-manager.kubeconfig" controller-manager controller-manager
+  kubeconfig "$dir/scheduler.kubeconfig" scheduler scheduler
+  kubeconfig "$dir/kubelet.kubeconfig" "system:node:$NODE" kubelet-client
+}
+
+# ---------------------------------------------------------------- network
+
+bridge_up() {
+  if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+    ip link add "$BRIDGE" type bridge
+    ip addr add "$BRIDGE_ADDRESS/24" dev "$BRIDGE"
+  fi
+  ip link set "$BRIDGE" up
+}
+
+# what the machine had before the cluster, so that `down` removes only what the kubelet added
+save_machine_state() {
+  [ -f "$dir/run/machine-state" ] && return 0
+  local k t ipt
+  { for k in vm/overcommit_memory vm/panic_on_oom kernel/panic kernel/panic_on_oops kernel/keys/root_maxkeys kernel/keys/root_maxbytes; do
+      echo "sysctl $k $(cat "/proc/sys/$k")"
+    done
+    for ipt in iptables ip6tables; do
+      for t in filter nat mangle; do
+        $ipt -t "$t" -S 2>/dev/null | awk -v i="$ipt" -v t="$t" '$1 == "-N" { print "chain " i " " t " " $2 }'
+      done
+    done
+    ls /var/run/netns 2>/dev/null | sed 's/^/netns /'
+  } >"$dir/run/machine-state"
+}
+
+restore_machine_state() {
+  local f="$dir/run/machine-state" kind a b t chain ipt
+  [ -f "$f" ] || return 0
+  while read -r kind a b; do
+    [ "$kind" = sysctl ] || continue
+    [ "$(cat "/proc/sys/$a")" = "$b" ] || { echo "$b" >"/proc/sys/$a" && say "restored $a=$b"; }
+  done <"$f"
+  # chains the kubelet makes (KUBE-IPTABLES-HINT, KUBE-KUBELET-CANARY, ...) that were not there
+  for ipt in iptables ip6tables; do
+    for t in filter nat mangle; do
+      $ipt -t "$t" -S 2>/dev/null | awk '$1 == "-N" && $2 ~ /^KUBE-/ { print $2 }' | while read -r chain; do
+        grep -qx "chain $ipt $t $chain" "$f" && continue
+        # the rules that jump to it first (KUBE-FIREWALL from INPUT and OUTPUT)
+        $ipt -t "$t" -S 2>/dev/null | awk -v c="$chain" '$1 == "-A" && $2 != c && $0 ~ (" -j " c "( |$)")' \
+          | while read -r -a rule; do rule[0]=-D; $ipt -t "$t" "${rule[@]}" || true; done
+        $ipt -t "$t" -F "$chain" 2>/dev/null || true
+        $ipt -t "$t" -X "$chain" 2>/dev/null && say "removed $ipt chain $t/$chain"
+      done
+    done
+  done
+  rm -f "$f"
+}
+
+# ---------------------------------------------------------------- components
+
+containerd_config() {
+  cat <<EOF
+# Generated by cluster/cluster.sh: a containerd of the cluster's own, not the machine's.
+version = 2
+root = "$cnt/root"
+state = "$cnt/state"
+[grpc]
+  address = "$cnt/containerd.sock"
+[ttrpc]
+  address = "$cnt/containerd.sock.ttrpc"
+[debug]
+  level = "warn"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "$PAUSE_IMAGE"
+  # these machines refuse to lower oom_score_adj; without this every sandbox fails to start
+  restrict_oom_score_adj = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "$dir/cni/net.d"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$cnt/opt"
+EOF
+}
+
+cni_config() {
+  cat <<EOF
+{
+  "cniVersion": "0.4.0",
+  "name": "order-pipeline-pods",
+  "plugins": [
+    {
+      "type": "bridge",
+      "bridge": "$BRIDGE",
+      "isGateway": false,
+      "ipMasq": false,
+      "hairpinMode": true,
+      "ipam": {
+        "type": "host-local",
+        "dataDir": "$dir/cni/ipam",
+        "ranges": [[{ "subnet": "$POD_SUBNET", "rangeStart": "${POD_SUBNET%.0/*}.10" }]]
+      }
+    }
+  ]
+}
+EOF
+}
+
+start_containerd() {
+  mkdir -p "$cnt" "$dir/cni/net.d" "$dir/cni/ipam"
+  containerd_config >"$cnt/config.toml"
+  cni_config >"$dir/cni/net.d/10-order-pipeline.conflist"
+  launch containerd containerd --config "$cnt/config.toml"
+  wait_for containerd ctr --address "$cnt/containerd.sock" version
+  if ! ctr --address "$cnt/containerd.sock" -n k8s.io images ls -q | grep -qx "$PAUSE_IMAGE"; then
+    pause_image | ctr --address "$cnt/containerd.sock" -n k8s.io images import --no-unpack=false - >/dev/null \
+      || die "could not import the pause image"
+    say "pause image $PAUSE_IMAGE imported"
+  fi
+}
+
+# An OCI image archive of one layer, the static pause program, made without any registry.
+pause_image() {
+  local w; w=$(mktemp -d)
+  mkdir -p "$w/rootfs" "$w/blobs/sha256"
+  cp "$bin/pause" "$w/rootfs/pause"
+  tar --sort=name --owner=0 --group=0 --mtime=@0 -C "$w/rootfs" -cf "$w/layer.tar" pause
+  local layer config manifest size_l size_c size_m
+  layer=$(sha256sum "$w/layer.tar" | cut -d' ' -f1); size_l=$(stat -c %s "$w/layer.tar")
+  mv "$w/layer.tar" "$w/blobs/sha256/$layer"
+  printf '{"architecture":"amd64","os":"linux","config":{"Entrypoint":["/pause"],"User":"65535:65535"},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' "$layer" >"$w/config.json"
+  config=$(sha256sum "$w/config.json" | cut -d' ' -f1); size_c=$(stat -c %s "$w/config.json")
+  mv "$w/config.json" "$w/blobs/sha256/$config"
+  printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%s},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:%s","size":%s}]}' \
+    "$config" "$size_c" "$layer" "$size_l" >"$w/manifest.json"
+  manifest=$(sha256sum "$w/manifest.json" | cut -d' ' -f1); size_m=$(stat -c %s "$w/manifest.json")
+  mv "$w/manifest.json" "$w/blobs/sha256/$manifest"
+  printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"annotations":{"io.containerd.image.name":"%s","org.opencontainers.image.ref.name":"3.10"}}]}' \
+    "$manifest" "$size_m" "$PAUSE_IMAGE" >"$w/index.json"
+  echo '{"imageLayoutVersion":"1.0.0"}' >"$w/oci-layout"
+  tar -C "$w" -cf - oci-layout index.json blobs
+  rm -rf "$w"
+}
+
+start_etcd() {
+  launch etcd etcd --name "$NODE" --data-dir "$dir/etcd" \
+    --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+    --listen-peer-urls "http://127.0.0.1:$((ETCD_PORT + 1))" --initial-advertise-peer-urls "http://127.0.0.1:$((ETCD_PORT + 1))" \
+    --initial-cluster "$NODE=http://127.0.0.1:$((ETCD_PORT + 1))" \
+    --listen-metrics-urls "" --log-level warn
+  wait_for etcd curl -sf "http://127.0.0.1:$ETCD_PORT/health"
+}
+
+start_apiserver() {
+  launch kube-apiserver kube-apiserver \
+    --bind-address 127.0.0.1 --secure-port "$API_PORT" --advertise-address "$BRIDGE_ADDRESS" \
+    --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
+    --service-cluster-ip-range "$SERVICE_RANGE" \
+    --client-ca-file "$pki/ca.crt" \
+    --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
+    --kubelet-client-certificate "$pki/apiserver-kubelet-client.crt" --kubelet-client-key "$pki/apiserver-kubelet-client.key" \
+    --kubelet-preferred-address-types InternalIP \
+    --service-account-issuer "https://kubernetes.default.svc.cluster.local" \
+    --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
+    --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction \
+    --allow-privileged=false --profiling=false --cert-dir "$dir/run/apiserver"
+  wait_for kube-apiserver kubectl get --raw /readyz
+}
+
+start_controllers() {
+  launch kube-controller-manager kube-controller-manager \
+    --kubeconfig "$dir/controller-manager.kubeconfig" \
+    --authentication-kubeconfig "$dir/controller-manager.kubeconfig" --authorization-kubeconfig "$dir/controller-manager.kubeconfig" \
+    --bind-address 127.0.0.1 --secure-port 20257 --cert-dir "$dir/run/controller-manager" \
+    --service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" \
+    --use-service-account-credentials --leader-elect=false --profiling=false \
+    --controllers '*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-node-route-controller'
+  launch kube-scheduler kube-scheduler \
+    --kubeconfig "$dir/scheduler.kubeconfig" \
+    --authentication-kubeconfig "$dir/scheduler.kubeconfig" --authorization-kubeconfig "$dir/scheduler.kubeconfig" \
+    --bind-address 127.0.0.1 --secure-port 20259 --leader-elect=false --profiling=false
+}
+
+kubelet_config() {
+  cat <<EOF
+# Generated by cluster/cluster.sh
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+address: $BRIDGE_ADDRESS
+port: $KUBELET_PORT
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: 20248
+tlsCertFile: $pki/kubelet.crt
+tlsPrivateKeyFile: $pki/kubelet.key
+authentication:
+  anonymous: { enabled: false }
+  webhook: { enabled: true }
+  x509: { clientCAFile: $pki/ca.crt }
+authorization:
+  mode: Webhook
+containerRuntimeEndpoint: unix://$cnt/containerd.sock
+cgroupDriver: cgroupfs
+# these machines mount cgroup v1 (the cgroup2 mount at /sys/fs/cgroup/unified is empty)
+failCgroupV1: false
+failSwapOn: false
+# DNS: none runs; the bridge address refuses queries, so nothing leaves the machine
+resolvConf: $dir/resolv.conf
+# the kubelet changes these kernel settings when they differ; down restores the old values
+protectKernelDefaults: false
+# the machine's disk is shared with everything else: evict and collect images only near full
+evictionHard:
+  memory.available: 100Mi
+  nodefs.available: 1%
+  imagefs.available: 1%
+  nodefs.inodesFree: 1%
+evictionPressureTransitionPeriod: 30s
+imageGCHighThresholdPercent: 99
+imageGCLowThresholdPercent: 98
+staticPodPath: ""
+serializeImagePulls: false
+EOF
+}
+
+start_kubelet() {
+  mkdir -p "$dir/kubelet"
+  kubelet_config >"$dir/kubelet-config.yaml"
+  echo "nameserver $BRIDGE_ADDRESS" >"$dir/resolv.conf"
+  launch kubelet kubelet --config "$dir/kubelet-config.yaml" --kubeconfig "$dir/kubelet.kubeconfig" \
+    --root-dir "$dir/kubelet" --cert-dir "$dir/run/kubelet" --hostname-override "$NODE" \
+    --node-ip "$BRIDGE_ADDRESS"
+  wait_for "the node" node_ready
+}
+
+node_ready() {
+  [ "$(kubectl get node "$NODE" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}')" = True ]
+}
+
+up() {
+  install
+  local t; t=$(now)
+  save_machine_state
+  make_pki
+  bridge_up
+  start_containerd
+  start_etcd
+  start_apiserver
+  start_controllers
+  start_kubelet
+  say "cluster up in $(elapsed "$t")s: node $NODE Ready; KUBECONFIG=$dir/admin.kubeconfig; pods on $BRIDGE ($POD_SUBNET), this machine at $BRIDGE_ADDRESS"
+}
+
+down() {
+  # no controller makes new pods; then the pods go while the kubelet still runs, so that their
+  # sandboxes, mounts and network go the normal way (CNI DEL)
+  stop kube-scheduler; stop kube-controller-manager
+  if running kubelet && running kube-apiserver; then
+    kubectl delete pods --all --all-namespaces --grace-period=5 --timeout=60s >/dev/null 2>&1 \
+      || say "some pods did not go in 60s; removing their containers directly"
+  fi
+  stop kubelet
+  if running containerd; then
+    # the sandboxes' shims and network namespaces; the CNI plugin releases the addresses
+    local c="$cnt/containerd.sock" id
+    for id in $(ctr --address "$c" -n k8s.io tasks ls -q 2>/dev/null); do
+      ctr --address "$c" -n k8s.io tasks kill -s KILL "$id" >/dev/null 2>&1 || true
+    done
+    sleep 1
+    for id in $(ctr --address "$c" -n k8s.io tasks ls -q 2>/dev/null); do
+      ctr --address "$c" -n k8s.io tasks delete -f "$id" >/dev/null 2>&1 || true
+    done
+  fi
+  stop containerd
+  stop kube-apiserver; stop etcd
+  # shims outlive containerd by design; ours are known by their -address argument
+  local pid
+  for pid in $(pgrep -f "containerd-shim.*-address $cnt/containerd.sock" || true); do
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+  # what is still mounted under our directory (pod volumes, rootfs, sandboxes' /dev/shm)
+  awk -v d="$dir/" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r | while read -r m; do
+    umount -l "$m" 2>/dev/null || true
+  done
+  # network namespaces CRI made for our pods (cni-<uuid> under /var/run/netns) and left
+  local ns
+  for ns in $(ls /var/run/netns 2>/dev/null | grep '^cni-' || true); do
+    grep -qx "netns $ns" "$dir/run/machine-state" 2>/dev/null && continue
+    ip netns delete "$ns" 2>/dev/null && say "removed network namespace $ns"
+  done
+  ip link show "$BRIDGE" >/dev/null 2>&1 && { ip link delete "$BRIDGE"; say "bridge $BRIDGE removed"; }
+  rm -rf "$dir/cni/ipam"
+  restore_machine_state
+  say "cluster down"
+}
+
+# What of the machine's network and kernel settings the cluster may touch, for a before/after
+# comparison (make test-cluster): links, addresses, routes, iptables rules, network namespaces,
+# forwarding and the kernel settings the kubelet changes.
+fingerprint() {
+  ip -br link | awk '{ print "link", $1, $2 }'
+  ip -br addr | awk '{ $2 = ""; print "addr", $0 }'
+  ip route | sed 's/^/route /'
+  local ipt t k
+  for ipt in iptables ip6tables; do
+    for t in filter nat mangle raw; do $ipt -t "$t" -S 2>/dev/null | sed "s/^/$ipt $t /"; done
+  done
+  ls /var/run/netns 2>/dev/null | sed 's/^/netns /'
+  for k in net/ipv4/ip_forward vm/overcommit_memory vm/panic_on_oom kernel/panic kernel/panic_on_oops kernel/keys/root_maxkeys kernel/keys/root_maxbytes; do
+    echo "sysctl $k $(cat "/proc/sys/$k")"
+  done
+}
+
+status() {
+  local c
+  for c in "${components[@]}"; do
+    if running "$c"; then printf '%-24s running (pid %s)\n' "$c" "$(cat "$(pidfile "$c")")"
+    else printf '%-24s stopped\n' "$c"; fi
+  done
+}
+
+load() { # images from the project's engine into containerd's k8s.io namespace
+  local image
+  running containerd || die "the cluster is not up (make cluster-up)"
+  for image in "$@"; do
+    bash "$repo/scripts/engine.sh" save "$image" \
+      | ctr --address "$cnt/containerd.sock" -n k8s.io images import --no-unpack=false - >/dev/null \
+      || die "could not load $image"
+    say "loaded $image"
+  done
+}
+
+case "${1:-}" in
+  install) install ;;
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  fingerprint) fingerprint ;;
+  env)
+    echo "export KUBECONFIG=$dir/admin.kubeconfig"
+    echo "export PATH=$bin:\$PATH" ;;
+  load) shift; load "$@" ;;
+  *) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac

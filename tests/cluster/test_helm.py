@@ -1,0 +1,227 @@
+"""The Helm chart on a real single-node Kubernetes running here (cluster/cluster.sh: etcd, the API
+server, controller manager, scheduler and kubelet built from k8s.io/kubernetes, on Debian's
+containerd and runc), with the three images of `make images` loaded into its containerd.
+
+Kafka, the registry and Jaeger are the native stack's: their images come from Docker Hub, which
+cannot be reached here, so the chart's own are switched off. Pods reach the stack on the
+cluster bridge's host address (the broker's second listener, the registry and Jaeger's OTLP/HTTP
+receiver forwarded there). The ground truth is the topics' content (tests/truth.py).
+
+One scenario, in the order a user lives it: `helm install --wait`; orders flowing; the processor
+scaled to three, one of its pods deleted, back to one; one order's trace across the three pods in
+Jaeger; `helm upgrade` with a changed env value (every pod rolls); the generator stopped; exact
+group totals and each dead letter once; `helm uninstall` leaving nothing of the release.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+import urllib.request
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+from support import get_json, unique, wait_for  # noqa: E402
+from truth import check_totals, create_topics, read_all  # noqa: E402
+
+CLUSTER = ROOT / "cluster" / "cluster.sh"
+HELM = os.environ.get("HELM", str(ROOT / ".stack" / "bin" / "helm-v3.22.0"))
+CHART = ROOT / "helm" / "order-pipeline"
+TAG = os.environ.get("IMAGE_TAG", "dev")
+# the cluster bridge's host address (cluster/cluster.sh), where the stack listens for pods
+POD_HOST = os.environ.get("CLUSTER_HOST_ADDRESS", "10.213.0.1")
+JAEGER = "http://127.0.0.1:16686"
+SERVICES = ("order-generator", "order-processor", "dlq-analyzer")
+PORTS = {"order-generator": 8101, "order-processor": 8102, "dlq-analyzer": 8103}
+
+
+def cluster_env():
+    env = dict(os.environ)
+    out = subprocess.run(["bash", CLUSTER, "env"], check=True, capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        key, value = line.removeprefix("export ").split("=", 1)
+        env[key] = value.replace("$PATH", os.environ["PATH"])
+    return env
+
+
+ENV = cluster_env()
+
+
+def run(*args, timeout=120):
+    done = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))}: {done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout
+
+
+def kubectl(*args, timeout=120):
+    return run("kubectl", *args, timeout=timeout)
+
+
+def objects(namespace, kind, selector):
+    return json.loads(kubectl("get", kind, "-n", namespace, "-l", selector, "-o", "json"))["items"]
+
+
+def ready_pods(namespace, selector):
+    pods = objects(namespace, "pods", selector)
+    return [p for p in pods if p["metadata"].get("deletionTimestamp") is None
+            and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))]
+
+
+def wait_ready(namespace, component, count, timeout=180):
+    selector = f"app.kubernetes.io/component={component}"
+
+    def settled():
+        pods = objects(namespace, "pods", selector)
+        ready = ready_pods(namespace, selector)
+        return ready if len(ready) == count == len(pods) else None
+
+    return wait_for(f"{count} ready {component} pod(s) and no other", settled, timeout)
+
+
+def address(namespace, component):
+    pod = wait_ready(namespace, component, 1)[0]
+    return f"{pod['status']['podIP']}:{PORTS[component]}"
+
+
+def pod_processes(name):
+    """uid of each process named `name` that runs in a pod of this cluster (cgroup kubepods)."""
+    uids = []
+    for proc in pathlib.Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if (proc / "comm").read_text().strip() != name[:15] or "kubepods" not in (proc / "cgroup").read_text():
+                continue
+            status = (proc / "status").read_text()
+        except OSError:
+            continue
+        uids.append(int(next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))))
+    return uids
+
+
+def jaeger_trace(trace_id):
+    with urllib.request.urlopen(f"{JAEGER}/api/traces/{trace_id}", timeout=5) as r:
+        return json.load(r)["data"][0]
+
+
+def test_helm_install_scale_trace_upgrade_uninstall():
+    release = "orders"
+    namespace = unique("op")
+    orders, dlq = f"{namespace}-orders", f"{namespace}-dlq"
+    create_topics(orders, dlq, partitions=6)
+    values = {
+        "kafka.enabled": "false", "kafka.bootstrapServers": f"{POD_HOST}:19092",
+        "schemaRegistry.enabled": "false", "schemaRegistry.url": f"http://{POD_HOST}:8081/apis/ccompat/v7",
+        "jaeger.enabled": "false", "jaeger.otlpEndpoint": f"http://{POD_HOST}:4318",
+        "topics.orders": orders, "topics.dlq": dlq,
+        "default.image.tag": TAG, "default.image.pullPolicy": "Never",
+    }
+    env = {
+        "orderGenerator.env.ORDER_RATE": "40",
+        "orderProcessor.env.CONSUMER_GROUP": f"{namespace}-processor",
+        "orderProcessor.env.RETRY_INITIAL_BACKOFF_MS": "100",
+        "dlqAnalyzer.env.CONSUMER_GROUP": f"{namespace}-analyzer",
+    }
+    sets = [a for k, v in values.items() for a in ("--set", f"{k}={v}")]
+    sets += [a for k, v in env.items() for a in ("--set-string", f"{k}={v}")]
+    selector = f"app.kubernetes.io/instance={release}"
+    timings = {}
+    try:
+        # --- install: every pod Ready through the chart's own probes
+        t = time.time()
+        run(HELM, "install", release, CHART, "-n", namespace, "--create-namespace", "--wait", "--timeout", "5m",
+            *sets, timeout=360)
+        timings["install --wait"] = time.time() - t
+        pods = objects(namespace, "pods", selector)
+        assert sorted(p["metadata"]["labels"]["app.kubernetes.io/component"] for p in pods) == sorted(SERVICES)
+        for pod in pods:
+            spec = pod["spec"]
+            assert spec["securityContext"]["runAsNonRoot"] is True, pod["metadata"]["name"]
+            for c in spec["containers"]:
+                sc = c["securityContext"]
+                assert sc["readOnlyRootFilesystem"] is True and sc["capabilities"]["drop"] == ["ALL"], c["name"]
+                assert sc["allowPrivilegeEscalation"] is False, c["name"]
+            assert all(s["ready"] for s in pod["status"]["containerStatuses"]), pod["metadata"]["name"]
+        # the processes themselves, seen from the machine: each service runs in its pod as 65532
+        for name in SERVICES:
+            assert pod_processes(name) == [65532], (name, pod_processes(name))
+        processor = f"deployment/{release}-order-pipeline-order-processor"
+        generator = f"deployment/{release}-order-pipeline-order-generator"
+
+        # --- orders flow; the processor scales to three, loses a pod, goes back to one
+        wait_for("orders processed in the cluster",
+                 lambda: get_json(address(namespace, "order-processor"), "/stats/global")["processed"] >= 100, 120)
+        t = time.time()
+        kubectl("scale", processor, "-n", namespace, "--replicas=3")
+        three = wait_ready(namespace, "order-processor", 3)
+        # the work is shared: each replica processes orders of its own (/stats is its share)
+        for pod in three:
+            where = f"{pod['status']['podIP']}:{PORTS['order-processor']}"
+            wait_for(f"{pod['metadata']['name']} processing", lambda w=where: get_json(w, "/stats")["processed"] > 0, 60)
+        victim = three[1]["metadata"]["name"]
+        kubectl("delete", "pod", victim, "-n", namespace, "--wait=true", timeout=90)
+        after = wait_ready(namespace, "order-processor", 3)
+        assert victim not in {p["metadata"]["name"] for p in after}
+        kubectl("scale", processor, "-n", namespace, "--replicas=1")
+        wait_ready(namespace, "order-processor", 1)
+        timings["scale 1 -> 3, delete a pod, 3 -> 1"] = time.time() - t
+
+        # --- one order's journey in Jaeger: a dead letter's trace has spans of all three pods
+        def traced_dead_letter():
+            for _p, _o, _k, _v, headers in read_all(dlq):
+                if "traceparent" not in headers:
+                    continue
+                trace_id = headers["traceparent"].decode().split("-")[1]
+                try:
+                    trace = jaeger_trace(trace_id)
+                except OSError:
+                    continue
+                seen = {}
+                for p in trace["processes"].values():
+                    tags = {tag["key"]: tag["value"] for tag in p["tags"]}
+                    if tags.get("k8s.namespace.name") == namespace:
+                        seen[p["serviceName"]] = tags
+                if set(SERVICES) <= set(seen):
+                    return trace_id, seen
+            return None
+
+        trace_id, processes = wait_for("a dead letter's trace with spans from the three pods", traced_dead_letter, 90)
+        print(f"trace {trace_id}: {sorted(processes)}")
+
+        # --- upgrade with a changed env value: every pod rolls, no order is lost (checked below)
+        before = {p["metadata"]["name"] for p in objects(namespace, "pods", selector)}
+        t = time.time()
+        run(HELM, "upgrade", release, CHART, "-n", namespace, "--wait", "--timeout", "5m", *sets,
+            "--set-string", r"default.env.RUST_LOG=info\,rdkafka=warn\,order_runtime=debug", timeout=360)
+        timings["upgrade --wait"] = time.time() - t
+        for component in SERVICES:
+            wait_ready(namespace, component, 1)
+        now = {p["metadata"]["name"] for p in objects(namespace, "pods", selector)}
+        assert not before & now, f"pods not rolled by the upgrade: {before & now}"
+        for pod in objects(namespace, "pods", selector):
+            env_now = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+            assert env_now["RUST_LOG"] == "info,rdkafka=warn,order_runtime=debug"
+
+        # --- the generator stops (SIGTERM: it flushes); then the totals must be exact
+        kubectl("scale", generator, "-n", namespace, "--replicas=0")
+        wait_for("the generator gone", lambda: not objects(namespace, "pods", "app.kubernetes.io/component=order-generator"), 90)
+        processed, dead = check_totals(orders, dlq, address(namespace, "order-processor"), address(namespace, "dlq-analyzer"))
+        assert processed > 100 and dead > 0, (processed, dead)
+        print(f"exact: {processed} processed, {dead} dead-lettered; timings (s): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+
+        # --- uninstall leaves nothing of the release
+        run(HELM, "uninstall", release, "-n", namespace, "--wait", "--timeout", "2m", timeout=180)
+        kinds = "all,configmaps,secrets,serviceaccounts,poddisruptionbudgets,horizontalpodautoscalers,jobs,endpoints"
+        left = wait_for("nothing of the release left", lambda: (
+            None if (items := json.loads(kubectl("get", kinds, "-n", namespace, "-l", selector, "-o", "json"))["items"])
+            else "none"), 90)
+        assert left == "none"
+        leftover_pods = json.loads(kubectl("get", "pods", "-n", namespace, "-o", "json"))["items"]
+        assert leftover_pods == [], [p["metadata"]["name"] for p in leftover_pods]
+        assert "helm.sh/release" not in kubectl("get", "secrets", "-n", namespace)
+    finally:
+        subprocess.run(["kubectl", "delete", "namespace", namespace, "--wait=false"], env=ENV, capture_output=True)
