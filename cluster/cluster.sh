@@ -122,11 +122,15 @@ stop() {
   say "$name stopped"
 }
 
-wait_for() { # what check...
-  local what=$1 deadline; shift
+wait_for() { # component check...: until check passes; fails at once when the component exits
+  local name=$1 deadline; shift
   deadline=$(( $(date +%s) + READY_TIMEOUT_S ))
   until "$@" >/dev/null 2>&1; do
-    [ "$(date +%s)" -lt "$deadline" ] || die "$what not ready after ${READY_TIMEOUT_S}s; logs in $dir/logs"
+    if ! running "$name"; then
+      tail -n 20 "$dir/logs/$name.log" >&2 || true
+      die "$name exited during start-up; its log is $dir/logs/$name.log (last lines above)"
+    fi
+    [ "$(date +%s)" -lt "$deadline" ] || die "$name not ready after ${READY_TIMEOUT_S}s; its log is $dir/logs/$name.log"
     sleep 0.5
   done
 }
@@ -215,6 +219,7 @@ save_machine_state() {
       done
     done
     ls /var/run/netns 2>/dev/null | sed 's/^/netns /'
+    ls -d /sys/fs/cgroup/*/kubepods 2>/dev/null | sed 's/^/cgroup /'
   } >"$dir/run/machine-state"
 }
 
@@ -237,6 +242,14 @@ restore_machine_state() {
         $ipt -t "$t" -X "$chain" 2>/dev/null && say "removed $ipt chain $t/$chain"
       done
     done
+  done
+  # the kubelet's pod cgroups (cgroupfs driver: kubepods/ in every hierarchy), empty by now
+  local cg
+  for cg in /sys/fs/cgroup/*/kubepods; do
+    [ -d "$cg" ] || continue
+    grep -qx "cgroup $cg" "$f" && continue
+    find "$cg" -depth -type d -exec rmdir {} \; 2>/dev/null || true
+    [ -d "$cg" ] && say "could not remove cgroup $cg (still in use?)"
   done
   rm -f "$f"
 }
@@ -422,7 +435,7 @@ start_kubelet() {
   launch kubelet kubelet --config "$dir/kubelet-config.yaml" --kubeconfig "$dir/kubelet.kubeconfig" \
     --root-dir "$dir/kubelet" --cert-dir "$dir/run/kubelet" --hostname-override "$NODE" \
     --node-ip "$BRIDGE_ADDRESS"
-  wait_for "the node" node_ready
+  wait_for kubelet node_ready
 }
 
 node_ready() {
@@ -430,6 +443,7 @@ node_ready() {
 }
 
 up() {
+  [ "$(id -u)" -eq 0 ] || die "the cluster needs root (bridge, network namespaces, cgroups, containerd): run it as root"
   install
   local t; t=$(now)
   save_machine_state
@@ -488,7 +502,7 @@ down() {
 
 # What of the machine's network and kernel settings the cluster may touch, for a before/after
 # comparison (make test-cluster): links, addresses, routes, iptables rules, network namespaces,
-# forwarding and the kernel settings the kubelet changes.
+# the kubelet's cgroups, forwarding and the kernel settings the kubelet changes.
 fingerprint() {
   ip -br link | awk '{ print "link", $1, $2 }'
   ip -br addr | awk '{ $2 = ""; print "addr", $0 }'
@@ -498,6 +512,7 @@ fingerprint() {
     for t in filter nat mangle raw; do $ipt -t "$t" -S 2>/dev/null | sed "s/^/$ipt $t /"; done
   done
   ls /var/run/netns 2>/dev/null | sed 's/^/netns /'
+  ls -d /sys/fs/cgroup/*/kubepods 2>/dev/null | sed 's/^/cgroup /'
   for k in net/ipv4/ip_forward vm/overcommit_memory vm/panic_on_oom kernel/panic kernel/panic_on_oops kernel/keys/root_maxkeys kernel/keys/root_maxbytes; do
     echo "sysctl $k $(cat "/proc/sys/$k")"
   done
