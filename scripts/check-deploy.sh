@@ -133,6 +133,40 @@ grep -q 'kind: HorizontalPodAutoscaler' "$work/hpa.yaml" || fail "no HorizontalP
 [ "$(replicas_of "$work/hpa.yaml" order-processor)" = unset ] || fail "with an HPA the Deployment must not fix replicas"
 echo "HorizontalPodAutoscaler rendered; the Deployment leaves replicas to it"
 
+step "helm template with secrets as env, extra volumes and NetworkPolicies"
+"$helm" template op "$chart" --set networkPolicy.enabled=true \
+  --set 'networkPolicy.ingressFrom[0].namespaceSelector.matchLabels.kubernetes\.io/metadata\.name=monitoring' \
+  --set default.existingSecret=pipeline-env \
+  --set 'orderProcessor.extraEnv[0].name=RDKAFKA_SASL_PASSWORD' \
+  --set 'orderProcessor.extraEnv[0].valueFrom.secretKeyRef.name=kafka-user' \
+  --set 'orderProcessor.extraEnv[0].valueFrom.secretKeyRef.key=password' \
+  --set 'default.extraVolumes[0].name=ca' --set 'default.extraVolumes[0].secret.secretName=kafka-ca' \
+  --set 'default.extraVolumeMounts[0].name=ca' --set 'default.extraVolumeMounts[0].mountPath=/etc/kafka-ca' \
+  >"$work/secrets.yaml"
+validate "$work/secrets.yaml"
+"$venv/bin/python" - "$work/secrets.yaml" <<'EOF2' || fail "secrets, volumes or NetworkPolicies rendered wrong (above)"
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+services = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "order-pipeline"
+            and d["metadata"]["labels"]["app.kubernetes.io/component"] in ("order-generator", "order-processor", "dlq-analyzer")]
+assert len(services) == 3 and len(policies) == 3, (len(services), len(policies))
+for d in services:
+    pod = d["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert {"secretRef": {"name": "pipeline-env"}} in c["envFrom"], d["metadata"]["name"]
+    assert pod["volumes"] == [{"name": "ca", "secret": {"secretName": "kafka-ca"}}], d["metadata"]["name"]
+    assert c["volumeMounts"] == [{"name": "ca", "mountPath": "/etc/kafka-ca"}], d["metadata"]["name"]
+    names = [e["name"] for e in c["env"]]
+    if d["metadata"]["labels"]["app.kubernetes.io/component"] == "order-processor":
+        assert names[-1] == "RDKAFKA_SASL_PASSWORD" and "valueFrom" in c["env"][-1], names
+for p in policies:
+    assert p["spec"]["policyTypes"] == ["Ingress"], p["spec"]
+    assert len(p["spec"]["ingress"][0]["from"]) == 2, p["spec"]["ingress"]
+print("envFrom the existing Secret and a mounted Secret in all three; the password from a secretKeyRef, last;"
+      " three ingress-only NetworkPolicies")
+EOF2
+
 step "values.schema.json refuses bad values"
 bad=(
   "orderProcessor.replicas=-1"
@@ -141,6 +175,8 @@ bad=(
   "kafka.enabled=false"
   "schemaRegistry.enabled=false,schemaRegistry.url=registry:8081"
   "orderProcessor.resources.limits.memory=lots"
+  "default.extraVolumeMounts[0].name=ca"
+  "orderProcessor.extraEnv[0].name=not a name"
 )
 for b in "${bad[@]}"; do
   if "$helm" template op "$chart" --set "$b" >/dev/null 2>"$work/err"; then fail "--set $b was accepted"; fi

@@ -24,7 +24,8 @@ import urllib.request
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 from support import get_json, unique, wait_for  # noqa: E402
-from truth import check_totals, create_topics, read_all  # noqa: E402
+from truth import BOOTSTRAP, check_totals, create_topics, read_all  # noqa: E402
+from confluent_kafka.admin import AdminClient  # noqa: E402
 
 CLUSTER = ROOT / "cluster" / "cluster.sh"
 HELM = os.environ.get("HELM", str(ROOT / ".stack" / "bin" / "helm-v3.22.0"))
@@ -87,8 +88,8 @@ def address(namespace, component):
 
 
 def pod_processes(name):
-    """uid of each process named `name` that runs in a pod of this cluster (cgroup kubepods)."""
-    uids = []
+    """(pid, uid) of each process named `name` that runs in a pod of this cluster (cgroup kubepods)."""
+    found = []
     for proc in pathlib.Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -98,8 +99,8 @@ def pod_processes(name):
             status = (proc / "status").read_text()
         except OSError:
             continue
-        uids.append(int(next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))))
-    return uids
+        found.append((int(proc.name), int(next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:")))))
+    return found
 
 
 def jaeger_trace(trace_id):
@@ -118,23 +119,42 @@ def test_helm_install_scale_trace_upgrade_uninstall():
         "jaeger.enabled": "false", "jaeger.otlpEndpoint": f"http://{POD_HOST}:4318",
         "topics.orders": orders, "topics.dlq": dlq,
         "default.image.tag": TAG, "default.image.pullPolicy": "Never",
+        # accepted by the API server and removed by uninstall; the bridge CNI does not enforce it
+        "networkPolicy.enabled": "true",
     }
     env = {
         "orderGenerator.env.ORDER_RATE": "40",
-        "orderProcessor.env.CONSUMER_GROUP": f"{namespace}-processor",
         "orderProcessor.env.RETRY_INITIAL_BACKOFF_MS": "100",
-        "dlqAnalyzer.env.CONSUMER_GROUP": f"{namespace}-analyzer",
     }
-    sets = [a for k, v in values.items() for a in ("--set", f"{k}={v}")]
+    # settings from Secrets, the way credentials are given: the processor's group through
+    # extraEnv (secretKeyRef), the analyzer's through existingSecret (every key a variable; its
+    # default in `env` removed, since `env` wins over envFrom), and a Secret mounted as files
+    # in every pod through extraVolumes
+    from_secrets = {
+        "orderProcessor.extraEnv[0].name": "CONSUMER_GROUP",
+        "orderProcessor.extraEnv[0].valueFrom.secretKeyRef.name": "processor-env",
+        "orderProcessor.extraEnv[0].valueFrom.secretKeyRef.key": "group",
+        "dlqAnalyzer.env.CONSUMER_GROUP": "null",
+        "dlqAnalyzer.existingSecret": "analyzer-env",
+        "default.extraVolumes[0].name": "files", "default.extraVolumes[0].secret.secretName": "files",
+        "default.extraVolumeMounts[0].name": "files", "default.extraVolumeMounts[0].mountPath": "/etc/op-test",
+        "default.extraVolumeMounts[0].readOnly": "true",
+    }
+    sets = [a for k, v in {**values, **from_secrets}.items() for a in ("--set", f"{k}={v}")]
     sets += [a for k, v in env.items() for a in ("--set-string", f"{k}={v}")]
+    kubectl("create", "namespace", namespace)
+    kubectl("create", "secret", "generic", "processor-env", "-n", namespace, f"--from-literal=group={namespace}-processor")
+    kubectl("create", "secret", "generic", "analyzer-env", "-n", namespace, f"--from-literal=CONSUMER_GROUP={namespace}-analyzer")
+    kubectl("create", "secret", "generic", "files", "-n", namespace, f"--from-literal=marker={namespace}")
     selector = f"app.kubernetes.io/instance={release}"
     timings = {}
     try:
         # --- install: every pod Ready through the chart's own probes
         t = time.time()
-        run(HELM, "install", release, CHART, "-n", namespace, "--create-namespace", "--wait", "--timeout", "5m",
+        run(HELM, "install", release, CHART, "-n", namespace, "--wait", "--timeout", "5m",
             *sets, timeout=360)
         timings["install --wait"] = time.time() - t
+        assert len(objects(namespace, "networkpolicies", selector)) == 3
         pods = objects(namespace, "pods", selector)
         assert sorted(p["metadata"]["labels"]["app.kubernetes.io/component"] for p in pods) == sorted(SERVICES)
         for pod in pods:
@@ -147,7 +167,17 @@ def test_helm_install_scale_trace_upgrade_uninstall():
             assert all(s["ready"] for s in pod["status"]["containerStatuses"]), pod["metadata"]["name"]
         # the processes themselves, seen from the machine: each service runs in its pod as 65532
         for name in SERVICES:
-            assert pod_processes(name) == [65532], (name, pod_processes(name))
+            found = pod_processes(name)
+            assert [uid for _pid, uid in found] == [65532], (name, found)
+            # the Secret mounted through extraVolumes, seen in the process's own root
+            marker = pathlib.Path(f"/proc/{found[0][0]}/root/etc/op-test/marker")
+            assert marker.read_text() == namespace, name
+        # the consumer groups named in Secrets are the ones in use (asked until the broker's
+        # group coordinator answers: it may still be loading after the stack's restart)
+        admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
+        wanted = {f"{namespace}-processor", f"{namespace}-analyzer"}
+        wait_for("the consumer groups named in the Secrets", lambda: wanted <= {
+            g.group_id for g in admin.list_consumer_groups().result(timeout=30).valid}, 60)
         processor = f"deployment/{release}-order-pipeline-order-processor"
         generator = f"deployment/{release}-order-pipeline-order-generator"
 
@@ -215,13 +245,23 @@ def test_helm_install_scale_trace_upgrade_uninstall():
 
         # --- uninstall leaves nothing of the release
         run(HELM, "uninstall", release, "-n", namespace, "--wait", "--timeout", "2m", timeout=180)
-        kinds = "all,configmaps,secrets,serviceaccounts,poddisruptionbudgets,horizontalpodautoscalers,jobs,endpoints"
-        left = wait_for("nothing of the release left", lambda: (
-            None if (items := json.loads(kubectl("get", kinds, "-n", namespace, "-l", selector, "-o", "json"))["items"])
-            else "none"), 90)
-        assert left == "none"
-        leftover_pods = json.loads(kubectl("get", "pods", "-n", namespace, "-o", "json"))["items"]
-        assert leftover_pods == [], [p["metadata"]["name"] for p in leftover_pods]
+        kinds = ("all,configmaps,secrets,serviceaccounts,poddisruptionbudgets,horizontalpodautoscalers,jobs,"
+                 "endpoints,networkpolicies")
+
+        def names(items):
+            return [f"{i['kind']}/{i['metadata']['name']}" for i in items]
+
+        seen = {}
+
+        def gone():
+            seen["release"] = names(json.loads(kubectl("get", kinds, "-n", namespace, "-l", selector, "-o", "json"))["items"])
+            seen["pods"] = names(json.loads(kubectl("get", "pods", "-n", namespace, "-o", "json"))["items"])
+            return not seen["release"] and not seen["pods"]
+
+        try:
+            wait_for("nothing of the release left, no pod in the namespace", gone, 90)
+        except AssertionError as e:
+            raise AssertionError(f"{e}: {seen}") from None
         assert "helm.sh/release" not in kubectl("get", "secrets", "-n", namespace)
     finally:
         subprocess.run(["kubectl", "delete", "namespace", namespace, "--wait=false"], env=ENV, capture_output=True)
