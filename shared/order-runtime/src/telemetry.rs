@@ -8,13 +8,23 @@
 //! `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG` pick the sampler, read once by the SDK's
 //! own parser; [`crate::trace`] asks the same sampler before it builds a span that continues a
 //! record's trace, so a sampled-out record costs no span at all.
+//!
+//! The OTLP transport follows `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`, else
+//! `OTEL_EXPORTER_OTLP_PROTOCOL`: `http/protobuf` (the default; collectors listen on 4318) or
+//! `grpc` (4317). The gRPC exporter runs on a one-thread Tokio runtime of its own, which the
+//! SDK's batch thread needs for its connection. Export failures are ours to report
+//! ([`Reported`]): the first at once with its likely cause, then at most one line a minute.
 
 use opentelemetry::KeyValue;
 use opentelemetry::propagation::TextMapCompositePropagator;
 use opentelemetry::trace::TracerProvider as _;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
-use opentelemetry_sdk::trace::{SdkTracerProvider, ShouldSample};
+use opentelemetry_sdk::trace::{SdkTracerProvider, ShouldSample, SpanData, SpanExporter};
 use tracing::Subscriber;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
@@ -26,6 +36,8 @@ use crate::config::LogFormat;
 #[derive(Debug)]
 pub struct TelemetryGuard {
     provider: Option<SdkTracerProvider>,
+    /// The gRPC exporter's runtime, stopped after the last export.
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl Drop for TelemetryGuard {
@@ -35,6 +47,204 @@ impl Drop for TelemetryGuard {
         {
             eprintln!("trace exporter did not shut down cleanly: {e}");
         }
+        // the guard may be dropped inside another runtime, where a blocking drop would panic
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// The OTLP transport, from `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`, else
+/// `OTEL_EXPORTER_OTLP_PROTOCOL`; `http/protobuf` when neither is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    HttpProtobuf,
+    Grpc,
+}
+
+impl OtlpProtocol {
+    /// The protocol the variables ask for; an error naming the variable for a value we do not
+    /// speak (`http/json` included: no collector needs it).
+    pub fn from_vars(vars: &[(String, String)]) -> Result<Self, String> {
+        let set = |name: &str| {
+            vars.iter()
+                .find(|(k, v)| k == name && !v.trim().is_empty())
+                .map(|(k, v)| (k.as_str(), v.trim()))
+        };
+        match set("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            .or_else(|| set("OTEL_EXPORTER_OTLP_PROTOCOL"))
+        {
+            None | Some((_, "http/protobuf")) => Ok(Self::HttpProtobuf),
+            Some((_, "grpc")) => Ok(Self::Grpc),
+            Some((name, other)) => Err(format!(
+                "{name}={other} is not supported: use grpc (collectors listen for it on 4317) or http/protobuf (4318)"
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HttpProtobuf => "http/protobuf",
+            Self::Grpc => "grpc",
+        }
+    }
+
+    /// The port collectors serve this protocol on, and the other protocol's.
+    fn ports(self) -> (u16, u16) {
+        match self {
+            Self::HttpProtobuf => (4318, 4317),
+            Self::Grpc => (4317, 4318),
+        }
+    }
+}
+
+/// The endpoint the exporter sends to, as the variables give it (for messages).
+fn endpoint(vars: &[(String, String)]) -> String {
+    [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ]
+    .iter()
+    .find_map(|name| {
+        vars.iter()
+            .find(|(k, v)| k == name && !v.trim().is_empty())
+            .map(|(_, v)| v.trim().to_owned())
+    })
+    .unwrap_or_default()
+}
+
+/// A warning when the endpoint's port is the other protocol's usual one (4317 is OTLP/gRPC,
+/// 4318 OTLP/HTTP): the commonest misconfiguration, which otherwise shows only as failures.
+fn port_mismatch(endpoint: &str, protocol: OtlpProtocol) -> Option<String> {
+    let (_, other) = protocol.ports();
+    let authority = endpoint.split("://").nth(1).unwrap_or(endpoint);
+    let port = authority.split(['/', '?']).next()?.rsplit(':').next()?;
+    (port == other.to_string()).then(|| {
+        format!(
+            "port {other} is where collectors serve OTLP/{}, but the protocol is {}: set OTEL_EXPORTER_OTLP_PROTOCOL={}",
+            if other == 4317 { "gRPC" } else { "HTTP" },
+            protocol.as_str(),
+            if other == 4317 { "grpc" } else { "http/protobuf" },
+        )
+    })
+}
+
+/// What an export error most likely means, for the log line.
+fn likely_cause(error: &str, endpoint: &str, protocol: OtlpProtocol) -> String {
+    if let Some(mismatch) = port_mismatch(endpoint, protocol) {
+        return mismatch;
+    }
+    let e = error.to_ascii_lowercase();
+    if e.contains("401")
+        || e.contains("403")
+        || e.contains("unauthenticated")
+        || e.contains("permission")
+    {
+        "the collector refused the request's credentials (OTEL_EXPORTER_OTLP_HEADERS)".to_owned()
+    } else if e.contains("404") || e.contains("unimplemented") {
+        format!(
+            "{endpoint} answers but not as an OTLP/{} traces endpoint (OTEL_EXPORTER_OTLP_ENDPOINT is the base URL; OTEL_EXPORTER_OTLP_PROTOCOL picks grpc or http/protobuf)",
+            if protocol == OtlpProtocol::Grpc {
+                "gRPC"
+            } else {
+                "HTTP"
+            }
+        )
+    } else if e.contains("network")
+        || e.contains("connect")
+        || e.contains("transport")
+        || e.contains("dns")
+    {
+        format!("no collector answers at {endpoint} (is it running, and is this its address?)")
+    } else if e.contains("timed out") || e.contains("timeout") || e.contains("deadline") {
+        format!("the collector at {endpoint} is too slow to answer (OTEL_EXPORTER_OTLP_TIMEOUT)")
+    } else {
+        format!("the collector at {endpoint} did not take the spans")
+    }
+}
+
+/// The OTLP exporter, with failures reported by us: the first at once, with its likely cause,
+/// then at most one line a minute counting what failed meanwhile, and one line when export
+/// works again. (The SDK's own error line for each failed batch is filtered out of the log.)
+#[derive(Debug)]
+struct Reported<E> {
+    inner: E,
+    endpoint: String,
+    protocol: OtlpProtocol,
+    state: Mutex<ReportState>,
+}
+
+#[derive(Debug, Default)]
+struct ReportState {
+    /// When the last failure line was written; `None` while export works.
+    last_line: Option<Instant>,
+    failures_since: u64,
+    spans_since: u64,
+}
+
+/// The SDK's event for every failed batch, which [`Reported`] replaces.
+const SDK_EXPORT_ERROR: &str = "BatchSpanProcessor.ExportError";
+const REPORT_EVERY: Duration = Duration::from_secs(60);
+
+impl<E> Reported<E> {
+    fn note(&self, result: &OTelSdkResult, spans: usize) {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match result {
+            Ok(()) => {
+                if state.last_line.take().is_some() {
+                    tracing::info!(endpoint = %self.endpoint, "trace export works again");
+                }
+                *state = ReportState::default();
+            }
+            Err(e) => {
+                state.failures_since += 1;
+                state.spans_since += u64::try_from(spans).unwrap_or(u64::MAX);
+                if state.last_line.is_none_or(|t| t.elapsed() >= REPORT_EVERY) {
+                    let error = e.to_string();
+                    tracing::warn!(
+                        endpoint = %self.endpoint,
+                        protocol = self.protocol.as_str(),
+                        error = %error,
+                        failed_exports = state.failures_since,
+                        spans_lost = state.spans_since,
+                        "trace export failed: {}; the next failures are summed up once a minute",
+                        likely_cause(&error, &self.endpoint, self.protocol)
+                    );
+                    state.last_line = Some(Instant::now());
+                    state.failures_since = 0;
+                    state.spans_since = 0;
+                }
+            }
+        }
+    }
+}
+
+impl<E: SpanExporter> SpanExporter for Reported<E> {
+    fn export(
+        &self,
+        batch: Vec<SpanData>,
+    ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+        let spans = batch.len();
+        async move {
+            let result = self.inner.export(batch).await;
+            self.note(&result, spans);
+            result
+        }
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
     }
 }
 
@@ -63,12 +273,14 @@ pub fn parent_based(vars: &[(String, String)]) -> bool {
     })
 }
 
-/// The tracer provider, with `sampler`; it exports over OTLP/HTTP only when `export` is true.
+/// The tracer provider, with `sampler`; it exports over OTLP (`protocol`, the endpoint and the
+/// rest from the `OTEL_EXPORTER_OTLP_*` variables) only when `export` is true. The runtime
+/// returned, for gRPC, must outlive the provider.
 pub fn tracer_provider(
     service_name: &'static str,
-    export: bool,
+    export: Option<(OtlpProtocol, String)>,
     sampler: Box<dyn ShouldSample>,
-) -> anyhow::Result<SdkTracerProvider> {
+) -> anyhow::Result<(SdkTracerProvider, Option<tokio::runtime::Runtime>)> {
     let mut resource = Resource::builder().with_attributes([
         KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
         KeyValue::new("service.instance.id", instance_id()),
@@ -80,15 +292,40 @@ pub fn tracer_provider(
     let mut builder = SdkTracerProvider::builder()
         .with_resource(resource.build())
         .with_sampler(sampler);
-    if export {
-        // http/protobuf is the OTLP default; the exporter reads endpoint, headers and timeout
-        // from the OTEL_EXPORTER_OTLP_* variables itself
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .build()?;
-        builder = builder.with_batch_exporter(exporter);
+    let mut runtime = None;
+    if let Some((protocol, endpoint)) = export {
+        // the exporter reads endpoint, headers and timeout from the OTEL_EXPORTER_OTLP_*
+        // variables itself
+        let exporter = match protocol {
+            OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .build()?,
+            OtlpProtocol::Grpc => {
+                // the SDK's batch thread drives exports with a plain executor; tonic's
+                // connection needs a Tokio reactor, which this runtime keeps
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name("otlp-grpc")
+                    .enable_all()
+                    .build()?;
+                let exporter = {
+                    let _in_runtime = rt.enter();
+                    opentelemetry_otlp::SpanExporter::builder()
+                        .with_tonic()
+                        .build()?
+                };
+                runtime = Some(rt);
+                exporter
+            }
+        };
+        builder = builder.with_batch_exporter(Reported {
+            inner: exporter,
+            endpoint,
+            protocol,
+            state: Mutex::default(),
+        });
     }
-    Ok(builder.build())
+    Ok((builder.build(), runtime))
 }
 
 /// Host name, pid and a random part, the same for the whole process: readable in Jaeger, and
@@ -133,7 +370,9 @@ pub fn build_subscriber(
     // span is made, which for a span per record cost more than the record's processing (make
     // bench: 158k records/s with it, 218k without); log lines about a record name its
     // `trace_id` as a field instead.
-    .with_filter(tracing_subscriber::filter::filter_fn(|m| m.is_event()));
+    .with_filter(tracing_subscriber::filter::filter_fn(|m| {
+        m.is_event() && m.name() != SDK_EXPORT_ERROR
+    }));
     let otel = provider.map(|p| {
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer(service_name))
@@ -161,14 +400,20 @@ pub fn init(
     vars: &[(String, String)],
 ) -> anyhow::Result<TelemetryGuard> {
     install_propagators();
-    let provider = if export_configured(vars) {
+    let protocol = OtlpProtocol::from_vars(vars).map_err(anyhow::Error::msg)?;
+    let endpoint = endpoint(vars);
+    let (provider, runtime) = if export_configured(vars) {
         let sampler = sampler_from_env();
-        let provider = tracer_provider(service_name, true, sampler.clone())?;
+        let (provider, runtime) = tracer_provider(
+            service_name,
+            Some((protocol, endpoint.clone())),
+            sampler.clone(),
+        )?;
         opentelemetry::global::set_tracer_provider(provider.clone());
         crate::trace::enable_spans(sampler, parent_based(vars));
-        Some(provider)
+        (Some(provider), runtime)
     } else {
-        None
+        (None, None)
     };
     tracing::subscriber::set_global_default(build_subscriber(
         service_name,
@@ -176,7 +421,12 @@ pub fn init(
         env_filter(),
         provider.as_ref(),
     ))?;
-    Ok(TelemetryGuard { provider })
+    if provider.is_some()
+        && let Some(mismatch) = port_mismatch(&endpoint, protocol)
+    {
+        tracing::warn!(endpoint = %endpoint, "trace export will likely fail: {mismatch}");
+    }
+    Ok(TelemetryGuard { provider, runtime })
 }
 
 #[cfg(test)]
@@ -199,7 +449,7 @@ mod tests {
     /// reads: it must follow `RUST_LOG`, so that filtered-out spans cost nothing to skip.
     #[test]
     fn level_hint_follows_the_filter() {
-        let provider = tracer_provider("test", false, sampler_from_env()).unwrap();
+        let provider = tracer_provider("test", None, sampler_from_env()).unwrap().0;
         for (directives, level) in [
             ("warn", LevelFilter::WARN),
             ("info", LevelFilter::INFO),
@@ -213,6 +463,88 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn the_protocol_comes_from_the_traces_variable_then_the_general_one() {
+        assert_eq!(OtlpProtocol::from_vars(&[]), Ok(OtlpProtocol::HttpProtobuf));
+        let grpc = vars(&[("OTEL_EXPORTER_OTLP_PROTOCOL", " grpc ")]);
+        assert_eq!(OtlpProtocol::from_vars(&grpc), Ok(OtlpProtocol::Grpc));
+        let both = vars(&[
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf"),
+        ]);
+        assert_eq!(
+            OtlpProtocol::from_vars(&both),
+            Ok(OtlpProtocol::HttpProtobuf)
+        );
+        let empty = vars(&[
+            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", ""),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ]);
+        assert_eq!(OtlpProtocol::from_vars(&empty), Ok(OtlpProtocol::Grpc));
+        let json = vars(&[("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json")]);
+        let e = OtlpProtocol::from_vars(&json).unwrap_err();
+        assert!(
+            e.starts_with("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/json is not supported"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_port_of_the_other_protocol_is_named() {
+        let http = OtlpProtocol::HttpProtobuf;
+        let grpc = OtlpProtocol::Grpc;
+        let m = port_mismatch("http://collector:4317", http).unwrap();
+        assert!(m.contains("OTEL_EXPORTER_OTLP_PROTOCOL=grpc"), "{m}");
+        let m = port_mismatch("http://10.0.0.1:4318/", grpc).unwrap();
+        assert!(
+            m.contains("OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf"),
+            "{m}"
+        );
+        for (endpoint, protocol) in [
+            ("http://collector:4318", http),
+            ("http://collector:4317", grpc),
+            ("https://otlp.example.com", http),
+            ("http://collector:14317/v1", http),
+            ("", grpc),
+        ] {
+            assert_eq!(port_mismatch(endpoint, protocol), None, "{endpoint}");
+        }
+    }
+
+    #[test]
+    fn export_errors_are_explained() {
+        let http = OtlpProtocol::HttpProtobuf;
+        let at = "http://collector:4318";
+        for (error, expected) in [
+            (
+                "HTTP export failed: network error",
+                "no collector answers at http://collector:4318",
+            ),
+            (
+                "HTTP export failed with status code: 404",
+                "not as an OTLP/HTTP traces endpoint",
+            ),
+            ("HTTP export failed with status code: 401", "credentials"),
+            ("request timed out", "too slow"),
+            ("something else", "did not take the spans"),
+        ] {
+            let cause = likely_cause(error, at, http);
+            assert!(cause.contains(expected), "{error}: {cause}");
+        }
+        let cause = likely_cause("transport error", "http://collector:4317", http);
+        assert!(
+            cause.contains("OTEL_EXPORTER_OTLP_PROTOCOL=grpc"),
+            "{cause}"
+        );
     }
 
     /// Without an exporter the per-record spans are not made, whatever the level (no test in

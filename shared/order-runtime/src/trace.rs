@@ -286,8 +286,9 @@ mod tests {
     #[test]
     fn context_and_baggage_flow_from_consumed_headers_to_produced_ones() {
         telemetry::install_propagators();
-        let provider =
-            telemetry::tracer_provider("test", false, telemetry::sampler_from_env()).unwrap();
+        let provider = telemetry::tracer_provider("test", None, telemetry::sampler_from_env())
+            .unwrap()
+            .0;
         let subscriber = telemetry::build_subscriber(
             "test",
             LogFormat::Pretty,
