@@ -66,13 +66,8 @@ impl OtlpProtocol {
     /// The protocol the variables ask for; an error naming the variable for a value we do not
     /// speak (`http/json` included: no collector needs it).
     pub fn from_vars(vars: &[(String, String)]) -> Result<Self, String> {
-        let set = |name: &str| {
-            vars.iter()
-                .find(|(k, v)| k == name && !v.trim().is_empty())
-                .map(|(k, v)| (k.as_str(), v.trim()))
-        };
-        match set("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-            .or_else(|| set("OTEL_EXPORTER_OTLP_PROTOCOL"))
+        match set_var(vars, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            .or_else(|| set_var(vars, "OTEL_EXPORTER_OTLP_PROTOCOL"))
         {
             None | Some((_, "http/protobuf")) => Ok(Self::HttpProtobuf),
             Some((_, "grpc")) => Ok(Self::Grpc),
@@ -98,19 +93,19 @@ impl OtlpProtocol {
     }
 }
 
-/// The endpoint the exporter sends to, as the variables give it (for messages).
+/// `name` and its value, trimmed, when the variable is set and not blank.
+fn set_var<'a>(vars: &'a [(String, String)], name: &str) -> Option<(&'a str, &'a str)> {
+    vars.iter()
+        .find(|(k, v)| k == name && !v.trim().is_empty())
+        .map(|(k, v)| (k.as_str(), v.trim()))
+}
+
+/// The endpoint the exporter sends to, as the variables give it; empty when none is set.
 fn endpoint(vars: &[(String, String)]) -> String {
-    [
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-        "OTEL_EXPORTER_OTLP_ENDPOINT",
-    ]
-    .iter()
-    .find_map(|name| {
-        vars.iter()
-            .find(|(k, v)| k == name && !v.trim().is_empty())
-            .map(|(_, v)| v.trim().to_owned())
-    })
-    .unwrap_or_default()
+    set_var(vars, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .or_else(|| set_var(vars, "OTEL_EXPORTER_OTLP_ENDPOINT"))
+        .map(|(_, v)| v.to_owned())
+        .unwrap_or_default()
 }
 
 /// A warning when the endpoint's port is the other protocol's usual one (4317 is OTLP/gRPC,
@@ -250,12 +245,8 @@ impl<E: SpanExporter> SpanExporter for Reported<E> {
 
 /// True when the standard variables ask for trace export.
 pub fn export_configured(vars: &[(String, String)]) -> bool {
-    vars.iter().any(|(k, v)| {
-        (k == "OTEL_EXPORTER_OTLP_ENDPOINT" || k == "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            && !v.trim().is_empty()
-    }) && !vars
-        .iter()
-        .any(|(k, v)| k == "OTEL_TRACES_EXPORTER" && v.trim() == "none")
+    !endpoint(vars).is_empty()
+        && set_var(vars, "OTEL_TRACES_EXPORTER").map(|(_, v)| v) != Some("none")
 }
 
 /// The sampler of `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG`, parsed by the SDK (which
@@ -496,6 +487,31 @@ mod tests {
             e.starts_with("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/json is not supported"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn export_needs_an_endpoint_and_no_exporter_none() {
+        assert!(!export_configured(&[]));
+        assert!(!export_configured(&vars(&[(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            " "
+        )])));
+        let http = vars(&[(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "http://c:4318/v1/traces",
+        )]);
+        assert!(export_configured(&http));
+        assert_eq!(endpoint(&http), "http://c:4318/v1/traces");
+        let off = vars(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+            ("OTEL_TRACES_EXPORTER", "none "),
+        ]);
+        assert!(!export_configured(&off));
+        let both = vars(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://general:4318"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://traces:4318"),
+        ]);
+        assert_eq!(endpoint(&both), "http://traces:4318");
     }
 
     #[test]
