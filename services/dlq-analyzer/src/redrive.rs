@@ -145,6 +145,23 @@ pub enum RedriveError {
     Kafka(#[from] KafkaError),
     #[error("a blocking Kafka call did not finish: {0}")]
     Interrupted(String),
+    /// A step of the run's start, named, with Kafka's error.
+    #[error("{step}: {source}")]
+    Start {
+        step: String,
+        #[source]
+        source: KafkaError,
+    },
+}
+
+impl RedriveError {
+    fn at(step: impl Into<String>) -> impl FnOnce(RedriveError) -> RedriveError {
+        let step = step.into();
+        move |e| match e {
+            RedriveError::Kafka(source) => RedriveError::Start { step, source },
+            other => other,
+        }
+    }
 }
 
 /// Runs a blocking librdkafka call off the async threads.
@@ -287,10 +304,34 @@ pub async fn run(
         .set("allow.auto.create.topics", "false");
     let consumer: Arc<StreamConsumer> = Arc::new(kafka::with_user_properties(c, common).create()?);
     let dlq = &common.dlq_topic;
+    let producer: Option<Arc<ThreadedProducer<DefaultProducerContext>>> = if options.dry_run {
+        None
+    } else {
+        let mut pc = kafka::producer_config(common, &group, "none");
+        // librdkafka wants deliveries to give up before the transaction would time out; a
+        // crashed run's open transaction is fenced by the next run's producer sooner
+        pc.set("transactional.id", &group)
+            .set("transaction.timeout.ms", "60000")
+            .set("message.timeout.ms", "60000");
+        let p: ThreadedProducer<DefaultProducerContext> = pc.create()?;
+        let p = Arc::new(p);
+        let q = p.clone();
+        // fences a crashed earlier run of the same request, first: its open transaction is
+        // aborted, with any position it had handed over, which the broker otherwise holds back
+        // from the offsets read below until the transaction times out
+        blocking(move || q.init_transactions(TIMEOUT))
+            .await
+            .map_err(RedriveError::at(format!(
+                "fencing an earlier run of this request (transactional id {group})"
+            )))?;
+        Some(p)
+    };
     let partitions = {
         let c = consumer.clone();
         let t = dlq.clone();
-        blocking(move || kafka::partition_count(c.client(), &t, TIMEOUT)).await?
+        blocking(move || kafka::partition_count(c.client(), &t, TIMEOUT))
+            .await
+            .map_err(RedriveError::at(format!("reading the partitions of {dlq}")))?
     };
     let partitions: Vec<i32> = (0..i32::try_from(partitions).unwrap_or(0)).collect();
     // where this request stopped last time (the beginning the first time)
@@ -300,11 +341,27 @@ pub async fn run(
     }
     let committed = {
         let (c, s) = (consumer.clone(), start.clone());
-        blocking(move || c.committed_offsets(s, TIMEOUT)).await?
+        blocking(move || c.committed_offsets(s, TIMEOUT))
+            .await
+            .map_err(RedriveError::at(format!(
+                "reading where this request stopped in {dlq} (group {group})"
+            )))?
     };
     let mut assignment = TopicPartitionList::new();
     for p in &partitions {
-        let offset = match committed.find_partition(dlq, *p).map(|e| e.offset()) {
+        let entry = committed.find_partition(dlq, *p);
+        // a partition's own error (its position still pending in an open transaction, say)
+        // is no licence to start again from the beginning
+        if let Some(Err(source)) = entry
+            .as_ref()
+            .map(rdkafka::topic_partition_list::TopicPartitionListElem::error)
+        {
+            return Err(RedriveError::Start {
+                step: format!("reading where this request stopped in {dlq} [{p}] (group {group})"),
+                source,
+            });
+        }
+        let offset = match entry.map(|e| e.offset()) {
             Some(Offset::Offset(o)) => Offset::Offset(o),
             _ => Offset::Beginning,
         };
@@ -324,25 +381,12 @@ pub async fn run(
                 })
                 .collect::<Result<BTreeMap<i32, i64>, KafkaError>>()
         })
-        .await?
+        .await
+        .map_err(RedriveError::at(format!(
+            "reading the end offsets of {dlq}"
+        )))?
     };
 
-    let producer: Option<Arc<ThreadedProducer<DefaultProducerContext>>> = if options.dry_run {
-        None
-    } else {
-        let mut pc = kafka::producer_config(common, &group, "none");
-        // librdkafka wants deliveries to give up before the transaction would time out; a
-        // crashed run's open transaction is fenced by the next run's producer sooner
-        pc.set("transactional.id", &group)
-            .set("transaction.timeout.ms", "60000")
-            .set("message.timeout.ms", "60000");
-        let p: ThreadedProducer<DefaultProducerContext> = pc.create()?;
-        let p = Arc::new(p);
-        let q = p.clone();
-        // fences a crashed earlier run of the same request
-        blocking(move || q.init_transactions(TIMEOUT)).await?;
-        Some(p)
-    };
     let metadata = consumer.group_metadata();
 
     let rate = options.rate.unwrap_or(settings.rate);

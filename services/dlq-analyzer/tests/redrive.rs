@@ -1,5 +1,6 @@
 //! Redrive against the real stack: a fixed cause brought back to exact totals, a redrive
-//! killed mid-way and run again, a poison record parked.
+//! killed mid-way and run again, a run dead between its offsets and its commit fenced, a poison
+//! record parked.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
@@ -340,4 +341,93 @@ async fn a_record_redriven_too_often_is_parked() {
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0].key(), Some(&b"fresh"[..]));
     assert_eq!(headers_of(&sent[0])["redrive.count"], "2");
+}
+
+/// A run that dies after handing its position to the transaction but before the commit leaves
+/// the group's offsets pending on the broker. The next run fences it and goes on from the last
+/// committed position: neither stuck behind the pending offsets nor back at the beginning.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_killed_between_its_offsets_and_its_commit_is_fenced_by_the_next() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+    use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+    let stack = Stack::from_env();
+    let (orders, dlq, id) = (unique("orders"), unique("dlq"), unique("zombie"));
+    stack.create_topic(&orders, 1).await;
+    stack.create_topic(&dlq, 1).await;
+    let producer = stack.producer();
+    const N: usize = 10;
+    for i in 0..N {
+        stack
+            .produce_raw(
+                &producer,
+                &dlq,
+                Some(0),
+                Some(format!("k{i}").as_bytes()),
+                Some(b"v"),
+                &[
+                    ("dlq.error.category", "validation"),
+                    ("dlq.error.kind", "unknown_product"),
+                ],
+            )
+            .await;
+    }
+    // what a run of request `id` does: its transactional id and its group are both this
+    let group = format!("dlq-analyzer-redrive-{id}");
+    let client = |extra: &[(&str, &str)]| {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &stack.bootstrap);
+        for (k, v) in extra {
+            c.set(*k, *v);
+        }
+        c
+    };
+    let consumer: BaseConsumer = client(&[("group.id", &group)]).create().unwrap();
+    let metadata = consumer.group_metadata().unwrap();
+    let zombie: ThreadedProducer<rdkafka::producer::DefaultProducerContext> = client(&[
+        ("transactional.id", &group),
+        ("transaction.timeout.ms", "60000"),
+    ])
+    .create()
+    .unwrap();
+    let t = Duration::from_secs(30);
+    zombie.init_transactions(t).unwrap();
+    let offsets = |o: i64| {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&dlq, 0, Offset::Offset(o))
+            .unwrap();
+        tpl
+    };
+    let send = |i: usize| {
+        let key = format!("k{i}");
+        zombie
+            .send(BaseRecord::<str, str>::to(&orders).key(&key).payload("v"))
+            .unwrap();
+    };
+    // a committed transaction: the first 3 dead letters redriven
+    zombie.begin_transaction().unwrap();
+    (0..3).for_each(send);
+    zombie
+        .send_offsets_to_transaction(&offsets(3), &metadata, t)
+        .unwrap();
+    zombie.commit_transaction(t).unwrap();
+    // then 3 more sent and the position handed over, and the process gone before the commit
+    zombie.begin_transaction().unwrap();
+    (3..6).for_each(send);
+    zombie.flush(t).unwrap();
+    zombie
+        .send_offsets_to_transaction(&offsets(6), &metadata, t)
+        .unwrap();
+
+    let vars = stack.vars(&orders, &dlq);
+    let (ok, done, err) = redrive(&vars, &["--id", &id, "--kind", "unknown_product"]);
+    assert!(ok, "{err}");
+    assert_eq!(done["redriven"], (N - 3) as u64, "{done}");
+    let sent = stack.read_all(&orders, N, Duration::from_secs(30));
+    let keys: BTreeSet<Vec<u8>> = sent.iter().map(|m| m.key().unwrap().to_vec()).collect();
+    assert_eq!(sent.len(), N, "every dead letter once, none twice");
+    assert_eq!(keys.len(), N);
+    // the fenced producer cannot commit what it had open
+    assert!(zombie.commit_transaction(t).is_err());
 }
