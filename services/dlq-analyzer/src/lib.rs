@@ -147,6 +147,8 @@ pub enum StartError {
     Kafka(#[source] rdkafka::error::KafkaError),
     #[error(transparent)]
     Codec(#[from] order_schema::CodecError),
+    #[error(transparent)]
+    Registry(#[from] order_schema::AccessError),
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -189,14 +191,15 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Self, StartError> {
+        config.common.check_registry().await?;
         let port = config.analyzer.http_port;
         let listener = http::bind(port, config.common.http_port_file.as_deref())
             .await
             .map_err(|source| StartError::Bind { port, source })?;
         let port = listener.local_addr().map(|a| a.port()).unwrap_or(port);
         let common = &config.common;
-        let codec = Arc::new(OrderCodec::new(
-            &common.schema_registry_url,
+        let codec = Arc::new(OrderCodec::with_access(
+            &common.registry,
             &common.orders_topic,
         )?);
         let probe = Arc::new(Probe::default());
@@ -295,7 +298,7 @@ impl Application {
             .merge(redrives.clone().router());
         let server = tokio::spawn(http::serve(
             listener,
-            http::router(probe, Arc::new(registry)).merge(routes),
+            http::router(probe, registry).merge(routes),
             shutdown.clone(),
         ));
         let topic = config.common.dlq_topic.clone();

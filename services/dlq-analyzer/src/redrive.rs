@@ -747,10 +747,8 @@ pub async fn command(args: &[String]) -> std::process::ExitCode {
             return ExitCode::from(2);
         }
     };
-    let codec = match OrderCodec::new(
-        &config.common.schema_registry_url,
-        &config.common.orders_topic,
-    ) {
+    let codec = match OrderCodec::with_access(&config.common.registry, &config.common.orders_topic)
+    {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");

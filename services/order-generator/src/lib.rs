@@ -126,6 +126,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Codec(CodecError),
+    #[error(transparent)]
+    Registry(#[from] order_schema::AccessError),
 }
 
 /// Counters the delivery callback and `/stats` share.
@@ -201,6 +203,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Self, StartError> {
+        config.common.check_registry().await?;
         let port = config.generator.http_port;
         let listener = http::bind(port, config.common.http_port_file.as_deref())
             .await
@@ -208,7 +211,7 @@ impl Application {
         let port = listener.local_addr().map(|a| a.port()).unwrap_or(port);
         let common = &config.common;
 
-        let codec = OrderCodec::new(&common.schema_registry_url, &common.orders_topic)
+        let codec = OrderCodec::with_access(&common.registry, &common.orders_topic)
             .map_err(StartError::Codec)?;
         let schema_id = register_schema(
             &codec,
@@ -346,7 +349,7 @@ impl Application {
         let server_stop = CancellationToken::new();
         let server = tokio::spawn(http::serve(
             listener,
-            http::router(probe, Arc::new(registry)).merge(stats),
+            http::router(probe, registry).merge(stats),
             server_stop.clone(),
         ));
 

@@ -29,6 +29,13 @@ pub trait Durability: Send + Sync + Sized + 'static {
     /// Consumer settings the guarantee needs.
     fn configure_consumer(&self, client: &mut ClientConfig);
 
+    /// Registers the guarantee's own metrics: `processor_transactions_total`, which only
+    /// exactly-once moves (at-least-once has no transactions, so both counts stay 0 there and
+    /// the alerts and dashboards that read it work for either).
+    fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        crate::metrics::Transactions::default().register(registry);
+    }
+
     /// Once the orders topic exists (with `orders_partitions` partitions), before subscribing:
     /// what the guarantee needs in the cluster (exactly-once: its changelog topic, as many
     /// partitions, and its transactional producer).

@@ -73,6 +73,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Codec(#[from] order_schema::CodecError),
+    #[error(transparent)]
+    Registry(#[from] order_schema::AccessError),
 }
 
 pub(crate) fn kafka_error(
@@ -104,6 +106,7 @@ impl Application {
         failures: Arc<dyn FailureInjector>,
         shutdown: CancellationToken,
     ) -> Result<Self, StartError> {
+        config.common.check_registry().await?;
         let port = config.processor.http_port;
         let listener = http::bind(port, config.common.http_port_file.as_deref())
             .await

@@ -27,6 +27,38 @@ pub struct OutcomeLabel {
     pub outcome: &'static str,
 }
 
+/// `processor_transactions_total{outcome}`: exactly-once transactions committed and aborted
+/// (an abort replays the transaction's outcomes in a new one). At-least-once has none.
+#[derive(Clone, Debug)]
+pub struct Transactions {
+    family: Family<OutcomeLabel, Counter>,
+    pub committed: Counter,
+    pub aborted: Counter,
+}
+
+impl Default for Transactions {
+    fn default() -> Self {
+        let family = Family::<OutcomeLabel, Counter>::default();
+        let outcome = |outcome| family.get_or_create(&OutcomeLabel { outcome }).clone();
+        let (committed, aborted) = (outcome("committed"), outcome("aborted"));
+        Transactions {
+            family,
+            committed,
+            aborted,
+        }
+    }
+}
+
+impl Transactions {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "processor_transactions",
+            "Exactly-once transactions, by outcome (committed, aborted)",
+            self.family.clone(),
+        );
+    }
+}
+
 /// Locks the exact end-to-end histogram is split over (partition modulo this).
 const EXACT_SHARDS: usize = 8;
 

@@ -49,11 +49,12 @@ impl<D: Durability> Pipeline<D> {
         let common = &config.common;
         let mut registry = Registry::default();
         let metrics = metrics::Metrics::register(&mut registry);
+        durability.register_metrics(&mut registry);
         let probe = Arc::new(Probe::default());
         let pause = Arc::new(pause::PauseControl::new(probe.clone(), &mut registry));
         let processing = Arc::new(Processing {
             records: Records {
-                codec: OrderCodec::new(&common.schema_registry_url, &common.orders_topic)?,
+                codec: OrderCodec::with_access(&common.registry, &common.orders_topic)?,
                 failures,
                 policy: config.retry_policy(),
                 catalogue: config.catalogue.clone(),
@@ -290,7 +291,7 @@ fn router<D: Durability>(
         .route("/status.json", get(status::status))
         .with_state(Arc::new(status::StatusPage::new(config.clone(), totals)));
     let pause = processing.pause.clone().router();
-    http::router(probe, Arc::new(registry))
+    http::router(probe, registry)
         .merge(pause)
         .merge(stats)
         .merge(global)

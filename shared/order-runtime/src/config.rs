@@ -29,12 +29,22 @@ pub fn load<T: DeserializeOwned>(
             .iter()
             .find(|pair| envy::from_iter::<_, T>(std::iter::once((*pair).clone())).is_err());
         match culprit {
+            Some((k, _)) if is_sensitive(k) => ConfigError(format!("{k}: {}", redacted_message(e))),
             Some((k, v)) if !envy_message_names(&e, k) => {
                 ConfigError(format!("{k}={v:?}: {}", envy_message(e)))
             }
             _ => ConfigError(envy_message(e)),
         }
     })
+}
+
+/// envy's message without the value it quotes.
+fn redacted_message(e: envy::Error) -> String {
+    let text = envy_message(e);
+    match text.split_once(" while parsing value") {
+        Some((reason, _)) => format!("{reason} (value not shown)"),
+        None => "bad value (not shown)".to_owned(),
+    }
 }
 
 fn envy_message_names(e: &envy::Error, var: &str) -> bool {
@@ -62,8 +72,9 @@ pub enum LogFormat {
     Pretty,
 }
 
-/// The settings shared by all three services.
-#[derive(Debug, Clone, Deserialize)]
+/// The settings shared by all three services. `Debug` shows no secret (see
+/// [`is_sensitive`]).
+#[derive(Clone, Deserialize)]
 pub struct CommonConfig {
     /// `KAFKA_BOOTSTRAP_SERVERS`, comma-separated `host:port` list. Default `127.0.0.1:9092`.
     #[serde(default = "default_bootstrap")]
@@ -86,10 +97,75 @@ pub struct CommonConfig {
     /// `HTTP_PORT=0` (Compose's `--scale` with host networking). Default: unset, no file.
     #[serde(default)]
     pub http_port_file: Option<std::path::PathBuf>,
+    /// `SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO`: `user:password` for the registry's basic auth
+    /// (Confluent's `basic.auth.user.info`). Default: none, or the URL's credentials.
+    #[serde(default)]
+    schema_registry_basic_auth_user_info: Option<String>,
+    /// `SCHEMA_REGISTRY_BEARER_AUTH_TOKEN`: a bearer token for the registry, instead of basic
+    /// auth (Confluent's `bearer.auth.token`).
+    #[serde(default)]
+    schema_registry_bearer_auth_token: Option<String>,
+    /// `SCHEMA_REGISTRY_SSL_CA_LOCATION`: a PEM file of the CA certificates the registry's
+    /// `https://` certificate must chain to, instead of the system's.
+    #[serde(default)]
+    pub schema_registry_ssl_ca_location: Option<std::path::PathBuf>,
+    /// The registry's URL (credentials removed) and how to authenticate, from the variables
+    /// above (see [`CommonConfig::from_vars`]).
+    #[serde(skip)]
+    pub registry: order_schema::RegistryAccess,
     /// librdkafka properties from `RDKAFKA_*` variables (not read by envy; see
     /// [`CommonConfig::from_vars`]).
     #[serde(skip)]
     pub kafka_properties: BTreeMap<String, String>,
+}
+
+/// Whether a setting's name says it holds a secret (a password, a token, a private key, a
+/// JAAS line, user info): such values are never printed.
+pub fn is_sensitive(name: &str) -> bool {
+    let name = name.to_ascii_lowercase().replace('_', ".");
+    [
+        "password",
+        "secret",
+        "token",
+        "user.info",
+        "jaas",
+        "key.pem",
+        "keystore",
+        "private",
+    ]
+    .iter()
+    .any(|s| name.contains(s))
+        || name.ends_with(".key")
+}
+
+impl std::fmt::Debug for CommonConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kafka: BTreeMap<&str, &str> = self
+            .kafka_properties
+            .iter()
+            .map(|(k, v)| {
+                let shown = if is_sensitive(k) {
+                    order_schema::REDACTED
+                } else {
+                    v.as_str()
+                };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("CommonConfig")
+            .field("kafka_bootstrap_servers", &self.kafka_bootstrap_servers)
+            .field("registry", &self.registry)
+            .field(
+                "schema_registry_ssl_ca_location",
+                &self.schema_registry_ssl_ca_location,
+            )
+            .field("orders_topic", &self.orders_topic)
+            .field("dlq_topic", &self.dlq_topic)
+            .field("log_format", &self.log_format)
+            .field("http_port_file", &self.http_port_file)
+            .field("kafka_properties", &kafka)
+            .finish()
+    }
 }
 
 fn default_bootstrap() -> String {
@@ -120,7 +196,67 @@ impl CommonConfig {
             }
         }
         config.validate()?;
+        config.registry = config.registry_access()?;
+        // the URL without credentials from here on: whatever prints it prints no secret
+        config.schema_registry_url = config.registry.url().to_owned();
         Ok(config)
+    }
+
+    /// At start-up: the registry's refusal (401, 403) or a TLS failure stops the service with
+    /// what to fix; no answer is waited out (the service stays unready, as for the broker).
+    pub async fn check_registry(&self) -> Result<(), order_schema::AccessError> {
+        match self.registry.check().await {
+            Err(order_schema::AccessError::Unreachable { url, reason }) => {
+                tracing::info!(%url, %reason, "the schema registry does not answer yet; waiting for it");
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    /// The registry's access from `SCHEMA_REGISTRY_URL` and the `SCHEMA_REGISTRY_*` auth and CA
+    /// variables.
+    fn registry_access(&self) -> Result<order_schema::RegistryAccess, ConfigError> {
+        let mut access = order_schema::RegistryAccess::new(&self.schema_registry_url);
+        if let Some(info) = self
+            .schema_registry_basic_auth_user_info
+            .as_deref()
+            .filter(|v| !v.is_empty())
+        {
+            access = access
+                .with_basic_user_info(info, "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO")
+                .map_err(ConfigError)?;
+        }
+        if let Some(token) = self
+            .schema_registry_bearer_auth_token
+            .as_deref()
+            .filter(|v| !v.is_empty())
+        {
+            if self
+                .schema_registry_basic_auth_user_info
+                .as_deref()
+                .is_some_and(|v| !v.is_empty())
+            {
+                return Err(ConfigError(
+                    "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO and SCHEMA_REGISTRY_BEARER_AUTH_TOKEN are both set: give one".to_owned(),
+                ));
+            }
+            access = access
+                .with_bearer_token(token, "SCHEMA_REGISTRY_BEARER_AUTH_TOKEN")
+                .map_err(ConfigError)?;
+        }
+        if let Some(path) = &self.schema_registry_ssl_ca_location {
+            let pem = std::fs::read(path).map_err(|e| {
+                ConfigError(format!(
+                    "SCHEMA_REGISTRY_SSL_CA_LOCATION {}: {e}",
+                    path.display()
+                ))
+            })?;
+            access = access
+                .with_ca_bundle(&pem, "SCHEMA_REGISTRY_SSL_CA_LOCATION")
+                .map_err(ConfigError)?;
+        }
+        Ok(access)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {

@@ -63,8 +63,36 @@ struct Shared {
     registry: Arc<Registry>,
 }
 
-/// `/healthz`, `/readyz` and `/metrics` over the given probe and metrics.
-pub fn router(probe: Arc<Probe>, registry: Arc<Registry>) -> Router {
+/// `service_ready` in `/metrics`: what `/readyz` answers, as 1 or 0, read at each scrape, so
+/// that an alert sees a replica that is up but not ready (Kubernetes only takes it out of its
+/// Service).
+#[derive(Debug)]
+struct Readiness(Arc<Probe>);
+
+impl prometheus_client::collector::Collector for Readiness {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let ready = prometheus_client::metrics::gauge::ConstGauge::new(i64::from(
+            self.0.unmet().is_empty(),
+        ));
+        let metric = encoder.encode_descriptor(
+            "service_ready",
+            "1 when /readyz answers 200 (every readiness condition holds), else 0",
+            None,
+            ready.metric_type(),
+        )?;
+        ready.encode(metric)
+    }
+}
+
+/// `/healthz`, `/readyz` and `/metrics` over the given probe and metrics (to which
+/// `service_ready` is added).
+pub fn router(probe: Arc<Probe>, mut registry: Registry) -> Router {
+    registry.register_collector(Box::new(Readiness(probe.clone())));
+    let registry = Arc::new(registry);
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -145,33 +173,51 @@ pub fn watch_dependencies(
 ) {
     let broker = probe.condition("broker reachable");
     let registry = probe.condition("schema registry reachable");
-    let client = order_schema::http_client_builder(&common.schema_registry_url)
+    let access = common.registry.clone();
+    let client = access
+        .client_builder()
         .timeout(std::time::Duration::from_secs(3))
         .build()
         .inspect_err(|e| {
             tracing::warn!(error = %e, "no HTTP client for the registry check: /readyz will report the registry unreachable");
         })
         .ok();
-    let types = format!(
-        "{}/schemas/types",
-        common.schema_registry_url.trim_end_matches('/')
-    );
+    let types = format!("{}/schemas/types", access.url());
     let broker_answers = Arc::new(broker_answers);
     tokio::spawn(async move {
+        let mut refused_said: Option<std::time::Instant> = None;
         loop {
             let answers = broker_answers.clone();
             let broker_ok = tokio::task::spawn_blocking(move || answers())
                 .await
                 .unwrap_or(false);
             broker.store(broker_ok, Ordering::Release);
-            let registry_ok = match &client {
-                Some(client) => client
-                    .get(&types)
+            let status = match &client {
+                Some(client) => access
+                    .authorize(client.get(&types))
                     .send()
                     .await
-                    .is_ok_and(|r| r.status().is_success()),
-                None => false,
+                    .map(|r| r.status())
+                    .ok(),
+                None => None,
             };
+            let registry_ok = status.is_some_and(|s| s.is_success());
+            // a refusal is worth saying (a rotated password, a revoked token): the first, then
+            // once a minute while it lasts; records wait meanwhile, as for an unreachable registry
+            if let Some(s) = status.filter(|s| s.as_u16() == 401 || s.as_u16() == 403) {
+                if refused_said.is_none_or(|t: std::time::Instant| {
+                    t.elapsed() >= std::time::Duration::from_secs(60)
+                }) {
+                    tracing::warn!(
+                        status = s.as_u16(),
+                        url = access.url(),
+                        "the schema registry refuses our credentials: records that need it wait; check SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO or SCHEMA_REGISTRY_BEARER_AUTH_TOKEN"
+                    );
+                    refused_said = Some(std::time::Instant::now());
+                }
+            } else {
+                refused_said = None;
+            }
             registry.store(registry_ok, Ordering::Release);
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -259,12 +305,18 @@ mod tests {
         let probe = Arc::new(Probe::default());
         let broker = probe.condition("broker");
         let assigned = probe.condition("partitions assigned");
-        let app = router(probe, Arc::new(Registry::default()));
+        let app = router(probe, Registry::default());
 
         assert_eq!(get(&app, "/healthz").await.0, StatusCode::OK);
         let (status, body) = get(&app, "/readyz").await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(body, "not ready: broker, partitions assigned");
+        assert!(
+            get(&app, "/metrics")
+                .await
+                .1
+                .contains("\nservice_ready 0\n")
+        );
 
         broker.store(true, Ordering::Release);
         assert_eq!(
@@ -276,6 +328,11 @@ mod tests {
             get(&app, "/readyz").await,
             (StatusCode::OK, "ready".to_owned())
         );
+        let metrics = get(&app, "/metrics").await.1;
+        assert!(
+            metrics.contains("# TYPE service_ready gauge\nservice_ready 1\n"),
+            "{metrics}"
+        );
     }
 
     #[tokio::test]
@@ -284,7 +341,7 @@ mod tests {
         let counter = prometheus_client::metrics::counter::Counter::<u64>::default();
         registry.register("orders_test", "a test counter", counter.clone());
         counter.inc_by(3);
-        let app = router(Arc::new(Probe::default()), Arc::new(registry));
+        let app = router(Arc::new(Probe::default()), registry);
         let (status, body) = get(&app, "/metrics").await;
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("orders_test_total 3"), "{body}");

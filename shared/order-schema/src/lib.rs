@@ -16,6 +16,7 @@
 //!   `Order`. [`OrderCodec::decode`] uses it once the registry has confirmed the id's schema;
 //!   any other writer schema takes the generic path (a `Value` tree, then [`Order::from_avro_value`]).
 
+pub mod access;
 pub mod money;
 
 use std::collections::HashMap;
@@ -33,6 +34,7 @@ use schema_registry_converter::schema_registry_common::{
 };
 use serde::{Deserialize, Serialize};
 
+pub use access::{AccessError, REDACTED, RegistryAccess};
 pub use money::Cents;
 
 /// `schemas/order.avsc`, compiled in so that a binary always registers the schema it was
@@ -355,29 +357,16 @@ fn classify_registry_error(e: &SRCError) -> RegistryFailure {
     }
 }
 
-/// An HTTP client builder for a service at `url`. Building a TLS client loads and parses the
-/// system's whole CA bundle (~0.3 MB kept per client, and an error where an image has none),
-/// so a plain `http://` URL gets a client with no root certificates; `https://` gets the
-/// platform's verifier.
+/// An HTTP client builder for a service at `url` (no credentials; see
+/// [`RegistryAccess::client_builder`]).
 pub fn http_client_builder(url: &str) -> reqwest::ClientBuilder {
-    let builder = reqwest::Client::builder();
-    let plain = url
-        .trim_start()
-        .get(..7)
-        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("http://"));
-    if plain {
-        builder.tls_certs_only(std::iter::empty())
-    } else {
-        builder
-    }
+    RegistryAccess::new(url).client_builder()
 }
 
-/// Settings for talking to a Confluent-compatible registry.
+/// Settings for talking to a Confluent-compatible registry at `url` (credentials in the URL
+/// become basic auth).
 pub fn registry_settings(url: &str) -> Result<SrSettings, CodecError> {
-    SrSettings::new_builder(url.trim_end_matches('/').to_owned())
-        .set_timeout(std::time::Duration::from_secs(5))
-        .build_with(http_client_builder(url))
-        .map_err(|e| CodecError::RegistryRejected(format!("bad registry settings for {url}: {e}")))
+    RegistryAccess::new(url).settings()
 }
 
 /// Writes Orders in the Confluent wire format under an id the registry already gave
@@ -485,7 +474,12 @@ const NO_ID: u64 = u64::MAX;
 
 impl OrderCodec {
     pub fn new(registry_url: &str, topic: &str) -> Result<Self, CodecError> {
-        let settings = registry_settings(registry_url)?;
+        Self::with_access(&RegistryAccess::new(registry_url), topic)
+    }
+
+    /// A codec for `topic` through the registry `access` (URL, credentials, trust roots).
+    pub fn with_access(access: &RegistryAccess, topic: &str) -> Result<Self, CodecError> {
+        let settings = access.settings()?;
         Ok(Self {
             topic: topic.to_owned(),
             encoder: AvroEncoder::new(settings.clone()),

@@ -253,6 +253,8 @@ pub struct Core {
     /// One commit at a time (the committer thread, a revocation, shutdown), and no release
     /// while one is in flight.
     commit_turn: Mutex<()>,
+    /// Transactions committed and aborted, for `/metrics`.
+    transactions: crate::metrics::Transactions,
 }
 
 impl std::fmt::Debug for Core {
@@ -278,7 +280,11 @@ fn transactional_producer(config: &ClientConfig) -> Result<FutureProducer, Kafka
 impl Core {
     /// Creates the transactional producer, fencing any earlier producer with the same
     /// `transactional.id`. Blocking: a broker round trip or more.
-    pub fn new(config: &Config, client_id: &str) -> Result<Self, KafkaError> {
+    pub fn new(
+        config: &Config,
+        client_id: &str,
+        transactions: crate::metrics::Transactions,
+    ) -> Result<Self, KafkaError> {
         let common = &config.common;
         let mut producer_config = order_runtime::kafka::producer_config(common, client_id, "none");
         producer_config
@@ -315,6 +321,7 @@ impl Core {
             released: Notify::new(),
             committing: watch::Sender::new(false),
             commit_turn: Mutex::new(()),
+            transactions,
         })
     }
 
@@ -586,6 +593,7 @@ impl Core {
                 Ok(()) => {
                     inner.ledger.committed(&changes);
                     inner.in_txn = false;
+                    self.transactions.committed.inc();
                     Ok(true)
                 }
                 Err(e) => Err(self.abandon(inner, e)),
@@ -643,6 +651,9 @@ impl Core {
     /// in a new one ([`Ledger::replay`]). A replay that fails leaves the transaction poisoned
     /// for the next commit.
     fn abort_and_replay(&self, inner: &mut Inner) {
+        if inner.in_txn {
+            self.transactions.aborted.inc();
+        }
         if inner.in_txn
             && let Err(e) = inner.producer.abort_transaction(TXN_TIMEOUT)
         {
@@ -677,6 +688,7 @@ impl Core {
     pub fn abort(&self) {
         self.with_lock(|inner| {
             if inner.in_txn {
+                self.transactions.aborted.inc();
                 if let Err(e) = inner.producer.abort_transaction(TXN_TIMEOUT) {
                     warn!(error = %e, "abort failed");
                 }

@@ -91,6 +91,8 @@ pub struct ExactlyOnce {
     /// The committer thread, joined at shutdown.
     committer: Mutex<Option<std::thread::JoinHandle<()>>>,
     totals: Arc<GroupView>,
+    /// Counted by the core, registered by [`Durability::register_metrics`].
+    transactions: crate::metrics::Transactions,
 }
 
 /// A worker's share: the partition it processes.
@@ -109,6 +111,7 @@ impl ExactlyOnce {
                 config: config.clone(),
                 reader: Mutex::new(None),
             }),
+            transactions: crate::metrics::Transactions::default(),
         }
     }
 
@@ -170,6 +173,10 @@ impl Durability for ExactlyOnce {
         client.set("enable.auto.commit", "false");
     }
 
+    fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.transactions.register(registry);
+    }
+
     /// The changelog topic, and the transactional producer (fencing any earlier producer with
     /// the same `transactional.id`), side by side.
     async fn prepare(&self, orders_partitions: usize) -> Result<(), KafkaError> {
@@ -179,10 +186,14 @@ impl Durability for ExactlyOnce {
         if self.core().is_some() {
             return changelog.await;
         }
-        let (c, id) = (self.config.clone(), self.client_id.clone());
+        let (c, id, t) = (
+            self.config.clone(),
+            self.client_id.clone(),
+            self.transactions.clone(),
+        );
         let (changelog, core) = tokio::join!(
             changelog,
-            tokio::task::spawn_blocking(move || Core::new(&c, &id))
+            tokio::task::spawn_blocking(move || Core::new(&c, &id, t))
         );
         let core = core.map_err(|_| KafkaError::Canceled)??;
         let _ = self.core.set(core);
