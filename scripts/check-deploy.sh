@@ -35,9 +35,40 @@ build_helm() {
   fi
 }
 
+# promtool (tools/promtool/go.mod), and the CRDs of the Prometheus Operator and KEDA, from the
+# Go module proxy: the modules carry their CRD manifests (kept in Go's module cache)
+PROMTOOL="$bin/promtool"
+PROMETHEUS_OPERATOR_VERSION=v0.85.0
+KEDA_VERSION=v2.21.0
+
+build_promtool() {
+  mkdir -p "$bin"
+  if [ ! -x "$PROMTOOL" ] || [ tools/promtool/go.mod -nt "$PROMTOOL" ]; then
+    # without the service discovery plugins (cloud SDKs): the rules and their tests need none
+    echo "building promtool from the Go module proxy (tools/promtool/go.mod)"
+    (cd tools/promtool && go build -trimpath -tags remove_all_sd -o "$PROMTOOL.part" github.com/prometheus/prometheus/cmd/promtool) \
+      && mv "$PROMTOOL.part" "$PROMTOOL"
+  fi
+}
+
+module_dir() { # module@version: its directory in Go's module cache, downloaded if need be
+  (cd tools && go mod download -json "$1") | "$venv/bin/python" -c 'import json, sys; d = json.load(sys.stdin); print(d.get("Dir") or sys.exit(d.get("Error", "no Dir")))'
+}
+
+# the CRD files rendered objects are checked against
+crds() {
+  local po keda
+  po=$(module_dir "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION") || fail "no prometheus-operator $PROMETHEUS_OPERATOR_VERSION from the module proxy"
+  keda=$(module_dir "github.com/kedacore/keda/v2@$KEDA_VERSION") || fail "no keda $KEDA_VERSION from the module proxy"
+  echo "$po/example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml"
+  echo "$po/example/prometheus-operator-crd/monitoring.coreos.com_prometheusrules.yaml"
+  echo "$keda/config/crd/bases/keda.sh_scaledobjects.yaml"
+}
+
 tools() {
   # helm and compose-check from the Go module proxy, versions pinned in tools/go.mod and go.sum
   build_helm
+  build_promtool
   if [ ! -x "$compose_check" ] || [ tools/compose-check/main.go -nt "$compose_check" ]; then
     (cd tools && go build -o "$compose_check" ./compose-check)
   fi
@@ -74,6 +105,11 @@ EOF
 
 if [ "${1:-}" = helm ]; then
   build_helm
+  exit 0
+fi
+if [ "${1:-}" = crds ]; then
+  tools >/dev/null
+  crds
   exit 0
 fi
 tools
@@ -166,6 +202,71 @@ for p in policies:
 print("envFrom the existing Secret and a mounted Secret in all three; the password from a secretKeyRef, last;"
       " three ingress-only NetworkPolicies")
 EOF2
+
+step "monitoring: ServiceMonitor, PrometheusRule, Grafana dashboard, KEDA ScaledObject"
+"$helm" template order-pipeline "$chart" --namespace order-pipeline \
+  --set serviceMonitor.enabled=true,prometheusRule.enabled=true,grafanaDashboard.enabled=true \
+  --set orderProcessor.keda.enabled=true,orderProcessor.keda.maxReplicas=50 >"$work/monitoring.yaml"
+mapfile -t crd_files < <(crds)
+# the custom resources against their CRDs' schemas (strict: a field the CRD does not know is an
+# error, as with kubectl --validate=strict), the rest against Kubernetes' own
+"$venv/bin/python" - "$work/monitoring.yaml" "$work" "${crd_files[@]}" <<'EOF2' || fail "the monitoring objects do not validate (above)"
+import json, sys, yaml, jsonschema
+rendered, work, crd_files = sys.argv[1], sys.argv[2], sys.argv[3:]
+def strict(s):
+    if isinstance(s, dict):
+        if s.get("x-kubernetes-int-or-string"):
+            s = {k: v for k, v in s.items() if k != "type"} | {"anyOf": [{"type": "integer"}, {"type": "string"}]}
+        s = {k: strict(v) for k, v in s.items()}
+        if "properties" in s and "additionalProperties" not in s and not s.get("x-kubernetes-preserve-unknown-fields"):
+            s["additionalProperties"] = False
+        return s
+    if isinstance(s, list):
+        return [strict(x) for x in s]
+    return s
+schemas = {}
+for f in crd_files:
+    crd = yaml.safe_load(open(f))
+    for v in crd["spec"]["versions"]:
+        schema = strict(v["schema"]["openAPIV3Schema"])
+        schema["properties"]["metadata"] = {"type": "object"}
+        schemas[(crd["spec"]["group"] + "/" + v["name"], crd["spec"]["names"]["kind"])] = schema
+docs = [d for d in yaml.safe_load_all(open(rendered)) if d]
+custom = {}
+rest = []
+for d in docs:
+    key = (d["apiVersion"], d["kind"])
+    if key in schemas:
+        errors = sorted(jsonschema.Draft7Validator(schemas[key]).iter_errors(d), key=str)
+        for e in errors:
+            print(f"{d['kind']} {d['metadata']['name']}: {'/'.join(map(str, e.absolute_path))}: {e.message}")
+        assert not errors, d["kind"]
+        custom[d["kind"]] = d
+    else:
+        rest.append(d)
+assert sorted(custom) == ["PrometheusRule", "ScaledObject", "ServiceMonitor"], sorted(custom)
+so = custom["ScaledObject"]["spec"]
+assert so["maxReplicaCount"] == 6, "the ScaledObject is capped at the orders topic's partitions"
+assert not [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"], "KEDA makes its own HPA"
+dash = next(d for d in rest if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard"))
+assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
+board = json.loads(dash["data"]["order-pipeline.json"])
+assert all(t["expr"] for p in board["panels"] for t in p["targets"])
+yaml.safe_dump_all(rest, open(f"{work}/monitoring-core.yaml", "w"))
+# the rules for promtool, in the layout its unit tests read
+yaml.safe_dump(custom["PrometheusRule"]["spec"], open(f"{work}/rules.yaml", "w"))
+print(f"ServiceMonitor, PrometheusRule and ScaledObject valid against their CRDs ({len(crd_files)} files);"
+      f" ScaledObject capped at 6 replicas; dashboard with {len(board['panels'])} panels")
+EOF2
+validate "$work/monitoring-core.yaml"
+[ "$(replicas_of "$work/monitoring.yaml" order-processor)" = unset ] || fail "with KEDA the Deployment must not fix replicas"
+if "$helm" template op "$chart" --set orderProcessor.keda.enabled=true,orderProcessor.autoscaling.enabled=true >/dev/null 2>"$work/err"; then
+  fail "KEDA and the CPU autoscaler were both accepted"
+fi
+echo "refused KEDA with the CPU autoscaler: $(grep -m1 -o 'pick one.*' "$work/err")"
+"$PROMTOOL" check rules "$work/rules.yaml"
+cp tests/alerts/order-pipeline.test.yaml "$work/"
+"$PROMTOOL" test rules "$work/order-pipeline.test.yaml"
 
 step "values.schema.json refuses bad values"
 bad=(

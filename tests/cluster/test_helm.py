@@ -11,11 +11,15 @@ One scenario, in the order a user lives it: `helm install --wait`; orders flowin
 scaled to three, one of its pods deleted, back to one; one order's trace across the three pods in
 Jaeger; `helm upgrade` with a changed env value (every pod rolls); the generator stopped; exact
 group totals and each dead letter once; `helm uninstall` leaving nothing of the release.
+With the Prometheus Operator's and KEDA's CRDs applied, the chart's ServiceMonitor,
+PrometheusRule, Grafana dashboard and ScaledObject are accepted by the API server under strict
+field validation, and every metric their queries name is in the pods' live `/metrics`.
 """
 
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -103,6 +107,23 @@ def pod_processes(name):
     return found
 
 
+def crd_files():
+    """The CRDs of the ServiceMonitor, PrometheusRule and ScaledObject (scripts/check-deploy.sh)."""
+    out = run("bash", str(ROOT / "scripts" / "check-deploy.sh"), "crds", timeout=600)
+    return [line for line in out.splitlines() if line.endswith(".yaml")]
+
+
+def metric_names(expr):
+    """The metric names a PromQL expression selects (every selector here has braces)."""
+    return set(re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{", expr)) - {"by", "without"}
+
+
+def scraped_names(where):
+    with urllib.request.urlopen(f"http://{where}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {re.split(r"[{ ]", line, maxsplit=1)[0] for line in text.splitlines() if line and not line.startswith("#")}
+
+
 def jaeger_trace(trace_id):
     with urllib.request.urlopen(f"{JAEGER}/api/traces/{trace_id}", timeout=5) as r:
         return json.load(r)["data"][0]
@@ -121,6 +142,8 @@ def test_helm_install_scale_trace_upgrade_uninstall():
         "default.image.tag": TAG, "default.image.pullPolicy": "Never",
         # accepted by the API server and removed by uninstall; the bridge CNI does not enforce it
         "networkPolicy.enabled": "true",
+        # the Prometheus Operator's objects and the dashboard (their CRDs applied below)
+        "serviceMonitor.enabled": "true", "prometheusRule.enabled": "true", "grafanaDashboard.enabled": "true",
     }
     env = {
         "orderGenerator.env.ORDER_RATE": "40",
@@ -148,6 +171,12 @@ def test_helm_install_scale_trace_upgrade_uninstall():
     kubectl("create", "secret", "generic", "files", "-n", namespace, f"--from-literal=marker={namespace}")
     selector = f"app.kubernetes.io/instance={release}"
     timings = {}
+    crds = crd_files()
+    assert len(crds) == 3, crds
+    for f in crds:
+        kubectl("apply", "--server-side", "-f", f)
+    kubectl("wait", "--for=condition=Established", "crd/servicemonitors.monitoring.coreos.com",
+            "crd/prometheusrules.monitoring.coreos.com", "crd/scaledobjects.keda.sh", "--timeout=60s")
     try:
         # --- install: every pod Ready through the chart's own probes
         t = time.time()
@@ -165,6 +194,17 @@ def test_helm_install_scale_trace_upgrade_uninstall():
                 assert sc["readOnlyRootFilesystem"] is True and sc["capabilities"]["drop"] == ["ALL"], c["name"]
                 assert sc["allowPrivilegeEscalation"] is False, c["name"]
             assert all(s["ready"] for s in pod["status"]["containerStatuses"]), pod["metadata"]["name"]
+        # the custom resources, accepted by the API server against their CRDs with unknown
+        # fields refused; the ScaledObject too (KEDA itself is not here to act on it)
+        assert len(objects(namespace, "servicemonitors", selector)) == 1
+        assert len(objects(namespace, "prometheusrules", selector)) == 1
+        keda = run(HELM, "template", release, CHART, "-n", namespace, *sets,
+                   "--set", "orderProcessor.keda.enabled=true", "--show-only", "templates/processor-scaling.yaml")
+        pathlib.Path(f"/tmp/{namespace}-keda.yaml").write_text(keda)
+        try:
+            kubectl("apply", "--dry-run=server", "--validate=strict", "-n", namespace, "-f", f"/tmp/{namespace}-keda.yaml")
+        finally:
+            pathlib.Path(f"/tmp/{namespace}-keda.yaml").unlink()
         # the processes themselves, seen from the machine: each service runs in its pod as 65532
         for name in SERVICES:
             found = pod_processes(name)
@@ -221,6 +261,19 @@ def test_helm_install_scale_trace_upgrade_uninstall():
         trace_id, processes = wait_for("a dead letter's trace with spans from the three pods", traced_dead_letter, 90)
         print(f"trace {trace_id}: {sorted(processes)}")
 
+        # --- every metric the alerts and the dashboard query is in the pods' live /metrics
+        rules = objects(namespace, "prometheusrules", selector)[0]["spec"]["groups"][0]["rules"]
+        board = json.loads(objects(namespace, "configmaps", selector + ",app.kubernetes.io/component=monitoring")[0]
+                           ["data"]["order-pipeline.json"])
+        queried = set()
+        for expr in [r["expr"] for r in rules] + [t["expr"] for p in board["panels"] for t in p["targets"]]:
+            queried |= metric_names(expr)
+        live = set()
+        for component in SERVICES:
+            live |= scraped_names(address(namespace, component))
+        assert queried and not queried - live, f"queried but not exposed: {sorted(queried - live)}"
+        print(f"{len(rules)} alerts and {len(board['panels'])} panels query {len(queried)} metrics, all exposed")
+
         # --- upgrade with a changed env value: every pod rolls, no order is lost (checked below)
         before = {p["metadata"]["name"] for p in objects(namespace, "pods", selector)}
         t = time.time()
@@ -246,7 +299,7 @@ def test_helm_install_scale_trace_upgrade_uninstall():
         # --- uninstall leaves nothing of the release
         run(HELM, "uninstall", release, "-n", namespace, "--wait", "--timeout", "2m", timeout=180)
         kinds = ("all,configmaps,secrets,serviceaccounts,poddisruptionbudgets,horizontalpodautoscalers,jobs,"
-                 "endpoints,networkpolicies")
+                 "endpoints,networkpolicies,servicemonitors,prometheusrules")
 
         def names(items):
             return [f"{i['kind']}/{i['metadata']['name']}" for i in items]
@@ -265,3 +318,5 @@ def test_helm_install_scale_trace_upgrade_uninstall():
         assert "helm.sh/release" not in kubectl("get", "secrets", "-n", namespace)
     finally:
         subprocess.run(["kubectl", "delete", "namespace", namespace, "--wait=false"], env=ENV, capture_output=True)
+        for f in crds:
+            subprocess.run(["kubectl", "delete", "--ignore-not-found", "-f", f], env=ENV, capture_output=True)
