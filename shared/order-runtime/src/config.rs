@@ -281,7 +281,7 @@ impl CommonConfig {
         {
             return Err(ConfigError(format!(
                 "SCHEMA_REGISTRY_URL {:?} is not an http(s) URL",
-                self.schema_registry_url
+                order_schema::RegistryAccess::new(&self.schema_registry_url).url()
             )));
         }
         Ok(())
@@ -321,6 +321,47 @@ mod tests {
     use super::*;
 
     use super::pairs as vars;
+
+    #[test]
+    fn no_secret_in_debug_or_in_errors() {
+        let c = CommonConfig::from_vars(&vars(&[
+            (
+                "SCHEMA_REGISTRY_URL",
+                "https://alice:url-secret@registry.example/ccompat",
+            ),
+            ("RDKAFKA_SASL_PASSWORD", "sasl-secret"),
+            ("RDKAFKA_SSL_KEY_PASSWORD", "key-secret"),
+            ("RDKAFKA_SASL_JAAS_CONFIG", "jaas-secret"),
+            ("RDKAFKA_SASL_USERNAME", "bob"),
+        ]))
+        .unwrap();
+        assert_eq!(c.schema_registry_url, "https://registry.example/ccompat");
+        let shown = format!("{c:?}");
+        for secret in ["url-secret", "sasl-secret", "key-secret", "jaas-secret"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("bob") && shown.contains("alice"), "{shown}");
+        let token = CommonConfig::from_vars(&vars(&[
+            ("SCHEMA_REGISTRY_BEARER_AUTH_TOKEN", "tok-secret"),
+            ("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO", "u:basic-secret"),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            token.contains("both set") && !token.contains("secret"),
+            "{token}"
+        );
+        let bad_url = CommonConfig::from_vars(&vars(&[(
+            "SCHEMA_REGISTRY_URL",
+            "ftp://alice:url-secret@registry.example",
+        )]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            bad_url.contains("not an http(s) URL") && !bad_url.contains("url-secret"),
+            "{bad_url}"
+        );
+    }
 
     #[test]
     fn defaults_match_the_spec() {
