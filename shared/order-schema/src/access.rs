@@ -55,11 +55,11 @@ impl RegistryAccess {
         if let Ok(mut parsed) = url::Url::parse(url)
             && (!parsed.username().is_empty() || parsed.password().is_some())
         {
+            // user info is percent-encoded (a '+' in it is a '+', not a space)
             let decode = |s: &str| {
-                url::form_urlencoded::parse(format!("x={s}").as_bytes())
-                    .next()
-                    .map(|(_, v)| v.into_owned())
-                    .unwrap_or_default()
+                percent_encoding::percent_decode_str(s)
+                    .decode_utf8_lossy()
+                    .into_owned()
             };
             let user = decode(parsed.username());
             let password = parsed.password().map(decode).unwrap_or_default();
@@ -268,6 +268,8 @@ mod tests {
             RegistryAccess::new("https://alice:s%40cret@registry.example:8443/apis/ccompat/v7/");
         assert_eq!(a.url(), "https://registry.example:8443/apis/ccompat/v7");
         assert_eq!(a.basic, Some(("alice".to_owned(), "s@cret".to_owned())));
+        let plus = RegistryAccess::new("https://bob:a+b%2Bc@registry.example");
+        assert_eq!(plus.basic, Some(("bob".to_owned(), "a+b+c".to_owned())));
         let shown = format!("{a:?}");
         assert!(
             !shown.contains("s@cret") && !shown.contains("s%40cret"),
