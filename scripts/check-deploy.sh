@@ -10,6 +10,7 @@
 #   scripts/check-deploy.sh manifests  regenerate k8s/order-pipeline.yaml from the chart
 #   scripts/check-deploy.sh tools      only install the tools (helm, compose-check, hadolint, ...)
 #   scripts/check-deploy.sh helm       only build helm (for make kind-install without HELM=)
+#   scripts/check-deploy.sh crds       only print the paths of the CRD files the custom resources are checked against
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -52,7 +53,7 @@ build_promtool() {
 }
 
 module_dir() { # module@version: its directory in Go's module cache, downloaded if need be
-  (cd tools && go mod download -json "$1") | "$venv/bin/python" -c 'import json, sys; d = json.load(sys.stdin); print(d.get("Dir") or sys.exit(d.get("Error", "no Dir")))'
+  (cd tools && go mod download -json "$1") | python3 -c 'import json, sys; d = json.load(sys.stdin); print(d.get("Dir") or sys.exit(d.get("Error", "no Dir")))'
 }
 
 # the CRD files rendered objects are checked against
@@ -108,7 +109,6 @@ if [ "${1:-}" = helm ]; then
   exit 0
 fi
 if [ "${1:-}" = crds ]; then
-  tools >/dev/null
   crds
   exit 0
 fi

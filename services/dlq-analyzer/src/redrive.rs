@@ -174,6 +174,11 @@ async fn blocking<T: Send + 'static>(
         .map_err(RedriveError::from)
 }
 
+/// The consumer group, and the transactional id, of request `id`'s runs.
+pub fn group_id(id: &str) -> String {
+    format!("dlq-analyzer-redrive-{id}")
+}
+
 /// The request's id: the one given, or a stable name for the filter (FNV-1a of its JSON).
 pub fn request_id(options: &Options) -> String {
     if let Some(id) = options.id.as_ref().filter(|i| !i.trim().is_empty()) {
@@ -287,7 +292,7 @@ pub async fn run(
         )));
     }
     let id = request_id(options);
-    let group = format!("dlq-analyzer-redrive-{id}");
+    let group = group_id(&id);
     let update = |f: &mut dyn FnMut(&mut RedriveRun)| {
         if let Ok(mut r) = run.lock() {
             f(&mut r);

@@ -350,7 +350,7 @@ async fn a_record_redriven_too_often_is_parked() {
 async fn a_run_killed_between_its_offsets_and_its_commit_is_fenced_by_the_next() {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
-    use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+    use rdkafka::{Offset, TopicPartitionList};
 
     let stack = Stack::from_env();
     let (orders, dlq, id) = (unique("orders"), unique("dlq"), unique("zombie"));
@@ -374,23 +374,15 @@ async fn a_run_killed_between_its_offsets_and_its_commit_is_fenced_by_the_next()
             .await;
     }
     // what a run of request `id` does: its transactional id and its group are both this
-    let group = format!("dlq-analyzer-redrive-{id}");
-    let client = |extra: &[(&str, &str)]| {
-        let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", &stack.bootstrap);
-        for (k, v) in extra {
-            c.set(*k, *v);
-        }
-        c
-    };
-    let consumer: BaseConsumer = client(&[("group.id", &group)]).create().unwrap();
+    let group = dlq_analyzer::redrive::group_id(&id);
+    let consumer: BaseConsumer = stack.client().set("group.id", &group).create().unwrap();
     let metadata = consumer.group_metadata().unwrap();
-    let zombie: ThreadedProducer<rdkafka::producer::DefaultProducerContext> = client(&[
-        ("transactional.id", &group),
-        ("transaction.timeout.ms", "60000"),
-    ])
-    .create()
-    .unwrap();
+    let zombie: ThreadedProducer<rdkafka::producer::DefaultProducerContext> = stack
+        .client()
+        .set("transactional.id", &group)
+        .set("transaction.timeout.ms", "60000")
+        .create()
+        .unwrap();
     let t = Duration::from_secs(30);
     zombie.init_transactions(t).unwrap();
     let offsets = |o: i64| {

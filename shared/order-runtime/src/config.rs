@@ -80,9 +80,10 @@ pub struct CommonConfig {
     #[serde(default = "default_bootstrap")]
     pub kafka_bootstrap_servers: String,
     /// `SCHEMA_REGISTRY_URL`, the base URL a Confluent client uses (it may carry a path).
-    /// Default `http://127.0.0.1:8081`.
+    /// Default `http://127.0.0.1:8081`. As given, credentials included: read only into
+    /// `registry`, whose `url()` is the one to use.
     #[serde(default = "default_registry")]
-    pub schema_registry_url: String,
+    schema_registry_url: String,
     /// `ORDERS_TOPIC`, where orders are published. Default `orders`.
     #[serde(default = "default_orders_topic")]
     pub orders_topic: String,
@@ -197,8 +198,6 @@ impl CommonConfig {
         }
         config.validate()?;
         config.registry = config.registry_access()?;
-        // the URL without credentials from here on: whatever prints it prints no secret
-        config.schema_registry_url = config.registry.url().to_owned();
         Ok(config)
     }
 
@@ -335,7 +334,7 @@ mod tests {
             ("RDKAFKA_SASL_USERNAME", "bob"),
         ]))
         .unwrap();
-        assert_eq!(c.schema_registry_url, "https://registry.example/ccompat");
+        assert_eq!(c.registry.url(), "https://registry.example/ccompat");
         let shown = format!("{c:?}");
         for secret in ["url-secret", "sasl-secret", "key-secret", "jaas-secret"] {
             assert!(!shown.contains(secret), "{secret} in {shown}");
@@ -367,7 +366,7 @@ mod tests {
     fn defaults_match_the_spec() {
         let c = CommonConfig::from_vars(&[]).unwrap();
         assert_eq!(c.kafka_bootstrap_servers, "127.0.0.1:9092");
-        assert_eq!(c.schema_registry_url, "http://127.0.0.1:8081");
+        assert_eq!(c.registry.url(), "http://127.0.0.1:8081");
         assert_eq!(c.orders_topic, "orders");
         assert_eq!(c.dlq_topic, "orders-dlq");
         assert_eq!(c.log_format, LogFormat::Pretty);

@@ -75,7 +75,8 @@ impl Stack {
         CommonConfig::from_vars(&self.vars(orders, dlq)).unwrap()
     }
 
-    fn client(&self) -> ClientConfig {
+    /// A client config for the stack's broker, to add settings to.
+    pub fn client(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.bootstrap);
         c
