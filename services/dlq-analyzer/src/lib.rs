@@ -148,7 +148,7 @@ pub enum StartError {
     #[error(transparent)]
     Codec(#[from] order_schema::CodecError),
     #[error(transparent)]
-    Registry(#[from] order_schema::AccessError),
+    Access(#[from] order_runtime::config::AccessRefused),
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -191,7 +191,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Self, StartError> {
-        config.common.check_registry().await?;
+        config.common.check_access(&config.common.dlq_topic).await?;
         let port = config.analyzer.http_port;
         let listener = http::bind(port, config.common.http_port_file.as_deref())
             .await

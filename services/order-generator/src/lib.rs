@@ -127,7 +127,7 @@ pub enum StartError {
     #[error(transparent)]
     Codec(CodecError),
     #[error(transparent)]
-    Registry(#[from] order_schema::AccessError),
+    Access(#[from] order_runtime::config::AccessRefused),
 }
 
 /// Counters the delivery callback and `/stats` share.
@@ -203,7 +203,10 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Self, StartError> {
-        config.common.check_registry().await?;
+        config
+            .common
+            .check_access(&config.common.orders_topic)
+            .await?;
         let port = config.generator.http_port;
         let listener = http::bind(port, config.common.http_port_file.as_deref())
             .await

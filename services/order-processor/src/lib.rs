@@ -74,7 +74,7 @@ pub enum StartError {
     #[error(transparent)]
     Codec(#[from] order_schema::CodecError),
     #[error(transparent)]
-    Registry(#[from] order_schema::AccessError),
+    Access(#[from] order_runtime::config::AccessRefused),
 }
 
 pub(crate) fn kafka_error(
@@ -106,7 +106,10 @@ impl Application {
         failures: Arc<dyn FailureInjector>,
         shutdown: CancellationToken,
     ) -> Result<Self, StartError> {
-        config.common.check_registry().await?;
+        config
+            .common
+            .check_access(&config.common.orders_topic)
+            .await?;
         let port = config.processor.http_port;
         let listener = http::bind(port, config.common.http_port_file.as_deref())
             .await

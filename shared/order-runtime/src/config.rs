@@ -12,6 +12,15 @@ use serde::de::DeserializeOwned;
 /// sets `security.protocol=sasl_ssl` on every client of the service.
 pub const RDKAFKA_PREFIX: &str = "RDKAFKA_";
 
+/// The registry or the Kafka cluster refused the service's settings at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessRefused {
+    #[error(transparent)]
+    Registry(#[from] order_schema::AccessError),
+    #[error(transparent)]
+    Cluster(#[from] crate::kafka::ClusterRefused),
+}
+
 /// A bad or unreadable setting, always naming the variable.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
@@ -210,6 +219,27 @@ impl CommonConfig {
                 Ok(())
             }
             other => other,
+        }
+    }
+
+    /// At start-up, side by side: the registry's and the Kafka cluster's refusal of this
+    /// service's settings stop it (see [`Self::check_registry`] and
+    /// [`crate::kafka::check_cluster_access`]); no answer is waited out later.
+    /// `topic` is the one the service reads or writes first.
+    pub async fn check_access(&self, topic: &str) -> Result<(), AccessRefused> {
+        let (common, topic) = (self.clone(), topic.to_owned());
+        let cluster = tokio::task::spawn_blocking(move || {
+            crate::kafka::check_cluster_access(&common, &topic, std::time::Duration::from_secs(10))
+        });
+        let (registry, cluster) = tokio::join!(self.check_registry(), cluster);
+        registry?;
+        match cluster {
+            Ok(result) => Ok(result?),
+            // the check itself panicked or was cancelled: the service's own waits take over
+            Err(e) => {
+                tracing::warn!(error = %e, "the Kafka access check did not finish");
+                Ok(())
+            }
         }
     }
 

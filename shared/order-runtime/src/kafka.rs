@@ -85,6 +85,164 @@ pub fn consumer_config(common: &CommonConfig, client_id: &str, group_id: &str) -
     with_user_properties(c, common)
 }
 
+/// The cluster refused this client at start-up: wrong credentials, TLS it cannot verify, or a
+/// security protocol the listener does not speak. Waiting would not help, so the service stops
+/// with what to fix.
+#[derive(Debug, thiserror::Error)]
+#[error("the Kafka cluster at {bootstrap} refused this client: {reason}; {fix}")]
+pub struct ClusterRefused {
+    pub bootstrap: String,
+    pub reason: String,
+    /// The variables to look at.
+    pub fix: &'static str,
+}
+
+/// Records the first error that says the cluster refuses us (librdkafka reports them through the
+/// client context, not as the failed request's error).
+#[derive(Default)]
+struct RefusalWatch {
+    seen: std::sync::Mutex<Option<(String, &'static str)>>,
+    /// Connections the broker closed during the first request (ApiVersion).
+    hung_up: std::sync::atomic::AtomicU32,
+}
+
+/// That many hang-ups during the first request or the TLS handshake mean a client and a
+/// listener that disagree on TLS (librdkafka reports them only as log lines, with growing
+/// pauses between the attempts).
+const HANG_UPS_MEANING_PROTOCOL: u32 = 2;
+const PROTOCOL_FIX: &str = "check RDKAFKA_SECURITY_PROTOCOL against the listener's protocol \
+                            (PLAINTEXT, SSL, SASL_SSL or SASL_PLAINTEXT)";
+
+impl RefusalWatch {
+    fn record(&self, reason: String, fix: &'static str) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.get_or_insert((reason, fix));
+    }
+}
+
+impl ClientContext for RefusalWatch {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if let Some(fix) = refusal_fix(&error, reason) {
+            self.record(reason.to_owned(), fix);
+        }
+    }
+    fn log(&self, _: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        // a plaintext client at a TLS listener, or a TLS client at a plaintext one
+        let mismatch = message.contains("Disconnected")
+            && (message.contains("APIVERSION_QUERY")
+                || message.contains("connecting to a PLAINTEXT broker listener"));
+        if fac == "FAIL" && mismatch {
+            let n = 1 + self
+                .hung_up
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n == HANG_UPS_MEANING_PROTOCOL {
+                self.record(
+                    format!(
+                        "the broker closed the connection before the first request was \
+                         answered, {n} times ({message})"
+                    ),
+                    PROTOCOL_FIX,
+                );
+            }
+        }
+    }
+}
+
+impl rdkafka::producer::ProducerContext for RefusalWatch {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: ()) {}
+}
+
+/// What to fix when `error` means the cluster refuses this client; `None` for errors that
+/// waiting can cure (a broker down, a timeout).
+fn refusal_fix(error: &KafkaError, reason: &str) -> Option<&'static str> {
+    use RDKafkaErrorCode as C;
+    match error.rdkafka_error_code() {
+        Some(C::Authentication | C::SaslAuthenticationFailed | C::UnsupportedSASLMechanism) => {
+            Some("check RDKAFKA_SASL_MECHANISM, RDKAFKA_SASL_USERNAME and RDKAFKA_SASL_PASSWORD")
+        }
+        Some(C::SSL) => Some(
+            "check RDKAFKA_SECURITY_PROTOCOL and RDKAFKA_SSL_CA_LOCATION (the CA that signed the \
+             broker's certificate)",
+        ),
+        // a plaintext client at a TLS or SASL listener: the broker hangs up during the first
+        // request, which librdkafka words so
+        _ if reason.contains("security.protocol") => Some(PROTOCOL_FIX),
+        _ => None,
+    }
+}
+
+/// At start-up: asks the cluster for `topic`'s metadata with the service's settings, and fails
+/// when it refuses them (see [`ClusterRefused`]) or may not even see `topic` (its ACLs). A
+/// cluster that does not answer within `wait` is left to the service, which waits for it as
+/// before and stays unready meanwhile; so is a topic that does not exist yet.
+pub fn check_cluster_access(
+    common: &CommonConfig,
+    topic: &str,
+    wait: Duration,
+) -> Result<(), ClusterRefused> {
+    use rdkafka::producer::Producer as _;
+    let mut config = with_user_properties(base(common, "access-check"), common);
+    // the hang-ups that tell a protocol mismatch: logged at info level, and only with this
+    config
+        .set("log.connection.close", "true")
+        // asking for a missing topic must not create it
+        .set("allow.auto.create.topics", "false")
+        .set_log_level(rdkafka::config::RDKafkaLogLevel::Info);
+    let refused = |reason: String, fix| ClusterRefused {
+        bootstrap: common.kafka_bootstrap_servers.clone(),
+        reason,
+        fix,
+    };
+    let client: rdkafka::producer::BaseProducer<RefusalWatch> =
+        match config.create_with_context(RefusalWatch::default()) {
+            Ok(c) => c,
+            // librdkafka refuses the settings themselves (a mechanism without credentials...)
+            Err(e) => {
+                return Err(refused(
+                    e.to_string(),
+                    "check the RDKAFKA_* security settings",
+                ));
+            }
+        };
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if let Ok(md) = client
+            .client()
+            .fetch_metadata(Some(topic), left.min(Duration::from_millis(500)))
+            && !md.brokers().is_empty()
+        {
+            let error = md.topics().first().and_then(|t| t.error());
+            return match error.map(RDKafkaErrorCode::from) {
+                Some(code @ RDKafkaErrorCode::TopicAuthorizationFailed) => Err(refused(
+                    format!("topic {topic}: {code}"),
+                    "this service's Kafka user needs ACLs on it (README, \"Kafka ACLs\")",
+                )),
+                _ => Ok(()),
+            };
+        }
+        // the refusal arrives as an error event, served by polling
+        client.poll(Duration::from_millis(100));
+        let seen = client
+            .context()
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some((reason, fix)) = seen {
+            return Err(refused(reason, fix));
+        }
+        if std::time::Instant::now() >= deadline {
+            tracing::info!(
+                bootstrap = %common.kafka_bootstrap_servers,
+                "the Kafka cluster does not answer yet; waiting for it"
+            );
+            return Ok(());
+        }
+    }
+}
+
 /// Whether the cluster answers `client`: a metadata request for `topic` over the connections
 /// the client already keeps, true when it names at least one broker. `/readyz` asks this every
 /// few seconds on the service's own client: a client made per check costs its threads, a TCP
@@ -205,5 +363,53 @@ pub fn is_retriable_produce_error(e: &KafkaError) -> bool {
         ) => true,
         Some(_) => false,
         None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn global(code: RDKafkaErrorCode) -> KafkaError {
+        KafkaError::Global(code)
+    }
+
+    #[test]
+    fn a_refusal_names_the_settings_to_fix_and_a_waitable_error_is_no_refusal() {
+        let sasl = refusal_fix(&global(RDKafkaErrorCode::Authentication), "SASL failed");
+        assert!(sasl.is_some_and(|f| f.contains("RDKAFKA_SASL_PASSWORD")));
+        let tls = refusal_fix(&global(RDKafkaErrorCode::SSL), "certificate verify failed");
+        assert!(tls.is_some_and(|f| f.contains("RDKAFKA_SSL_CA_LOCATION")));
+        let protocol = refusal_fix(
+            &global(RDKafkaErrorCode::BrokerTransportFailure),
+            "might be caused by incorrect security.protocol configuration",
+        );
+        assert_eq!(protocol, Some(PROTOCOL_FIX));
+        for code in [
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::AllBrokersDown,
+            RDKafkaErrorCode::OperationTimedOut,
+        ] {
+            assert_eq!(refusal_fix(&global(code), "Connection refused"), None);
+        }
+    }
+
+    #[test]
+    fn two_hang_ups_in_the_first_request_mean_a_protocol_mismatch() {
+        let watch = RefusalWatch::default();
+        let hang_up = "127.0.0.1:9094/bootstrap: Disconnected: connection closed by peer: receive \
+                       0 after POLLIN (after 1ms in state APIVERSION_QUERY)";
+        use rdkafka::config::RDKafkaLogLevel::Info;
+        watch.log(
+            Info,
+            "FAIL",
+            "Connect to ipv4#127.0.0.1:9094 failed: Connection refused",
+        );
+        watch.log(Info, "FAIL", hang_up);
+        assert!(watch.seen.lock().unwrap().is_none());
+        watch.log(Info, "FAIL", hang_up);
+        let seen = watch.seen.lock().unwrap().clone();
+        assert_eq!(seen.map(|(_, fix)| fix), Some(PROTOCOL_FIX));
     }
 }
