@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
@@ -351,3 +352,53 @@ def test_wrong_kafka_settings_stop_at_once_naming_what_to_fix(kafka_users):
         assert took < 20, f"{what}: took {took:.1f} s to fail"
         assert_no_secret(f"the output with {what}", output)
         print(f"{what}: exit {code} in {took:.1f} s: ...{expected}...")
+
+
+def test_a_registry_refusing_at_run_time_is_logged_and_counted(secured, kafka_users):
+    """The analyzer keeps running while the registry's password is rotated under it: /readyz says
+    the registry is unreachable, `service_dependency_refused` says why, and a warning names the
+    variable; back to normal once the password matches again."""
+    listener, grant = kafka_users
+    orders, dlq = unique("sec-orders"), unique("sec-dlq")
+    names = {"orders": orders, "dlq": dlq, "processor_group": unique("sec-processor"),
+             "analyzer_group": unique("sec-analyzer")}
+    create_topics(orders, dlq)
+    grant(names)
+    htpasswd = secured["dir"] / "htpasswd"
+    kept = htpasswd.read_text()
+    port = free_port()
+    env = env_for(orders, dlq, secured["basic"], HTTP_PORT=port, CONSUMER_GROUP=names["analyzer_group"],
+                  SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO=f"{USER}:{PASSWORD}",
+                  SCHEMA_REGISTRY_SSL_CA_LOCATION=secured["ca"], **kafka_settings(listener, "analyzer"))
+    series = 'service_dependency_refused{dependency="schema_registry"}'
+
+    def metric():
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            return next(line.split()[-1] for line in r.read().decode().splitlines() if line.startswith(series))
+
+    with open(f"/tmp/{orders}-analyzer.log", "w+") as log:
+        proc = subprocess.Popen([BIN / "dlq-analyzer"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for("the analyzer ready", lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz",
+                                                                          timeout=5).status == 200, 60)
+            assert metric() == "0"
+            # the password is rotated at the registry, not yet in the service
+            hashed = subprocess.run(["openssl", "passwd", "-apr1", "-stdin"], input=f"new-{PASSWORD}",
+                                    capture_output=True, text=True, check=True).stdout.strip()
+            htpasswd.write_text(f"{USER}:{hashed}\n")
+            wait_for("the refusal in /metrics", lambda: metric() == "1", 30)
+            with pytest.raises(urllib.error.HTTPError) as unready:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5)
+            assert "schema registry reachable" in unready.value.read().decode()
+            htpasswd.write_text(kept)
+            wait_for("the refusal cleared", lambda: metric() == "0", 30)
+        finally:
+            htpasswd.write_text(kept)
+            proc.terminate()
+            proc.wait(30)
+        log.seek(0)
+        text = log.read()
+    os.unlink(log.name)
+    assert "the schema registry refuses our credentials" in text and "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO" in text
+    assert_no_secret("the analyzer's log", text)
+    print(f"a rotated registry password: {series} went 0 -> 1 -> 0, /readyz unready meanwhile, warning logged")

@@ -24,6 +24,9 @@ pub struct Probe {
     /// A state worth knowing that does not make the service unready (for example paused
     /// consumption); `/readyz` adds it to its answer.
     note: std::sync::Mutex<Option<String>>,
+    /// Dependencies that can refuse the service's credentials, each with whether it does now
+    /// (`service_dependency_refused` in `/metrics`).
+    refusals: std::sync::Mutex<Vec<(&'static str, Arc<AtomicBool>)>>,
 }
 
 impl Probe {
@@ -32,6 +35,15 @@ impl Probe {
         let flag = Arc::new(AtomicBool::new(false));
         if let Ok(mut c) = self.conditions.lock() {
             c.push((name, flag.clone()));
+        }
+        flag
+    }
+
+    /// Adds a dependency whose refusal of our credentials is reported (false until set).
+    pub fn refusal(&self, dependency: &'static str) -> Arc<AtomicBool> {
+        let flag = Arc::new(AtomicBool::new(false));
+        if let Ok(mut r) = self.refusals.lock() {
+            r.push((dependency, flag.clone()));
         }
         flag
     }
@@ -65,7 +77,8 @@ struct Shared {
 
 /// `service_ready` in `/metrics`: what `/readyz` answers, as 1 or 0, read at each scrape, so
 /// that an alert sees a replica that is up but not ready (Kubernetes only takes it out of its
-/// Service).
+/// Service). Beside it `service_dependency_refused{dependency}`: why, when a dependency refuses
+/// the service's credentials.
 #[derive(Debug)]
 struct Readiness(Arc<Probe>);
 
@@ -84,7 +97,31 @@ impl prometheus_client::collector::Collector for Readiness {
             None,
             ready.metric_type(),
         )?;
-        ready.encode(metric)
+        ready.encode(metric)?;
+        let refusals: Vec<(&'static str, bool)> = self
+            .0
+            .refusals
+            .lock()
+            .map(|r| {
+                r.iter()
+                    .map(|(d, f)| (*d, f.load(Ordering::Acquire)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if refusals.is_empty() {
+            return Ok(());
+        }
+        let mut family = encoder.encode_descriptor(
+            "service_dependency_refused",
+            "1 while a dependency refuses this service's credentials (the schema registry's 401 or 403), else 0",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (dependency, refused) in refusals {
+            let gauge = prometheus_client::metrics::gauge::ConstGauge::new(i64::from(refused));
+            gauge.encode(family.encode_family(&[("dependency", dependency)])?)?;
+        }
+        Ok(())
     }
 }
 
@@ -173,6 +210,7 @@ pub fn watch_dependencies(
 ) {
     let broker = probe.condition("broker reachable");
     let registry = probe.condition("schema registry reachable");
+    let registry_refused = probe.refusal("schema_registry");
     let access = common.registry.clone();
     let client = access
         .client_builder()
@@ -204,7 +242,9 @@ pub fn watch_dependencies(
             let registry_ok = status.is_some_and(|s| s.is_success());
             // a refusal is worth saying (a rotated password, a revoked token): the first, then
             // once a minute while it lasts; records wait meanwhile, as for an unreachable registry
-            if let Some(s) = status.filter(|s| s.as_u16() == 401 || s.as_u16() == 403) {
+            let refused = status.filter(|s| s.as_u16() == 401 || s.as_u16() == 403);
+            registry_refused.store(refused.is_some(), Ordering::Release);
+            if let Some(s) = refused {
                 if refused_said.is_none_or(|t: std::time::Instant| {
                     t.elapsed() >= std::time::Duration::from_secs(60)
                 }) {
@@ -333,6 +373,19 @@ mod tests {
             metrics.contains("# TYPE service_ready gauge\nservice_ready 1\n"),
             "{metrics}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_refusing_dependency_shows_in_the_metrics_while_it_lasts() {
+        let probe = Arc::new(Probe::default());
+        let refused = probe.refusal("schema_registry");
+        let app = router(probe, Registry::default());
+        let series = "service_dependency_refused{dependency=\"schema_registry\"}";
+        let metrics = get(&app, "/metrics").await.1;
+        assert!(metrics.contains(&format!("\n{series} 0\n")), "{metrics}");
+        refused.store(true, Ordering::Release);
+        let metrics = get(&app, "/metrics").await.1;
+        assert!(metrics.contains(&format!("\n{series} 1\n")), "{metrics}");
     }
 
     #[tokio::test]
