@@ -155,7 +155,12 @@ step "helm template, infrastructure off, external endpoints"
 validate "$work/external.yaml"
 kinds=$(kinds_in "$work/external.yaml")
 echo "objects: $kinds"
-case "$kinds" in *StatefulSet*|*Job*) fail "infrastructure rendered although switched off";; esac
+case "$kinds" in *StatefulSet*) fail "infrastructure rendered although switched off";; esac
+# the topics Job works against the external cluster, with the processor's image and settings
+grep -q -- '- create-topics' "$work/external.yaml" || fail "no topics Job against the external cluster"
+"$helm" template op "$chart" --set kafka.enabled=false,kafka.bootstrapServers=kafka.example:9092 \
+  --set topics.create=false >"$work/no-topics.yaml"
+case "$(kinds_in "$work/no-topics.yaml")" in *Job*) fail "topics.create=false still renders the topics Job";; esac
 grep -q 'value: "kafka.example:9092"' "$work/external.yaml" || fail "external bootstrap servers not used"
 grep -q 'value: "https://registry.example"' "$work/external.yaml" || fail "external registry URL not used"
 
@@ -278,6 +283,9 @@ bad=(
   "orderProcessor.resources.limits.memory=lots"
   "default.extraVolumeMounts[0].name=ca"
   "orderProcessor.extraEnv[0].name=not a name"
+  "topics.replicationFactor=0"
+  "topics.ordersConfig.Retention=1"
+  "dlqAnalyzer.staticMembership=yes"
 )
 for b in "${bad[@]}"; do
   if "$helm" template op "$chart" --set "$b" >/dev/null 2>"$work/err"; then fail "--set $b was accepted"; fi

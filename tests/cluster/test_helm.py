@@ -7,7 +7,10 @@ cannot be reached here, so the chart's own are switched off. Pods reach the stac
 cluster bridge's host address (the broker's second listener, the registry and Jaeger's OTLP/HTTP
 receiver forwarded there). The ground truth is the topics' content (tests/truth.py).
 
-One scenario, in the order a user lives it: `helm install --wait`; orders flowing; the processor
+One scenario, in the order a user lives it: `helm install --wait`, whose topics Job (`order-processor
+create-topics`, in our image) creates the topics on the external cluster with the partitions,
+replication factor and configs from values; orders flowing, the processor and the analyzer in
+their groups as static members named after their pods; the processor
 scaled to three, one of its pods deleted, back to one; one order's trace across the three pods in
 Jaeger; `helm upgrade` with a changed env value (every pod rolls); the generator stopped; exact
 group totals and each dead letter once; `helm uninstall` leaving nothing of the release.
@@ -28,8 +31,8 @@ import urllib.request
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 from support import get_json, unique, wait_for  # noqa: E402
-from truth import BOOTSTRAP, check_totals, create_topics, read_all  # noqa: E402
-from confluent_kafka.admin import AdminClient  # noqa: E402
+from truth import BOOTSTRAP, check_totals, read_all  # noqa: E402
+from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType  # noqa: E402
 
 CLUSTER = ROOT / "cluster" / "cluster.sh"
 HELM = os.environ.get("HELM", str(ROOT / ".stack" / "bin" / "helm-v3.22.0"))
@@ -67,6 +70,11 @@ def kubectl(*args, timeout=120):
 
 def objects(namespace, kind, selector):
     return json.loads(kubectl("get", kind, "-n", namespace, "-l", selector, "-o", "json"))["items"]
+
+
+def services_pods(namespace, selector):
+    """The services' pods among `selector`'s (the topics Job's pod left out)."""
+    return objects(namespace, "pods", f"{selector},app.kubernetes.io/component!=topics")
 
 
 def ready_pods(namespace, selector):
@@ -133,12 +141,16 @@ def test_helm_install_scale_trace_upgrade_uninstall():
     release = "orders"
     namespace = unique("op")
     orders, dlq = f"{namespace}-orders", f"{namespace}-dlq"
-    create_topics(orders, dlq, partitions=6)
     values = {
         "kafka.enabled": "false", "kafka.bootstrapServers": f"{POD_HOST}:19092",
         "schemaRegistry.enabled": "false", "schemaRegistry.url": f"http://{POD_HOST}:8081/apis/ccompat/v7",
         "jaeger.enabled": "false", "jaeger.otlpEndpoint": f"http://{POD_HOST}:4318",
         "topics.orders": orders, "topics.dlq": dlq,
+        # the topics Job against the external cluster, with values' partitions and configs
+        "topics.ordersPartitions": "6", "topics.replicationFactor": "1",
+        r"topics.ordersConfig.retention\.ms": "3600000", r"topics.dlqConfig.max\.message\.bytes": "2097152",
+        # static group membership: each consumer's group.instance.id is its pod's name
+        "orderProcessor.staticMembership": "true", "dlqAnalyzer.staticMembership": "true",
         "default.image.tag": TAG, "default.image.pullPolicy": "Never",
         # accepted by the API server and removed by uninstall; the bridge CNI does not enforce it
         "networkPolicy.enabled": "true",
@@ -184,7 +196,21 @@ def test_helm_install_scale_trace_upgrade_uninstall():
             *sets, timeout=360)
         timings["install --wait"] = time.time() - t
         assert len(objects(namespace, "networkpolicies", selector)) == 3
-        pods = objects(namespace, "pods", selector)
+        # the topics Job: done, and the topics as values say
+        job = objects(namespace, "jobs", selector)
+        assert [j["status"].get("succeeded") for j in job] == [1], job
+        job_log = kubectl("logs", f"job/{job[0]['metadata']['name']}", "-n", namespace)
+        assert f"topic {orders}: created, 6 partitions, replication factor 1, retention.ms=3600000" in job_log, job_log
+        admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
+        meta = admin.list_topics(timeout=10).topics
+        assert (len(meta[orders].partitions), len(meta[dlq].partitions)) == (6, 3)
+        configs = admin.describe_configs([ConfigResource(ResourceType.TOPIC, orders),
+                                          ConfigResource(ResourceType.TOPIC, dlq)])
+        described = {r.name: f.result(timeout=30) for r, f in configs.items()}
+        assert described[orders]["retention.ms"].value == "3600000"
+        assert described[dlq]["max.message.bytes"].value == "2097152"
+        print(job_log.strip())
+        pods = services_pods(namespace, selector)
         assert sorted(p["metadata"]["labels"]["app.kubernetes.io/component"] for p in pods) == sorted(SERVICES)
         for pod in pods:
             spec = pod["spec"]
@@ -214,10 +240,18 @@ def test_helm_install_scale_trace_upgrade_uninstall():
             assert marker.read_text() == namespace, name
         # the consumer groups named in Secrets are the ones in use (asked until the broker's
         # group coordinator answers: it may still be loading after the stack's restart)
-        admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
         wanted = {f"{namespace}-processor", f"{namespace}-analyzer"}
         wait_for("the consumer groups named in the Secrets", lambda: wanted <= {
             g.group_id for g in admin.list_consumer_groups().result(timeout=30).valid}, 60)
+        # static members: each group's member is the one pod, its instance id the pod's name
+        for group, component in ((f"{namespace}-processor", "order-processor"), (f"{namespace}-analyzer", "dlq-analyzer")):
+            pod = wait_ready(namespace, component, 1)[0]["metadata"]["name"]
+
+            def members(g=group):
+                found = admin.describe_consumer_groups([g])[g].result(timeout=30).members
+                return [m.group_instance_id for m in found] or None
+            assert wait_for(f"{group}'s members", members, 60) == [pod], (group, pod)
+        print("static members: each consumer's group.instance.id is its pod's name")
         processor = f"deployment/{release}-order-pipeline-order-processor"
         generator = f"deployment/{release}-order-pipeline-order-generator"
 
@@ -275,16 +309,16 @@ def test_helm_install_scale_trace_upgrade_uninstall():
         print(f"{len(rules)} alerts and {len(board['panels'])} panels query {len(queried)} metrics, all exposed")
 
         # --- upgrade with a changed env value: every pod rolls, no order is lost (checked below)
-        before = {p["metadata"]["name"] for p in objects(namespace, "pods", selector)}
+        before = {p["metadata"]["name"] for p in services_pods(namespace, selector)}
         t = time.time()
         run(HELM, "upgrade", release, CHART, "-n", namespace, "--wait", "--timeout", "5m", *sets,
             "--set-string", r"default.env.RUST_LOG=info\,rdkafka=warn\,order_runtime=debug", timeout=360)
         timings["upgrade --wait"] = time.time() - t
         for component in SERVICES:
             wait_ready(namespace, component, 1)
-        now = {p["metadata"]["name"] for p in objects(namespace, "pods", selector)}
+        now = {p["metadata"]["name"] for p in services_pods(namespace, selector)}
         assert not before & now, f"pods not rolled by the upgrade: {before & now}"
-        for pod in objects(namespace, "pods", selector):
+        for pod in services_pods(namespace, selector):
             env_now = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
             assert env_now["RUST_LOG"] == "info,rdkafka=warn,order_runtime=debug"
 

@@ -60,3 +60,68 @@ allowPrivilegeEscalation: false
 capabilities:
   drop: ["ALL"]
 {{- end -}}
+
+{{/*
+  What a service's container gets from values besides the chart's own variables, shared by its
+  Deployment and (for the processor) the topics Job. Call with
+  (dict "root" $ "key" "orderProcessor" "c" <the service's values merged over default>).
+  op.userEnv: `env` (over default.env) and then `extraEnv` (EnvVar objects: they win).
+*/}}
+{{- define "op.userEnv" -}}
+{{- $own := index .root.Values .key -}}
+{{- range $k, $v := merge (deepCopy (.c.env | default dict)) (deepCopy .root.Values.default.env) }}
+- name: {{ $k }}
+  value: {{ $v | quote }}
+{{- end }}
+{{- with concat (.root.Values.default.extraEnv | default list) ($own.extraEnv | default list) }}
+# extraEnv: full EnvVar objects (valueFrom.secretKeyRef for passwords and tokens);
+# they come last, so they win over a same-named variable above
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* The `envFrom:` block (existingSecret, then envFrom), or nothing. Same arguments. */}}
+{{- define "op.envFrom" -}}
+{{- $own := index .root.Values .key -}}
+{{- $envFrom := concat (.root.Values.default.envFrom | default list) ($own.envFrom | default list) -}}
+{{- $existingSecret := $own.existingSecret | default .root.Values.default.existingSecret -}}
+{{- if or $envFrom $existingSecret }}
+envFrom:
+  {{- with $existingSecret }}
+  # every key of the existing Secret becomes a variable
+  - secretRef:
+      name: {{ . }}
+  {{- end }}
+  {{- with $envFrom }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* `volumeMounts:` for the container ("part" "mounts") or `volumes:` for the pod ("part" "volumes"). */}}
+{{- define "op.extraVolumes" -}}
+{{- $own := index .root.Values .key -}}
+{{- if eq .part "mounts" }}
+{{- with concat (.root.Values.default.extraVolumeMounts | default list) ($own.extraVolumeMounts | default list) }}
+volumeMounts:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- else }}
+{{- with concat (.root.Values.default.extraVolumes | default list) ($own.extraVolumes | default list) }}
+volumes:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* A service's values merged over `default` (env excepted: op.userEnv merges it). */}}
+{{- define "op.merged" -}}
+{{- toYaml (mergeOverwrite (deepCopy (omit .root.Values.default "env")) (deepCopy (index .root.Values .key))) -}}
+{{- end -}}
+
+{{/* A service's image reference. Same arguments as op.userEnv. */}}
+{{- define "op.image" -}}
+{{- $tag := .c.image.tag | default .root.Values.default.image.tag | default .root.Chart.AppVersion -}}
+{{- $registry := .c.image.registry | default .root.Values.default.image.registry -}}
+{{ if $registry }}{{ $registry }}/{{ end }}{{ .c.image.repository }}:{{ $tag }}
+{{- end -}}

@@ -251,8 +251,18 @@ impl Application {
             delivered,
             errors,
         };
+        let mut producer_config =
+            kafka::producer_config(common, SERVICE_NAME, &config.generator.compression_type);
+        // the generator waits for the orders topic rather than having a broker that allows it
+        // create the topic with its defaults (librdkafka's producers ask for that by default)
+        if !common
+            .kafka_properties
+            .contains_key("allow.auto.create.topics")
+        {
+            producer_config.set("allow.auto.create.topics", "false");
+        }
         let producer: Arc<ThreadedProducer<DeliveryCounter>> = Arc::new(
-            kafka::producer_config(common, SERVICE_NAME, &config.generator.compression_type)
+            producer_config
                 .create_with_context(context)
                 .map_err(StartError::Producer)?,
         );

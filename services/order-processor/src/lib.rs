@@ -25,6 +25,7 @@
 //!   partition, the analyzer's dead letters), one self-contained page in the binary.
 //! - `pipeline`: the running processor for the picked guarantee: waiting for the topics, the
 //!   poll loop, the HTTP routes, the shutdown sequence.
+//! - [`topics`]: `order-processor create-topics`, which the chart's topics Job runs.
 //! - [`Application`]: builds all of it (binding the HTTP port first, port 0 in tests) and runs
 //!   it until a shutdown token is cancelled, exactly as `main` does.
 
@@ -40,6 +41,7 @@ pub mod pause;
 mod pipeline;
 pub mod record;
 pub mod status;
+pub mod topics;
 pub mod worker;
 
 use std::future::Future;

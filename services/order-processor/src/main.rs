@@ -9,5 +9,9 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         // safe replay in exactly-once mode (see exactly_once::reset)
         return Ok(order_processor::exactly_once::reset::command(&args[1..]));
     }
+    if args.first().map(String::as_str) == Some("create-topics") {
+        // the topics Job of the Helm chart
+        return Ok(order_processor::topics::command(&args[1..]));
+    }
     order_runtime::service::main::<order_processor::Application>()
 }

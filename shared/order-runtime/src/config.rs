@@ -123,6 +123,12 @@ pub struct CommonConfig {
     /// above (see [`CommonConfig::from_vars`]).
     #[serde(skip)]
     pub registry: order_schema::RegistryAccess,
+    /// `GROUP_INSTANCE_ID`: static membership of the service's consumer group (KIP-345,
+    /// `group.instance.id` on its group consumer only), so a restarted consumer with the same
+    /// id gets its partitions back without a rebalance, if it returns within the session
+    /// timeout. Unique per replica; the chart's `staticMembership` sets the pod name. Default:
+    /// none (dynamic membership).
+    pub group_instance_id: Option<String>,
     /// librdkafka properties from `RDKAFKA_*` variables (not read by envy; see
     /// [`CommonConfig::from_vars`]).
     #[serde(skip)]
@@ -173,6 +179,7 @@ impl std::fmt::Debug for CommonConfig {
             .field("dlq_topic", &self.dlq_topic)
             .field("log_format", &self.log_format)
             .field("http_port_file", &self.http_port_file)
+            .field("group_instance_id", &self.group_instance_id)
             .field("kafka_properties", &kafka)
             .finish()
     }
@@ -305,6 +312,15 @@ impl CommonConfig {
                 self.orders_topic
             )));
         }
+        if let Some(id) = &self.group_instance_id {
+            let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+            if id.is_empty() || id.len() > 249 || !id.chars().all(legal) {
+                return Err(ConfigError(format!(
+                    "GROUP_INSTANCE_ID={id:?}: 1 to 249 characters of a-z, A-Z, 0-9, '.', '_' \
+                     and '-' (Kafka's rule for ids)"
+                )));
+            }
+        }
         if !(self.schema_registry_url.starts_with("http://")
             || self.schema_registry_url.starts_with("https://"))
         {
@@ -400,6 +416,7 @@ mod tests {
         assert_eq!(c.orders_topic, "orders");
         assert_eq!(c.dlq_topic, "orders-dlq");
         assert_eq!(c.log_format, LogFormat::Pretty);
+        assert_eq!(c.group_instance_id, None);
         assert!(c.kafka_properties.is_empty());
     }
 
@@ -423,6 +440,12 @@ mod tests {
         assert!(e.to_string().contains("SCHEMA_REGISTRY_URL"), "{e}");
         let e = CommonConfig::from_vars(&vars(&[("DLQ_TOPIC", "orders")])).unwrap_err();
         assert!(e.to_string().contains("DLQ_TOPIC"), "{e}");
+        let e = CommonConfig::from_vars(&vars(&[("GROUP_INSTANCE_ID", "pod/1")])).unwrap_err();
+        assert!(e.to_string().contains("GROUP_INSTANCE_ID=\"pod/1\""), "{e}");
+        let pod = "order-processor-7d9c6b5f4-x2x9k";
+        let c = CommonConfig::from_vars(&vars(&[("GROUP_INSTANCE_ID", pod)])).unwrap();
+        let consumer = crate::kafka::consumer_config(&c, "client", "group");
+        assert_eq!(consumer.get("group.instance.id"), Some(pod));
         let e = check_range("ORDER_RATE", 2.0, 0.0, 1.0).unwrap_err();
         assert!(e.to_string().contains("ORDER_RATE=2"), "{e}");
     }

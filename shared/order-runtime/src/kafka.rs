@@ -82,6 +82,9 @@ pub fn consumer_config(common: &CommonConfig, client_id: &str, group_id: &str) -
         .set("fetch.queue.backoff.ms", "5")
         .set("fetch.wait.max.ms", "100")
         .set("isolation.level", "read_committed");
+    if let Some(id) = &common.group_instance_id {
+        c.set("group.instance.id", id);
+    }
     with_user_properties(c, common)
 }
 
@@ -327,6 +330,72 @@ pub fn partition_count<C: ClientContext>(
         .first()
         .filter(|t| t.error().is_none())
         .map_or(0, |t| t.partitions().len()))
+}
+
+/// An admin client with the service's settings; asking it for a missing topic's metadata does
+/// not create the topic with the broker's defaults.
+pub fn admin_client(
+    common: &CommonConfig,
+    client_id: &str,
+) -> Result<rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>, KafkaError> {
+    let mut c = base(common, client_id);
+    c.set("allow.auto.create.topics", "false");
+    with_user_properties(c, common).create()
+}
+
+/// What [`create_topic_if_missing`] found or did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicState {
+    Created,
+    /// It was there already, with this many partitions (left as it is).
+    Exists(usize),
+}
+
+/// Creates `name` with `partitions`, `replication` (-1: the broker's default) and `configs`
+/// unless it exists; another creator winning the race counts as existing.
+pub async fn create_topic_if_missing<C: ClientContext + 'static>(
+    admin: &rdkafka::admin::AdminClient<C>,
+    name: &str,
+    partitions: usize,
+    replication: i32,
+    configs: &[(String, String)],
+) -> Result<TopicState, KafkaError> {
+    use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
+    let existing = partition_count(admin.inner(), name, Duration::from_secs(10))?;
+    if existing > 0 {
+        return Ok(TopicState::Exists(existing));
+    }
+    let mut topic = NewTopic::new(
+        name,
+        i32::try_from(partitions).unwrap_or(i32::MAX),
+        TopicReplication::Fixed(replication),
+    );
+    for (k, v) in configs {
+        topic = topic.set(k, v);
+    }
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for r in admin.create_topics(&[topic], &opts).await? {
+        match r {
+            Ok(_) => {}
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                // the winner's topic may take a moment to show in the metadata
+                for _ in 0..25 {
+                    let now = partition_count(admin.inner(), name, Duration::from_secs(10))?;
+                    if now > 0 {
+                        return Ok(TopicState::Exists(now));
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                return Err(KafkaError::AdminOpCreation(format!(
+                    "{name} exists, but its metadata shows no partitions"
+                )));
+            }
+            Err((t, code)) => {
+                return Err(KafkaError::AdminOpCreation(format!("creating {t}: {code}")));
+            }
+        }
+    }
+    Ok(TopicState::Created)
 }
 
 /// Runs `f`, which blocks, from code that librdkafka calls on a runtime thread and that must

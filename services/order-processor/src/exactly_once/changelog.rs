@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use order_runtime::CommonConfig;
 use order_runtime::kafka;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::info;
@@ -162,37 +162,27 @@ pub async fn ensure_changelog(
     state_topic: &str,
     orders: usize,
 ) -> Result<(), KafkaError> {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
-    let mut c = kafka::base(common, "order-processor-admin");
-    // asking for a missing topic's metadata must not create it with the broker's defaults
-    c.set("allow.auto.create.topics", "false");
-    let admin: AdminClient<DefaultClientContext> =
-        kafka::with_user_properties(c, common).create()?;
-    let existing = kafka::partition_count(admin.inner(), state_topic, Duration::from_secs(10))?;
-    if existing >= orders {
-        return Ok(());
-    }
-    if existing > 0 {
-        return Err(KafkaError::AdminOpCreation(format!(
-            "changelog topic {state_topic} has {existing} partitions but {} has {orders}",
-            common.orders_topic
-        )));
-    }
-    let partitions = i32::try_from(orders).unwrap_or(i32::MAX);
-    let topic = NewTopic::new(state_topic, partitions, TopicReplication::Fixed(-1))
-        .set("cleanup.policy", "compact")
-        .set("min.compaction.lag.ms", "0")
-        .set("segment.ms", "600000");
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    for r in admin.create_topics(&[topic], &opts).await? {
-        match r {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((t, code)) => {
-                return Err(KafkaError::AdminOpCreation(format!("creating {t}: {code}")));
-            }
+    let admin = kafka::admin_client(common, "order-processor-admin")?;
+    let configs = [
+        ("cleanup.policy", "compact"),
+        ("min.compaction.lag.ms", "0"),
+        ("segment.ms", "600000"),
+    ]
+    .map(|(k, v)| (k.to_owned(), v.to_owned()));
+    match kafka::create_topic_if_missing(&admin, state_topic, orders, -1, &configs).await? {
+        kafka::TopicState::Exists(existing) if existing >= orders => return Ok(()),
+        kafka::TopicState::Exists(existing) => {
+            return Err(KafkaError::AdminOpCreation(format!(
+                "changelog topic {state_topic} has {existing} partitions but {} has {orders}",
+                common.orders_topic
+            )));
         }
+        kafka::TopicState::Created => {}
     }
-    info!(topic = state_topic, partitions, "changelog topic created");
+    info!(
+        topic = state_topic,
+        partitions = orders,
+        "changelog topic created"
+    );
     Ok(())
 }
