@@ -139,6 +139,25 @@ impl<D: Durability> ProcessorContext<D> {
     }
 }
 
+/// A partition's lag in records, as the Java client's `records-lag`: from the position this
+/// consumer has reached (`app_offset`, the next offset handed to the application) to the last
+/// stable offset (read_committed; the high watermark when that is unknown). librdkafka's own
+/// `consumer_lag` counts from the offset the consumer committed itself, which an exactly-once
+/// processor never does (its offsets go with its transactions), so it stays unknown (-1) there;
+/// it is the answer only until the first record is handed over. `None`: not known yet.
+fn lag_of(p: &rdkafka::statistics::Partition) -> Option<i64> {
+    let end = if p.ls_offset >= 0 {
+        p.ls_offset
+    } else {
+        p.hi_offset
+    };
+    if end >= 0 && p.app_offset >= 0 {
+        Some((end - p.app_offset).max(0))
+    } else {
+        (p.consumer_lag >= 0).then_some(p.consumer_lag)
+    }
+}
+
 fn partitions(tpl: &rdkafka::TopicPartitionList) -> Vec<TopicPartition> {
     tpl.elements()
         .iter()
@@ -151,20 +170,26 @@ impl<D: Durability> ClientContext for ProcessorContext<D> {
         warn!(error = %error, reason, "kafka client error");
     }
 
-    /// librdkafka's statistics (`statistics.interval.ms`): we keep the consumer lag.
+    /// librdkafka's statistics (`statistics.interval.ms`): we keep the consumer lag of the
+    /// partitions this consumer has ([`lag_of`]), and drop the series of those it no longer
+    /// has (librdkafka goes on reporting a revoked partition with its last, stale figures,
+    /// which would count twice in a sum over the group's replicas).
     fn stats(&self, statistics: rdkafka::Statistics) {
+        let lag = &self.processing.metrics.consumer_lag;
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
-                // -1 is librdkafka's "unknown" and the internal partition -1 is not a partition
-                if *partition >= 0 && p.consumer_lag >= 0 {
-                    self.processing
-                        .metrics
-                        .consumer_lag
-                        .get_or_create(&crate::metrics::PartitionLabel {
-                            topic: topic.clone(),
-                            partition: *partition,
-                        })
-                        .set(p.consumer_lag);
+                // the internal partition -1 is not a partition
+                if *partition < 0 {
+                    continue;
+                }
+                let label = crate::metrics::PartitionLabel {
+                    topic: topic.clone(),
+                    partition: *partition,
+                };
+                if !p.desired {
+                    lag.remove(&label);
+                } else if let Some(records) = lag_of(p) {
+                    lag.get_or_create(&label).set(records);
                 }
             }
         }

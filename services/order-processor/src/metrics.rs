@@ -155,7 +155,7 @@ impl Metrics {
         );
         registry.register(
             "messaging_kafka_consumer_lag",
-            "Records between the committed position and the end of each assigned partition",
+            "Records between this consumer's position and the end (last stable offset) of each partition it has, from librdkafka's statistics",
             m.consumer_lag.clone(),
         );
         for c in Category::ALL {

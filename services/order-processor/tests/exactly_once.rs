@@ -82,6 +82,20 @@ async fn scaling_from_one_to_three_to_one_replica_keeps_totals_exact() {
         let s = common::stats(r).await.unwrap();
         assert!(!s["partitions"].as_array().unwrap().is_empty(), "{s}");
     }
+    // and reports the lag of those partitions only: the first replica's revoked partitions
+    // leave its /metrics (a stale series would count twice in a sum over the replicas)
+    for r in [&first, &second, &third] {
+        eventually(
+            "each replica's lag series to be its own partitions'",
+            Duration::from_secs(30),
+            || async {
+                let owned = common::owned_partitions(r).await?;
+                let lagged = common::lag_series(r).await?;
+                (!owned.is_empty() && lagged == owned).then_some(())
+            },
+        )
+        .await;
+    }
     for r in [second, third] {
         let (status, out) = r.terminate(Duration::from_secs(60));
         assert_eq!(status.code(), Some(0), "{out}");

@@ -304,3 +304,26 @@ pub async fn committed(s: &Service) -> u64 {
         .and_then(|g| g["processed"].as_u64())
         .unwrap_or(0)
 }
+
+/// The partitions this replica holds (`/stats`).
+pub async fn owned_partitions(s: &Service) -> Option<BTreeSet<i64>> {
+    let stats = s.get_json("/stats").await.ok()?;
+    stats["partitions"]
+        .as_array()?
+        .iter()
+        .map(serde_json::Value::as_i64)
+        .collect()
+}
+
+/// The partitions with a `messaging_kafka_consumer_lag` series in this replica's `/metrics`.
+pub async fn lag_series(s: &Service) -> Option<BTreeSet<i64>> {
+    let (_, metrics) = s.get("/metrics").await?;
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("messaging_kafka_consumer_lag{"))
+        .map(|l| {
+            let (_, rest) = l.split_once("partition=\"")?;
+            rest.split('"').next()?.parse().ok()
+        })
+        .collect()
+}
