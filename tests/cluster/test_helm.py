@@ -303,9 +303,18 @@ def test_helm_install_scale_trace_upgrade_uninstall():
         for expr in [r["expr"] for r in rules] + [t["expr"] for p in board["panels"] for t in p["targets"]]:
             queried |= metric_names(expr)
         live = set()
-        for component in SERVICES:
-            live |= scraped_names(address(namespace, component))
-        assert queried and not queried - live, f"queried but not exposed: {sorted(queried - live)}"
+
+        def all_exposed():
+            # a series appears once there is something to measure (the lag of a partition this
+            # replica has, after librdkafka's next statistics): scraped until all are there
+            for component in SERVICES:
+                live.update(scraped_names(address(namespace, component)))
+            return queried <= live
+        assert queried
+        try:
+            wait_for("every queried metric in a scrape", all_exposed, 60)
+        except AssertionError:
+            raise AssertionError(f"queried but not exposed: {sorted(queried - live)}") from None
         print(f"{len(rules)} alerts and {len(board['panels'])} panels query {len(queried)} metrics, all exposed")
 
         # --- upgrade with a changed env value: every pod rolls, no order is lost (checked below)
