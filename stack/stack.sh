@@ -174,7 +174,7 @@ listener.name.secure.ssl.keystore.location=$secure/server.p12
 listener.name.secure.ssl.keystore.password=$(cat "$secure/keystore-password")
 listener.name.secure.ssl.client.auth=none
 # ACLs: the plaintext listeners (ANONYMOUS) and the stack's own SCRAM user may do anything;
-# another SCRAM user only what its ACLs grant (tests/interop/test_secured_kafka.py makes one)
+# another SCRAM user only what its ACLs grant (tests/interop/test_secured_pipeline.py makes some)
 authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
 super.users=User:ANONYMOUS;User:$SCRAM_USER
 log.dirs=$data

@@ -283,8 +283,10 @@ def test_at_least_once_over_tls_and_scram_with_a_token_tls_registry(secured, kaf
 
 
 def start_once(registry, **auth):
-    """The generator against `registry`: (exit code, output, seconds)."""
+    """The generator against `registry`, its topic made first (it waits for a missing one):
+    (exit code, output, seconds)."""
     orders = unique("sec-fail")
+    create_topics(orders, orders + "-dlq")
     t = time.time()
     run = subprocess.run([BIN / "order-generator"],
                          env=env_for(orders, orders + "-dlq", registry, HTTP_PORT=free_port(), ORDER_COUNT=1, **auth),
