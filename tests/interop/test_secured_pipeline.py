@@ -115,6 +115,15 @@ def kafka_users():
             f.result(timeout=30)
 
 
+def fresh_names(grant):
+    """A run's own topics (created) and groups, with each service's user granted its ACLs on them."""
+    names = {"orders": unique("sec-orders"), "dlq": unique("sec-dlq"), "processor_group": unique("sec-processor"),
+             "analyzer_group": unique("sec-analyzer")}
+    create_topics(names["orders"], names["dlq"])
+    grant(names)
+    return names
+
+
 def kafka_settings(listener, service):
     user, password = KAFKA_USERS[service]
     return {**listener, "RDKAFKA_SASL_USERNAME": user, "RDKAFKA_SASL_PASSWORD": password}
@@ -208,11 +217,8 @@ def run_pipeline(registry, auth, guarantee, kafka):
     """The three services through `registry` with `auth`, and Kafka's secured listener as each
     service's own user (`kafka` from the fixture): (processed, dead-lettered), exact."""
     listener, grant = kafka
-    orders, dlq = unique("sec-orders"), unique("sec-dlq")
-    names = {"orders": orders, "dlq": dlq, "processor_group": unique("sec-processor"),
-             "analyzer_group": unique("sec-analyzer")}
-    create_topics(orders, dlq)
-    grant(names)
+    names = fresh_names(grant)
+    orders, dlq = names["orders"], names["dlq"]
     ports = {name: free_port() for name in SERVICES}
     logs = {}
     procs = {}
@@ -361,11 +367,8 @@ def test_a_registry_refusing_at_run_time_is_logged_and_counted(secured, kafka_us
     the registry is unreachable, `service_dependency_refused` says why, and a warning names the
     variable; back to normal once the password matches again."""
     listener, grant = kafka_users
-    orders, dlq = unique("sec-orders"), unique("sec-dlq")
-    names = {"orders": orders, "dlq": dlq, "processor_group": unique("sec-processor"),
-             "analyzer_group": unique("sec-analyzer")}
-    create_topics(orders, dlq)
-    grant(names)
+    names = fresh_names(grant)
+    orders, dlq = names["orders"], names["dlq"]
     htpasswd = secured["dir"] / "htpasswd"
     kept = htpasswd.read_text()
     port = free_port()
