@@ -23,7 +23,12 @@ pub fn base(common: &CommonConfig, client_id: &str) -> ClientConfig {
         // eight latency histograms per broker connection of every client, ~0.6 MB of an idle
         // processor, for brokers that have a telemetry plugin; our metrics are on /metrics
         // (RDKAFKA_ENABLE_METRICS_PUSH=true turns it back on)
-        .set("enable.metrics.push", "false");
+        .set("enable.metrics.push", "false")
+        // connect to the bootstrap brokers when the client is made, not at its first request:
+        // with librdkafka's default (sparse connections) a new client's first request often
+        // waited ~50 ms for the connection it asked for, and a start-up makes a few clients
+        // one after another (RDKAFKA_ENABLE_SPARSE_CONNECTIONS=true restores the default)
+        .set("enable.sparse.connections", "false");
     c
 }
 
@@ -341,6 +346,13 @@ pub fn admin_client(
     let mut c = base(common, client_id);
     c.set("allow.auto.create.topics", "false");
     with_user_properties(c, common).create()
+}
+
+/// Drops `client` on a blocking thread, for code that should not wait for it: an
+/// `AdminClient`'s drop joins its polling thread, which wakes every 100 ms, so a start-up that
+/// dropped one before going on waited ~100 ms for nothing.
+pub fn drop_in_background<T: Send + 'static>(client: T) {
+    tokio::task::spawn_blocking(move || drop(client));
 }
 
 /// What [`create_topic_if_missing`] found or did.

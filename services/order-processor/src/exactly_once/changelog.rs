@@ -169,7 +169,9 @@ pub async fn ensure_changelog(
         ("segment.ms", "600000"),
     ]
     .map(|(k, v)| (k.to_owned(), v.to_owned()));
-    match kafka::create_topic_if_missing(&admin, state_topic, orders, -1, &configs).await? {
+    let state = kafka::create_topic_if_missing(&admin, state_topic, orders, -1, &configs).await;
+    kafka::drop_in_background(admin);
+    match state? {
         kafka::TopicState::Exists(existing) if existing >= orders => return Ok(()),
         kafka::TopicState::Exists(existing) => {
             return Err(KafkaError::AdminOpCreation(format!(

@@ -265,14 +265,27 @@ impl std::fmt::Debug for Core {
     }
 }
 
-fn transactional_producer(config: &ClientConfig) -> Result<FutureProducer, KafkaError> {
+fn transactional_producer(
+    config: &ClientConfig,
+    orders_topic: &str,
+) -> Result<FutureProducer, KafkaError> {
     let producer: FutureProducer = config.create()?;
-    // A connection first: librdkafka asks for the producer id at once only when a broker
-    // connection is up, and otherwise retries on a 500 ms timer (`rdkafka_idempotence.c`),
-    // which held up most exactly-once start-ups by ~500 ms. Metadata for no topic in
-    // particular (so none is auto-created) brings the bootstrap connection up; if that fails,
+    // Connections first: librdkafka asks for the producer id at once only when the
+    // coordinator's connection is up, and otherwise retries on a 500 ms timer
+    // (`rdkafka_idempotence.c`), which held up most exactly-once start-ups by ~500 ms. The
+    // orders topic's metadata (it exists by now; all topics' took 25-30 ms on a broker with a
+    // thousand topics) makes the client connect to the brokers it names, which are not the
+    // bootstrap connection; a request to a partition leader waits for one of those to be up
+    // (two of three starts still met the timer without it). Asked only once the topic exists:
+    // a producer's request for a missing topic can have the broker create it. If these fail,
     // `init_transactions` says why.
-    let _ = producer.client().fetch_metadata(None, TXN_TIMEOUT);
+    let client = producer.client();
+    if client
+        .fetch_metadata(Some(orders_topic), TXN_TIMEOUT)
+        .is_ok()
+    {
+        let _ = client.fetch_watermarks(orders_topic, 0, TXN_TIMEOUT);
+    }
     producer.init_transactions(TXN_TIMEOUT)?;
     Ok(producer)
 }
@@ -301,7 +314,7 @@ impl Core {
                 "message.timeout.ms",
                 config.processor.transaction_timeout_ms.to_string(),
             );
-        let producer = transactional_producer(&producer_config)?;
+        let producer = transactional_producer(&producer_config, &common.orders_topic)?;
         Ok(Core {
             inner: Mutex::new(Inner {
                 producer,
@@ -658,7 +671,7 @@ impl Core {
             && let Err(e) = inner.producer.abort_transaction(TXN_TIMEOUT)
         {
             warn!(error = %e, "abort failed; replacing the transactional producer");
-            match transactional_producer(&self.producer_config) {
+            match transactional_producer(&self.producer_config, &self.orders_topic) {
                 Ok(p) => inner.producer = p,
                 Err(e) => {
                     warn!(error = %e, "could not replace the producer; will retry at the next commit")
