@@ -306,11 +306,15 @@ impl Application {
         let interval = Duration::from_millis(config.analyzer.summary_interval_ms);
         let mut last_summary = Instant::now();
         let mut last_total = 0;
+        // one timer for the summary, set again after each (a new one per record cost a timer
+        // registration each)
+        let summary_due = tokio::time::sleep(interval);
+        tokio::pin!(summary_due);
         info!(topic = %topic, "analysing dead letters");
         loop {
             let msg = tokio::select! {
                 () = shutdown.cancelled() => break,
-                () = tokio::time::sleep(interval.saturating_sub(last_summary.elapsed())) => None,
+                () = &mut summary_due => None,
                 m = consumer.recv() => Some(m),
             };
             match msg {
@@ -319,8 +323,8 @@ impl Application {
                         .key()
                         .and_then(|k| std::str::from_utf8(k).ok())
                         .unwrap_or("");
-                    let parent = trace::extract(m.headers());
-                    let span = trace::consumer_span(&m, &group, trace::traceparent(m.headers()));
+                    let span =
+                        trace::consumer_span(&m, &group, |m| trace::traceparent(m.headers()));
                     async {
                         let meta = Metadata::from_headers(m.headers());
                         let span = tracing::Span::current();
@@ -335,7 +339,7 @@ impl Application {
                             })
                             .inc();
                         if let Ok(mut r) = report.lock() {
-                            let trace_id = trace::context_trace_id(&parent);
+                            let trace_id = trace::headers_trace_id(m.headers());
                             r.add(
                                 &meta,
                                 key,
@@ -357,8 +361,11 @@ impl Application {
                 Some(Err(e)) => warn!(error = %e, "consumer error"),
                 None => {}
             }
-            if last_summary.elapsed() >= interval {
+            if last_summary.elapsed() >= interval || summary_due.is_elapsed() {
                 last_summary = Instant::now();
+                summary_due
+                    .as_mut()
+                    .reset(tokio::time::Instant::from_std(last_summary + interval));
                 if let Ok(r) = report.lock()
                     && r.total != last_total
                 {

@@ -121,11 +121,9 @@ impl<D: Durability> PartitionWorker<D> {
     ) -> bool {
         let started = Instant::now();
         let p = &self.processing;
-        let span = trace::consumer_span(
-            msg,
-            &p.group,
-            msg.headers().and_then(|h| h.last(c"traceparent")),
-        );
+        let span = trace::consumer_span(msg, &p.group, |m| {
+            m.headers().and_then(|h| h.last(c"traceparent"))
+        });
         let done = async {
             let Some(outcome) = p.records.evaluate(msg, &self.cancel).await else {
                 return false;

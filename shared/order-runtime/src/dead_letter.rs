@@ -160,33 +160,63 @@ pub fn headers<H: Headers>(original: Option<&H>, meta: &Metadata) -> OwnedHeader
     out
 }
 
-fn header_str<'a, H: Headers>(h: &'a H, key: &str) -> Option<&'a str> {
-    h.iter()
-        .find(|x| x.key == key)
-        .and_then(|x| x.value)
-        .and_then(|v| std::str::from_utf8(v).ok())
-}
+/// The error headers [`Metadata::from_headers`] reads, in the order of its `found` slots.
+const READ: [&str; 10] = [
+    CATEGORY,
+    KIND,
+    MESSAGE,
+    ORIGINAL_TOPIC,
+    ORIGINAL_PARTITION,
+    ORIGINAL_OFFSET,
+    ORIGINAL_TIMESTAMP,
+    ATTEMPTS,
+    FAILED_SERVICE,
+    FAILED_AT,
+];
 
 impl Metadata {
     /// Reads our headers back. A record without a category header is `Unknown`; other missing
-    /// or unreadable fields get neutral values rather than failing the read.
+    /// or unreadable fields get neutral values rather than failing the read. Of headers with
+    /// the same name, the first counts. One pass over the headers: each look-up by name is a
+    /// walk through them all (librdkafka hands them out by index).
     pub fn from_headers<H: Headers>(headers: Option<&H>) -> Metadata {
-        let get = |key: &str| headers.and_then(|h| header_str(h, key));
+        // per name: not seen yet, or the first one's value when it is UTF-8
+        let mut found: [Option<Option<&str>>; READ.len()] = [None; READ.len()];
+        for h in headers.iter().flat_map(|h| h.iter()) {
+            if !h.key.starts_with(PREFIX) {
+                continue;
+            }
+            if let Some(i) = READ.iter().position(|k| *k == h.key)
+                && found[i].is_none()
+            {
+                found[i] = Some(h.value.and_then(|v| std::str::from_utf8(v).ok()));
+            }
+        }
+        let [
+            category,
+            kind,
+            message,
+            original_topic,
+            original_partition,
+            original_offset,
+            original_timestamp,
+            attempts,
+            failed_service,
+            failed_at,
+        ] = found.map(Option::flatten);
         Metadata {
-            category: get(CATEGORY).map_or(Category::Unknown, Category::parse),
-            kind: get(KIND).unwrap_or("unknown").to_owned(),
-            message: get(MESSAGE).unwrap_or("").to_owned(),
-            original_topic: get(ORIGINAL_TOPIC).unwrap_or("").to_owned(),
-            original_partition: get(ORIGINAL_PARTITION)
+            category: category.map_or(Category::Unknown, Category::parse),
+            kind: kind.unwrap_or("unknown").to_owned(),
+            message: message.unwrap_or("").to_owned(),
+            original_topic: original_topic.unwrap_or("").to_owned(),
+            original_partition: original_partition
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(-1),
-            original_offset: get(ORIGINAL_OFFSET)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(-1),
-            original_timestamp: get(ORIGINAL_TIMESTAMP).and_then(|v| v.parse().ok()),
-            attempts: get(ATTEMPTS).and_then(|v| v.parse().ok()).unwrap_or(0),
-            failed_service: get(FAILED_SERVICE).unwrap_or("").to_owned(),
-            failed_at: get(FAILED_AT).unwrap_or("").to_owned(),
+            original_offset: original_offset.and_then(|v| v.parse().ok()).unwrap_or(-1),
+            original_timestamp: original_timestamp.and_then(|v| v.parse().ok()),
+            attempts: attempts.and_then(|v| v.parse().ok()).unwrap_or(0),
+            failed_service: failed_service.unwrap_or("").to_owned(),
+            failed_at: failed_at.unwrap_or("").to_owned(),
         }
     }
 }
@@ -247,5 +277,26 @@ mod tests {
             Metadata::from_headers(Some(&odd)).category,
             Category::Unknown
         );
+    }
+
+    #[test]
+    fn the_first_header_of_a_name_counts() {
+        let h = |key, value: &'static [u8]| Header {
+            key,
+            value: Some(value),
+        };
+        let twice = OwnedHeaders::new()
+            .insert(h("x", b"1"))
+            .insert(h(CATEGORY, b"validation"))
+            .insert(h(ATTEMPTS, b"\xff"))
+            .insert(h(CATEGORY, b"deserialization"))
+            .insert(h(ATTEMPTS, b"3"))
+            .insert(h(KIND, b"unknown_product"));
+        let m = Metadata::from_headers(Some(&twice));
+        assert_eq!(m.category, Category::Validation);
+        // the first is not UTF-8: unreadable, as if missing
+        assert_eq!(m.attempts, 0);
+        assert_eq!(m.kind, "unknown_product");
+        assert_eq!(m.original_offset, -1);
     }
 }

@@ -48,17 +48,15 @@ fn value_of<'a, H: Headers>(headers: &'a H, key: &str) -> Option<&'a [u8]> {
         .and_then(|h| h.value)
 }
 
-/// Whether a record's `traceparent` (W3C version 00) says its trace was sampled out: the
-/// cheap test before the full extraction, for the common case of a parent-based sampler at a
-/// low ratio. `false` whenever the header is missing or not plainly valid.
-fn sampled_out_upstream(traceparent: Option<&[u8]>) -> bool {
-    let Some(v) = traceparent else {
-        return false;
-    };
-    // 00-<32 hex trace id>-<16 hex span id>-<2 hex flags>
-    let hex = |b: &[u8]| b.iter().all(u8::is_ascii_hexdigit);
-    let nonzero = |b: &[u8]| b.iter().any(|c| *c != b'0');
-    v.len() == 55
+/// A plainly valid W3C version-00 `traceparent`: its trace id (32 lowercase or uppercase hex
+/// digits, not all zero) and its flags' last hex digit. `None` for anything else.
+fn parse_traceparent(v: &[u8]) -> Option<(&[u8], u8)> {
+    // 00-<32 hex trace id>-<16 hex span id>-<2 hex flags>. Folds without an early exit, so
+    // that each loop compiles to vector code: with short-circuiting `all`/`any` this check was
+    // a tenth of the processor's time with 1 % sampled upstream (perf), called on every record
+    let hex = |b: &[u8]| b.iter().fold(true, |ok, c| ok & c.is_ascii_hexdigit());
+    let nonzero = |b: &[u8]| b.iter().fold(false, |any, c| any | (*c != b'0'));
+    (v.len() == 55
         && v.starts_with(b"00-")
         && v[35] == b'-'
         && v[52] == b'-'
@@ -66,11 +64,35 @@ fn sampled_out_upstream(traceparent: Option<&[u8]>) -> bool {
         && nonzero(&v[3..35])
         && hex(&v[36..52])
         && nonzero(&v[36..52])
-        && hex(&v[53..55])
-        && matches!(
-            v[54],
-            b'0' | b'2' | b'4' | b'6' | b'8' | b'a' | b'c' | b'e' | b'A' | b'C' | b'E'
-        )
+        && hex(&v[53..55]))
+    .then(|| (&v[3..35], v[54]))
+}
+
+/// Whether a record's `traceparent` (W3C version 00) says its trace was sampled out: the
+/// cheap test before the full extraction, for the common case of a parent-based sampler at a
+/// low ratio. `false` whenever the header is missing or not plainly valid.
+fn sampled_out_upstream(traceparent: Option<&[u8]>) -> bool {
+    traceparent
+        .and_then(parse_traceparent)
+        .is_some_and(|(_, flags)| {
+            matches!(
+                flags,
+                b'0' | b'2' | b'4' | b'6' | b'8' | b'a' | b'c' | b'e' | b'A' | b'C' | b'E'
+            )
+        })
+}
+
+/// The trace id (hex) of the context in a record's headers, as [`extract`] would find it: a
+/// plain lowercase version-00 `traceparent` is read directly, without building a context,
+/// anything else goes through the propagator.
+pub fn headers_trace_id<H: Headers>(headers: Option<&H>) -> Option<String> {
+    let tp = traceparent(headers)?;
+    match parse_traceparent(tp) {
+        Some((id, _)) if !tp.iter().any(u8::is_ascii_uppercase) => {
+            std::str::from_utf8(id).ok().map(str::to_owned)
+        }
+        _ => context_trace_id(&extract(headers)),
+    }
 }
 
 /// Whether the sampler keeps a span named `name` that continues `parent`. A root (no valid
@@ -162,12 +184,13 @@ pub fn extract<H: Headers>(headers: Option<&H>) -> Context {
 /// The CONSUMER span for processing one record, named and attributed by the messaging
 /// semantic conventions (`process <topic>`), continuing the trace of the record's producer.
 /// `order.id`, `error.type`, `otel.status_code` are left for the caller to record.
-/// No span when spans are off, or when the sampler drops the record's trace. `traceparent` is
-/// the record's header of that name ([`traceparent`] finds it).
-pub fn consumer_span(
-    msg: &impl rdkafka::Message,
+/// No span when spans are off, or when the sampler drops the record's trace. `traceparent`
+/// gives the record's header of that name ([`traceparent`] finds it); it is asked only when
+/// spans are on, as reading a record's headers makes librdkafka parse them all.
+pub fn consumer_span<'m, M: rdkafka::Message>(
+    msg: &'m M,
     group: &str,
-    traceparent: Option<&[u8]>,
+    traceparent: impl FnOnce(&'m M) -> Option<&'m [u8]>,
 ) -> tracing::Span {
     // the fields below cost FFI calls and UTF-8 checks; skip them when no span is made (no
     // export, or RUST_LOG=warn)
@@ -175,7 +198,7 @@ pub fn consumer_span(
         return tracing::Span::none();
     };
     if !tracing::level_enabled!(tracing::Level::INFO)
-        || (PARENT_BASED.load(Ordering::Relaxed) && sampled_out_upstream(traceparent))
+        || (PARENT_BASED.load(Ordering::Relaxed) && sampled_out_upstream(traceparent(msg)))
     {
         return tracing::Span::none();
     }
@@ -389,6 +412,43 @@ mod tests {
         assert!(sampled_out_upstream(traceparent(Some(&odd(
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-02"
         )))));
+    }
+
+    #[test]
+    fn a_trace_id_is_read_from_the_headers_as_the_propagator_reads_it() {
+        telemetry::install_propagators();
+        let with = |tp: &str| {
+            OwnedHeaders::new().insert(Header {
+                key: "traceparent",
+                value: Some(tp),
+            })
+        };
+        for tp in [
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+            // the propagator's cases: other versions, upper case (refused), padding, nonsense
+            "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+            "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+            " 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+            "not a traceparent",
+        ] {
+            let h = with(tp);
+            assert_eq!(
+                headers_trace_id(Some(&h)),
+                context_trace_id(&extract(Some(&h))),
+                "{tp}"
+            );
+        }
+        assert_eq!(
+            headers_trace_id(Some(&with(
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+            )))
+            .as_deref(),
+            Some("0af7651916cd43dd8448eb211c80319c")
+        );
+        assert_eq!(headers_trace_id(None::<&OwnedHeaders>), None);
     }
 
     #[test]
