@@ -246,27 +246,25 @@ pub async fn attempts(
     let mut attempt = 1;
     loop {
         let traced = trace::recording();
-        let failed = {
-            let span = if traced {
-                info_span!(
-                    "attempt",
-                    otel.name = format!("process attempt {attempt}"),
-                    otel.kind = "internal",
-                    messaging.kafka.attempt = attempt,
-                    error.type = field::Empty,
-                    otel.status_code = field::Empty,
-                )
-            } else {
-                Span::none()
-            };
-            let _entered = span.enter();
-            let failed = failures.fails(order, partition, attempt);
+        let failed = failures.fails(order, partition, attempt);
+        // an attempt is instant (the failure is simulated), so its span is made after it; only
+        // a record that needed more than one gets attempt spans: for the others the processing
+        // span says it all (with every record traced, one span per record instead of two took
+        // a probe from 83-87k to 136-160k records/s)
+        if traced && (failed || attempt > 1) {
+            let span = info_span!(
+                "attempt",
+                otel.name = format!("process attempt {attempt}"),
+                otel.kind = "internal",
+                messaging.kafka.attempt = attempt,
+                error.type = field::Empty,
+                otel.status_code = field::Empty,
+            );
             if failed {
                 span.record("error.type", "transient_failure");
                 span.record("otel.status_code", "ERROR");
             }
-            failed
-        };
+        }
         match decide(Known::Attempted { attempt, failed }, policy) {
             Verdict::Retry {
                 attempt: next,
