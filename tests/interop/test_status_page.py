@@ -40,9 +40,22 @@ def browser():
     return webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
 
 
+# The page redraws its cards and tables at every poll (2 s): an element found by one WebDriver
+# call can be gone by the next (StaleElementReferenceException, seen in CI). So each read below
+# is one script, which runs between two redraws.
+def text(driver, css):
+    return driver.execute_script("return document.querySelector(arguments[0]).innerText.trim();", css)
+
+
+def rows(driver, css):
+    """The text of each cell of each row matched by `css`, read at once."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll(arguments[0])]"
+        ".map(r => [...r.querySelectorAll('td')].map(td => td.innerText.trim()));", css)
+
+
 def card(driver, key):
-    text = driver.find_element(By.CSS_SELECTOR, f'.card[data-key="{key}"] .value').text
-    return text.replace("$", "").replace(",", "")
+    return text(driver, f'.card[data-key="{key}"] .value').replace("$", "").replace(",", "")
 
 
 def test_the_status_page_shows_the_groups_totals_and_the_dead_letters():
@@ -85,8 +98,8 @@ def test_the_status_page_shows_the_groups_totals_and_the_dead_letters():
         # the page polls every 2 s
         wait_for("the page to show the final figures", lambda: (
             int(card(driver, "processed")) == stats["processed"]
-            and driver.find_element(By.ID, "dead-total").text.replace(",", "") == str(report["total"])), 30)
-        peak = driver.find_element(By.ID, "rate").text
+            and text(driver, "#dead-total").replace(",", "") == str(report["total"])), 30)
+        peak = text(driver, "#rate")
         assert peak.startswith("now ") and not peak.endswith("top of the chart 1 orders/s"), peak
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(SCREENSHOT))
@@ -99,28 +112,26 @@ def test_the_status_page_shows_the_groups_totals_and_the_dead_letters():
         assert int(card(driver, "dead-lettered")) == stats["dead_lettered"]
         assert int(card(driver, "retries")) == stats["retries"]
 
-        partitions = driver.find_elements(By.CSS_SELECTOR, "#partitions tbody tr")
-        assert len(partitions) == 3
-        cells = [[td.text.replace(",", "") for td in row.find_elements(By.TAG_NAME, "td")] for row in partitions]
+        cells = [[c.replace(",", "") for c in row] for row in rows(driver, "#partitions tbody tr")]
+        assert len(cells) == 3, cells
         assert sum(int(c[4]) for c in cells) == stats["processed"]
         assert all(c[3] == "0" for c in cells), cells  # no lag once everything is committed
 
-        assert driver.find_element(By.ID, "dead-total").text.replace(",", "") == str(report["total"])
-        assert driver.find_element(By.ID, "failed-value").text == f"${report['failed_value']:,.2f}"
-        kinds = {row.find_elements(By.TAG_NAME, "td")[0].text: int(row.find_elements(By.TAG_NAME, "td")[1].text)
-                 for row in driver.find_elements(By.CSS_SELECTOR, "#kinds tbody tr")}
+        assert text(driver, "#dead-total").replace(",", "") == str(report["total"])
+        assert text(driver, "#failed-value") == f"${report['failed_value']:,.2f}"
+        kinds = {row[0]: int(row[1]) for row in rows(driver, "#kinds tbody tr")}
         assert kinds == report["by_kind"]
-        recent = driver.find_elements(By.CSS_SELECTOR, "#recent tbody tr")
+        recent = rows(driver, "#recent tbody tr")
         assert len(recent) == len(report["recent"])
-        shown = {row.find_elements(By.TAG_NAME, "td")[5].text for row in recent}
+        shown = {row[5] for row in recent}
         assert shown == {f.get("trace_id") or "–" for f in report["recent"]}
         # every dead letter but the garbage (which no producer of ours wrote) carries its trace
         assert sum(1 for t in shown if len(t) == 32) >= len(report["recent"]) - 1
 
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert errors == [], errors
-        assert driver.find_element(By.ID, "global-error").text == ""
-        assert driver.find_element(By.ID, "dead-error").text == ""
+        assert text(driver, "#global-error") == ""
+        assert text(driver, "#dead-error") == ""
     finally:
         if driver is not None:
             driver.quit()
