@@ -43,7 +43,7 @@ use serde::Deserialize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, warn};
+use tracing::{info, warn};
 
 pub use report::Report;
 
@@ -302,7 +302,7 @@ impl Application {
             shutdown.clone(),
         ));
         let topic = config.common.dlq_topic.clone();
-        let group = config.analyzer.consumer_group.clone();
+        let group = trace::ConsumerGroup::new(&config.analyzer.consumer_group);
         let interval = Duration::from_millis(config.analyzer.summary_interval_ms);
         let mut last_summary = Instant::now();
         let mut last_total = 0;
@@ -324,11 +324,10 @@ impl Application {
                         .and_then(|k| std::str::from_utf8(k).ok())
                         .unwrap_or("");
                     let span =
-                        trace::consumer_span(&m, &group, |m| trace::traceparent(m.headers()));
-                    async {
+                        trace::consumer_context(&m, &group, |m| trace::traceparent(m.headers()));
+                    trace::in_context(span, async {
                         let meta = Metadata::from_headers(m.headers());
-                        let span = tracing::Span::current();
-                        span.record("error.type", meta.category.as_str());
+                        trace::set_attribute("error.type", meta.category.as_str());
                         let order = match m.payload() {
                             Some(_) => codec.decode(m.payload()).await.ok(),
                             None => None,
@@ -348,8 +347,7 @@ impl Application {
                                 (m.partition(), m.offset()),
                             );
                         }
-                    }
-                    .instrument(span)
+                    })
                     .await;
                     // a backlog never makes recv() wait: let /healthz and /report in
                     tokio::task::coop::consume_budget().await;

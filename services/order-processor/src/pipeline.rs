@@ -63,7 +63,7 @@ impl<D: Durability> Pipeline<D> {
             },
             durability: Arc::new(durability),
             metrics,
-            group: config.processor.consumer_group.clone(),
+            group: order_runtime::trace::ConsumerGroup::new(&config.processor.consumer_group),
             pause,
         });
         let joined = probe.condition("joined consumer group");

@@ -102,7 +102,7 @@ impl Records {
                 (decide(Known::Malformed(kind), &self.policy), e.to_string())
             }
             Ok(mut order) => {
-                Span::current().record("order.id", order.order_id.as_str());
+                trace::set_attribute("order.id", &order.order_id);
                 match order.validate_in(&self.catalogue) {
                     Err(e) => (decide(Known::Invalid(&e), &self.policy), e.to_string()),
                     Ok(price) => {
@@ -182,13 +182,11 @@ impl Records {
         attempts: u32,
         message: &str,
     ) -> Outcome {
-        let current = Span::current();
-        current.record("error.type", category.as_str());
-        current.record("otel.status_code", "ERROR");
+        trace::set_error(category.as_str());
         warn!(
             category = %category, kind, error = message, attempts,
             partition = msg.partition(), offset = msg.offset(),
-            trace_id = trace::trace_id(&current)
+            trace_id = trace::current_trace_id()
                 .or_else(|| trace::context_trace_id(&trace::extract(msg.headers())))
                 .unwrap_or_default(),
             "dead-lettering record"
@@ -274,7 +272,7 @@ pub async fn attempts(
                 retries.inc();
                 info!(
                     order_id = %order.order_id, attempt, retry_in_ms = wait_ms,
-                    trace_id = trace::trace_id(&Span::current()).unwrap_or_default(),
+                    trace_id = trace::current_trace_id().unwrap_or_default(),
                     "temporary failure, will retry"
                 );
                 let backoff = if traced {

@@ -10,7 +10,7 @@ use kafka_batch::{PartitionBatches, RawMessage};
 use order_runtime::trace;
 use rdkafka::message::Message;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, warn};
+use tracing::warn;
 
 use crate::consumer::ProcessorConsumer;
 use crate::durability::Durability;
@@ -24,7 +24,7 @@ pub struct Processing<D> {
     pub durability: Arc<D>,
     pub metrics: Metrics,
     /// `CONSUMER_GROUP`, for the processing spans.
-    pub group: String,
+    pub group: trace::ConsumerGroup,
     /// `POST /pause` and `/resume`.
     pub pause: Arc<PauseControl>,
 }
@@ -121,10 +121,10 @@ impl<D: Durability> PartitionWorker<D> {
     ) -> bool {
         let started = Instant::now();
         let p = &self.processing;
-        let span = trace::consumer_span(msg, &p.group, |m| {
+        let span = trace::consumer_context(msg, &p.group, |m| {
             m.headers().and_then(|h| h.last(c"traceparent"))
         });
-        let done = async {
+        let done = trace::in_context(span, async {
             let Some(outcome) = p.records.evaluate(msg, &self.cancel).await else {
                 return false;
             };
@@ -133,8 +133,7 @@ impl<D: Durability> PartitionWorker<D> {
                 count(&p.metrics, tally, msg, &outcome);
             }
             durable
-        }
-        .instrument(span)
+        })
         .await;
         tally.process_duration(started.elapsed().as_secs_f64());
         done

@@ -219,6 +219,11 @@ async fn a_dead_lettered_order_is_one_trace_across_the_three_services() {
         );
         assert!(process.tags.contains_key("messaging.kafka.offset"));
         assert_eq!(process.tags["error.type"], category);
+        assert_eq!(
+            process.tags.get("otel.status_code").map(String::as_str),
+            Some("ERROR"),
+            "a dead-lettered record's processing failed: {process:#?}"
+        );
 
         let dead_letter = one(&spans, "order-processor", &format!("send {dlq}"));
         assert_messaging(dead_letter, "producer", "send", &dlq);

@@ -401,7 +401,7 @@ pub fn init(
             sampler.clone(),
         )?;
         opentelemetry::global::set_tracer_provider(provider.clone());
-        crate::trace::enable_spans(sampler, parent_based(vars));
+        crate::trace::enable_spans(sampler, parent_based(vars), provider.tracer(service_name));
         (Some(provider), runtime)
     } else {
         (None, None)
