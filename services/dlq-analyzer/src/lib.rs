@@ -323,9 +323,9 @@ impl Application {
                         .key()
                         .and_then(|k| std::str::from_utf8(k).ok())
                         .unwrap_or("");
-                    let span =
+                    let cx =
                         trace::consumer_context(&m, &group, |m| trace::traceparent(m.headers()));
-                    trace::in_context(span, async {
+                    trace::in_context(cx, async {
                         let meta = Metadata::from_headers(m.headers());
                         trace::set_attribute("error.type", meta.category.as_str());
                         let order = match m.payload() {

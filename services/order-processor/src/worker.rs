@@ -121,10 +121,10 @@ impl<D: Durability> PartitionWorker<D> {
     ) -> bool {
         let started = Instant::now();
         let p = &self.processing;
-        let span = trace::consumer_context(msg, &p.group, |m| {
+        let cx = trace::consumer_context(msg, &p.group, |m| {
             m.headers().and_then(|h| h.last(c"traceparent"))
         });
-        let done = trace::in_context(span, async {
+        let done = trace::in_context(cx, async {
             let Some(outcome) = p.records.evaluate(msg, &self.cancel).await else {
                 return false;
             };
