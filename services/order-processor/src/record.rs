@@ -187,7 +187,7 @@ impl Records {
             category = %category, kind, error = message, attempts,
             partition = msg.partition(), offset = msg.offset(),
             trace_id = trace::current_trace_id()
-                .or_else(|| trace::context_trace_id(&trace::extract(msg.headers())))
+                .or_else(|| trace::headers_trace_id(msg.headers()))
                 .unwrap_or_default(),
             "dead-lettering record"
         );
