@@ -302,7 +302,7 @@ impl Application {
             shutdown.clone(),
         ));
         let topic = config.common.dlq_topic.clone();
-        let group = trace::ConsumerGroup::new(&config.analyzer.consumer_group);
+        let spans = trace::ConsumerSpans::new(&config.analyzer.consumer_group, &topic);
         let interval = Duration::from_millis(config.analyzer.summary_interval_ms);
         let mut last_summary = Instant::now();
         let mut last_total = 0;
@@ -324,7 +324,7 @@ impl Application {
                         .and_then(|k| std::str::from_utf8(k).ok())
                         .unwrap_or("");
                     let cx =
-                        trace::consumer_context(&m, &group, |m| trace::traceparent(m.headers()));
+                        trace::consumer_context(&m, &spans, |m| trace::traceparent(m.headers()));
                     trace::in_context(cx, async {
                         let meta = Metadata::from_headers(m.headers());
                         trace::set_attribute("error.type", meta.category.as_str());

@@ -63,7 +63,10 @@ impl<D: Durability> Pipeline<D> {
             },
             durability: Arc::new(durability),
             metrics,
-            group: order_runtime::trace::ConsumerGroup::new(&config.processor.consumer_group),
+            spans: order_runtime::trace::ConsumerSpans::new(
+                &config.processor.consumer_group,
+                &common.orders_topic,
+            ),
             pause,
         });
         let joined = probe.condition("joined consumer group");

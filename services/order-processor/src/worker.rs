@@ -23,8 +23,8 @@ pub struct Processing<D> {
     pub records: Records,
     pub durability: Arc<D>,
     pub metrics: Metrics,
-    /// `CONSUMER_GROUP`, for the processing spans.
-    pub group: trace::ConsumerGroup,
+    /// What the processing spans share (`CONSUMER_GROUP`, `ORDERS_TOPIC`).
+    pub spans: trace::ConsumerSpans,
     /// `POST /pause` and `/resume`.
     pub pause: Arc<PauseControl>,
 }
@@ -121,7 +121,7 @@ impl<D: Durability> PartitionWorker<D> {
     ) -> bool {
         let started = Instant::now();
         let p = &self.processing;
-        let cx = trace::consumer_context(msg, &p.group, |m| {
+        let cx = trace::consumer_context(msg, &p.spans, |m| {
             m.headers().and_then(|h| h.last(c"traceparent"))
         });
         let done = trace::in_context(cx, async {

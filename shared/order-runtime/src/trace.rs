@@ -10,12 +10,16 @@
 //! context it came with travels on unchanged ([`inject_or_carry`]), so the services after
 //! this one sample it out too.
 
-use std::sync::OnceLock;
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use opentelemetry::context::FutureExt as _;
 use opentelemetry::propagation::{Extractor, Injector};
-use opentelemetry::trace::{Link, SpanKind, Status, TraceContextExt as _, Tracer as _};
+use opentelemetry::trace::{
+    Link, SpanContext, SpanId, SpanKind, Status, TraceContextExt as _, TraceFlags, TraceId,
+    TraceState, Tracer as _,
+};
 use opentelemetry::{Context, KeyValue, StringValue};
 use opentelemetry_sdk::trace::{SamplingDecision, ShouldSample};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
@@ -206,49 +210,68 @@ pub fn extract<H: Headers>(headers: Option<&H>) -> Context {
 /// [`current_trace_id`] reach it.
 pub fn consumer_context<'m, M: rdkafka::Message>(
     msg: &'m M,
-    group: &ConsumerGroup,
+    spans: &ConsumerSpans,
     traceparent: impl FnOnce(&'m M) -> Option<&'m [u8]>,
 ) -> Option<Context> {
     let (Some(sampler), Some(tracer)) = (SAMPLER.get(), TRACER.get()) else {
         return None;
     };
-    if !tracing::level_enabled!(tracing::Level::INFO)
-        || (PARENT_BASED.load(Ordering::Relaxed) && sampled_out_upstream(traceparent(msg)))
-    {
+    if !tracing::level_enabled!(tracing::Level::INFO) {
         return None;
     }
-    let parent = extract(msg.headers());
+    let tp = traceparent(msg);
+    if PARENT_BASED.load(Ordering::Relaxed) && sampled_out_upstream(tp) {
+        return None;
+    }
+    let parent = parent_context(msg.headers(), tp);
     if !keeps(sampler.as_ref(), &parent, "process", &SpanKind::Consumer) {
         return None;
     }
+    // what the spans of this consumer share is made once ([`ConsumerSpans`]) and shared here;
+    // per record, only the key (and a partition past those made ahead) is a new string
     let topic = msg.topic();
+    let own_topic = *spans.topic == *topic;
     let key = msg
         .key()
         .and_then(|k| std::str::from_utf8(k).ok())
         .unwrap_or("");
     let size = msg.payload().map_or(0, <[u8]>::len);
+    let partition = usize::try_from(msg.partition())
+        .ok()
+        .and_then(|p| spans.partitions.get(p))
+        .map_or_else(
+            || StringValue::from(msg.partition().to_string()),
+            StringValue::clone,
+        );
+    let destination = if own_topic {
+        StringValue::from(spans.topic.clone())
+    } else {
+        StringValue::from(topic.to_owned())
+    };
     // room for the `order.id` or `error.type` set later, which would otherwise reallocate
     let mut attributes = Vec::with_capacity(11);
     attributes.extend([
         KeyValue::new("messaging.system", "kafka"),
         KeyValue::new("messaging.operation.type", "process"),
         KeyValue::new("messaging.operation.name", "process"),
-        KeyValue::new("messaging.destination.name", topic.to_owned()),
-        KeyValue::new(
-            "messaging.destination.partition.id",
-            msg.partition().to_string(),
-        ),
+        KeyValue::new("messaging.destination.name", destination),
+        KeyValue::new("messaging.destination.partition.id", partition),
         KeyValue::new("messaging.kafka.offset", msg.offset()),
         KeyValue::new("messaging.kafka.message.key", key.to_owned()),
-        KeyValue::new("messaging.consumer.group.name", group.0.clone()),
+        KeyValue::new("messaging.consumer.group.name", spans.group.clone()),
         KeyValue::new(
             "messaging.message.body.size",
             i64::try_from(size).unwrap_or(i64::MAX),
         ),
     ]);
     let remote = parent.span().span_context().clone();
+    let name: Cow<'static, str> = if own_topic {
+        Cow::Borrowed(spans.name)
+    } else {
+        Cow::Owned(format!("process {topic}"))
+    };
     let mut builder = tracer
-        .span_builder(format!("process {topic}"))
+        .span_builder(name)
         .with_kind(SpanKind::Consumer)
         .with_attributes(attributes);
     // a child of the producer's span, and linked to it as the conventions ask of a consumer
@@ -259,14 +282,91 @@ pub fn consumer_context<'m, M: rdkafka::Message>(
     Some(parent.with_span(span))
 }
 
-/// A consumer group's name, as the processing spans carry it (made once, shared by them all).
-#[derive(Clone, Debug)]
-pub struct ConsumerGroup(StringValue);
-
-impl ConsumerGroup {
-    pub fn new(name: &str) -> Self {
-        Self(StringValue::from(std::sync::Arc::<str>::from(name)))
+/// The context a record's headers carry, as [`extract`] finds it. A plain lowercase
+/// `traceparent` with neither `tracestate` nor `baggage` beside it (what our producers write) is
+/// read directly, without the global propagator's lock and parsing; anything else goes through
+/// the propagator.
+fn parent_context<H: Headers>(headers: Option<&H>, traceparent: Option<&[u8]>) -> Context {
+    let plain = |h: &H| {
+        !h.iter().any(|h| {
+            h.key.eq_ignore_ascii_case("tracestate") || h.key.eq_ignore_ascii_case("baggage")
+        })
+    };
+    let direct = match (headers, traceparent) {
+        (Some(h), Some(tp)) if !tp.iter().any(u8::is_ascii_uppercase) && plain(h) => {
+            remote_span_context(tp)
+        }
+        _ => None,
+    };
+    match direct {
+        Some(sc) => Context::new().with_remote_span_context(sc),
+        None => extract(headers),
     }
+}
+
+/// The remote span context of a plainly valid version-00 `traceparent` (see
+/// [`parse_traceparent`]), its flags kept to the sampled bit as the propagator does.
+fn remote_span_context(traceparent: &[u8]) -> Option<SpanContext> {
+    let (trace_id, _) = parse_traceparent(traceparent)?;
+    // all ASCII hex digits by now
+    fn text(b: &[u8]) -> Option<&str> {
+        std::str::from_utf8(b).ok()
+    }
+    let trace_id = TraceId::from_hex(text(trace_id)?).ok()?;
+    let span_id = SpanId::from_hex(text(&traceparent[36..52])?).ok()?;
+    let flags = u8::from_str_radix(text(&traceparent[53..55])?, 16).ok()?;
+    Some(SpanContext::new(
+        trace_id,
+        span_id,
+        TraceFlags::new(flags) & TraceFlags::SAMPLED,
+        true,
+        TraceState::NONE,
+    ))
+}
+
+/// What the processing spans of one consumer share, made once: its group, the topic it reads
+/// (and so the spans' name), and the ids of its first [`Self::PARTITIONS`] partitions as strings.
+#[derive(Clone, Debug)]
+pub struct ConsumerSpans {
+    group: StringValue,
+    topic: Arc<str>,
+    /// `process <topic>` ([`span_name`]).
+    name: &'static str,
+    partitions: Vec<StringValue>,
+}
+
+impl ConsumerSpans {
+    /// Partitions whose ids are made ahead; a record of a higher one makes its own string.
+    pub const PARTITIONS: usize = 64;
+
+    /// For a consumer in `group` that reads `topic`.
+    pub fn new(group: &str, topic: &str) -> Self {
+        Self {
+            group: StringValue::from(Arc::<str>::from(group)),
+            topic: Arc::from(topic),
+            name: span_name(topic),
+            partitions: (0..Self::PARTITIONS)
+                .map(|p| StringValue::from(Arc::<str>::from(p.to_string())))
+                .collect(),
+        }
+    }
+}
+
+/// `process <topic>` as a `'static` string (a span's name is that or a new `String` per span),
+/// made once per distinct topic and kept for the life of the process: a service reads one topic
+/// (the processor its orders, the analyzer its dead letters), so this keeps one or two.
+fn span_name(topic: &str) -> &'static str {
+    static NAMES: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+    let mut names = NAMES.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(name) = names
+        .iter()
+        .find(|n| n.strip_prefix("process ") == Some(topic))
+    {
+        return name;
+    }
+    let name: &'static str = Box::leak(format!("process {topic}").into_boxed_str());
+    names.push(name);
+    name
 }
 
 /// Runs `fut` with `cx` as the current OpenTelemetry context (the record's span from
@@ -537,6 +637,50 @@ mod tests {
             Some("0af7651916cd43dd8448eb211c80319c")
         );
         assert_eq!(headers_trace_id(None::<&OwnedHeaders>), None);
+    }
+
+    #[test]
+    fn a_parent_read_directly_is_the_one_the_propagators_find() {
+        use opentelemetry::baggage::BaggageExt as _;
+        telemetry::install_propagators();
+        let tps = [
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+            // flag bits beyond sampled, which the propagator drops
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-ff",
+            "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+            "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+            "not a traceparent",
+        ];
+        for tp in tps {
+            for extra in [None, Some(("tracestate", "k=v")), Some(("Baggage", "user=1"))] {
+                let mut h = OwnedHeaders::new().insert(Header {
+                    key: "traceparent",
+                    value: Some(tp),
+                });
+                if let Some((key, value)) = extra {
+                    h = h.insert(Header {
+                        key,
+                        value: Some(value),
+                    });
+                }
+                let direct = parent_context(Some(&h), traceparent(Some(&h)));
+                let propagated = extract(Some(&h));
+                assert_eq!(
+                    direct.span().span_context(),
+                    propagated.span().span_context(),
+                    "{tp} {extra:?}"
+                );
+                assert_eq!(
+                    direct.baggage().len(),
+                    propagated.baggage().len(),
+                    "{tp} {extra:?}"
+                );
+            }
+        }
+        assert!(!parent_context::<OwnedHeaders>(None, None).has_active_span());
     }
 
     #[test]
