@@ -655,7 +655,11 @@ mod tests {
             "not a traceparent",
         ];
         for tp in tps {
-            for extra in [None, Some(("tracestate", "k=v")), Some(("Baggage", "user=1"))] {
+            for extra in [
+                None,
+                Some(("tracestate", "k=v")),
+                Some(("Baggage", "user=1")),
+            ] {
                 let mut h = OwnedHeaders::new().insert(Header {
                     key: "traceparent",
                     value: Some(tp),
