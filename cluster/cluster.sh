@@ -511,8 +511,10 @@ fingerprint() {
   for ipt in iptables ip6tables; do
     for t in filter nat mangle raw; do $ipt -t "$t" -S 2>/dev/null | sed "s/^/$ipt $t /"; done
   done
-  ls /var/run/netns 2>/dev/null | sed 's/^/netns /'
-  ls -d /sys/fs/cgroup/*/kubepods 2>/dev/null | sed 's/^/cgroup /'
+  # neither exists on a machine that never ran a pod: nothing to list then (not a failure, which
+  # under pipefail it would be)
+  { ls /var/run/netns 2>/dev/null || true; } | sed 's/^/netns /'
+  { ls -d /sys/fs/cgroup/*/kubepods 2>/dev/null || true; } | sed 's/^/cgroup /'
   for k in net/ipv4/ip_forward vm/overcommit_memory vm/panic_on_oom kernel/panic kernel/panic_on_oops kernel/keys/root_maxkeys kernel/keys/root_maxbytes; do
     echo "sysctl $k $(cat "/proc/sys/$k")"
   done
