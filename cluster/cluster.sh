@@ -218,8 +218,9 @@ save_machine_state() {
         $ipt -t "$t" -S 2>/dev/null | awk -v i="$ipt" -v t="$t" '$1 == "-N" { print "chain " i " " t " " $2 }'
       done
     done
-    ls /var/run/netns 2>/dev/null | sed 's/^/netns /'
-    ls -d /sys/fs/cgroup/*/kubepods 2>/dev/null | sed 's/^/cgroup /'
+    # neither exists on a machine that never ran a pod (see fingerprint)
+    { ls /var/run/netns 2>/dev/null || true; } | sed 's/^/netns /'
+    { ls -d /sys/fs/cgroup/*/kubepods 2>/dev/null || true; } | sed 's/^/cgroup /'
   } >"$dir/run/machine-state"
 }
 
