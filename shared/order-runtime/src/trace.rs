@@ -80,6 +80,12 @@ fn parse_traceparent(v: &[u8]) -> Option<(&[u8], u8)> {
     .then(|| (&v[3..35], v[54]))
 }
 
+/// A traceparent as [`parse_traceparent`] takes it, and in lowercase: one whose ids read the same
+/// directly as through the propagator (which refuses upper case).
+fn lowercase_traceparent(v: &[u8]) -> Option<(&[u8], u8)> {
+    parse_traceparent(v).filter(|_| !v.iter().any(u8::is_ascii_uppercase))
+}
+
 /// Whether a record's `traceparent` (W3C version 00) says its trace was sampled out: the
 /// cheap test before the full extraction, for the common case of a parent-based sampler at a
 /// low ratio. `false` whenever the header is missing or not plainly valid.
@@ -99,11 +105,9 @@ fn sampled_out_upstream(traceparent: Option<&[u8]>) -> bool {
 /// anything else goes through the propagator.
 pub fn headers_trace_id<H: Headers>(headers: Option<&H>) -> Option<String> {
     let tp = traceparent(headers)?;
-    match parse_traceparent(tp) {
-        Some((id, _)) if !tp.iter().any(u8::is_ascii_uppercase) => {
-            std::str::from_utf8(id).ok().map(str::to_owned)
-        }
-        _ => context_trace_id(&extract(headers)),
+    match lowercase_traceparent(tp) {
+        Some((id, _)) => std::str::from_utf8(id).ok().map(str::to_owned),
+        None => context_trace_id(&extract(headers)),
     }
 }
 
@@ -293,9 +297,7 @@ fn parent_context<H: Headers>(headers: Option<&H>, traceparent: Option<&[u8]>) -
         })
     };
     let direct = match (headers, traceparent) {
-        (Some(h), Some(tp)) if !tp.iter().any(u8::is_ascii_uppercase) && plain(h) => {
-            remote_span_context(tp)
-        }
+        (Some(h), Some(tp)) if plain(h) => remote_span_context(tp),
         _ => None,
     };
     match direct {
@@ -304,10 +306,10 @@ fn parent_context<H: Headers>(headers: Option<&H>, traceparent: Option<&[u8]>) -
     }
 }
 
-/// The remote span context of a plainly valid version-00 `traceparent` (see
-/// [`parse_traceparent`]), its flags kept to the sampled bit as the propagator does.
+/// The remote span context of a plainly valid lowercase version-00 `traceparent` (see
+/// [`lowercase_traceparent`]), its flags kept to the sampled bit as the propagator does.
 fn remote_span_context(traceparent: &[u8]) -> Option<SpanContext> {
-    let (trace_id, _) = parse_traceparent(traceparent)?;
+    let (trace_id, _) = lowercase_traceparent(traceparent)?;
     // all ASCII hex digits by now
     fn text(b: &[u8]) -> Option<&str> {
         std::str::from_utf8(b).ok()
