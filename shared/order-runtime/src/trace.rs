@@ -287,14 +287,24 @@ pub fn consumer_context<'m, M: rdkafka::Message>(
 }
 
 /// The context a record's headers carry, as [`extract`] finds it. A plain lowercase
-/// `traceparent` with neither `tracestate` nor `baggage` beside it (what our producers write) is
-/// read directly, without the global propagator's lock and parsing; anything else goes through
-/// the propagator.
+/// `traceparent`, the record's only one, with neither `tracestate` nor `baggage` beside it (what
+/// our producers write) is read directly, without the global propagator's lock and parsing;
+/// anything else goes through the propagator.
 fn parent_context<H: Headers>(headers: Option<&H>, traceparent: Option<&[u8]>) -> Context {
+    // the propagator reads the first `traceparent` (any case), and the caller may have given
+    // another one (the processor looks up the last): only with one are they the same
     let plain = |h: &H| {
-        !h.iter().any(|h| {
-            h.key.eq_ignore_ascii_case("tracestate") || h.key.eq_ignore_ascii_case("baggage")
-        })
+        let mut parents = 0;
+        for h in h.iter() {
+            if h.key.eq_ignore_ascii_case("traceparent") {
+                parents += 1;
+            } else if h.key.eq_ignore_ascii_case("tracestate")
+                || h.key.eq_ignore_ascii_case("baggage")
+            {
+                return false;
+            }
+        }
+        parents == 1
     };
     let direct = match (headers, traceparent) {
         (Some(h), Some(tp)) if plain(h) => remote_span_context(tp),
@@ -687,6 +697,25 @@ mod tests {
             }
         }
         assert!(!parent_context::<OwnedHeaders>(None, None).has_active_span());
+        // two of them: the processor gives the last, the propagator reads the first
+        let (first, last) = (
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-11111111111111111111111111111111-2222222222222222-01",
+        );
+        let h = [first, last]
+            .into_iter()
+            .fold(OwnedHeaders::new(), |h, tp| {
+                h.insert(Header {
+                    key: "traceparent",
+                    value: Some(tp),
+                })
+            });
+        assert_eq!(
+            parent_context(Some(&h), Some(last.as_bytes()))
+                .span()
+                .span_context(),
+            extract(Some(&h)).span().span_context()
+        );
     }
 
     #[test]
