@@ -234,7 +234,7 @@ pub fn consumer_context<'m, M: rdkafka::Message>(
     // what the spans of this consumer share is made once ([`ConsumerSpans`]) and shared here;
     // per record, only the key (and a partition past those made ahead) is a new string
     let topic = msg.topic();
-    let own_topic = *spans.topic == *topic;
+    let own_topic = spans.topic.as_str() == topic;
     let key = msg
         .key()
         .and_then(|k| std::str::from_utf8(k).ok())
@@ -248,7 +248,7 @@ pub fn consumer_context<'m, M: rdkafka::Message>(
             StringValue::clone,
         );
     let destination = if own_topic {
-        StringValue::from(spans.topic.clone())
+        spans.topic.clone()
     } else {
         StringValue::from(topic.to_owned())
     };
@@ -341,7 +341,7 @@ fn remote_span_context(traceparent: &[u8]) -> Option<SpanContext> {
 #[derive(Clone, Debug)]
 pub struct ConsumerSpans {
     group: StringValue,
-    topic: Arc<str>,
+    topic: StringValue,
     /// `process <topic>` ([`span_name`]).
     name: &'static str,
     partitions: Vec<StringValue>,
@@ -355,7 +355,7 @@ impl ConsumerSpans {
     pub fn new(group: &str, topic: &str) -> Self {
         Self {
             group: StringValue::from(Arc::<str>::from(group)),
-            topic: Arc::from(topic),
+            topic: StringValue::from(Arc::<str>::from(topic)),
             name: span_name(topic),
             partitions: (0..Self::PARTITIONS)
                 .map(|p| StringValue::from(Arc::<str>::from(p.to_string())))
