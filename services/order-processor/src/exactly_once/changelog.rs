@@ -1,6 +1,7 @@
 //! The changelog of per-partition state: reading a partition's last committed state (restore),
 //! every partition's (the group's totals), and making sure the topic exists.
 
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use order_runtime::CommonConfig;
@@ -24,9 +25,10 @@ pub fn changelog_reader(
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("allow.auto.create.topics", "false")
-        // a reader moves from partition to partition (restores take turns on it) and its next
-        // fetch waits for the previous one, which the broker holds this long at a partition's
-        // end (librdkafka's default 500 ms made each restore take 1.5 s)
+        // a reader is assigned one set of partitions after another (a tail, then whole
+        // partitions; one restore after another) and its next fetch waits for the previous
+        // one, which the broker holds this long at a partition's end (librdkafka's default
+        // 500 ms made each restore take 1.5 s)
         .set("fetch.wait.max.ms", "10")
         .set("isolation.level", isolation);
     kafka::with_user_properties(c, common).create()
@@ -58,7 +60,7 @@ impl ChangelogReaders {
     /// for it (`make bench`: exactly-once p99 at 1,000/s of 680 ms); none did in 8 starts with
     /// this. A metadata request waits for the connection instead. Blocking; failures are left
     /// to the queries that follow.
-    fn warm_up(&self, state_topic: &str) {
+    pub fn warm_up(&self, state_topic: &str) {
         self.warmed.call_once(|| {
             for reader in [&self.committed, &self.uncommitted] {
                 let _ = reader.fetch_metadata(Some(state_topic), Duration::from_secs(10));
@@ -67,15 +69,23 @@ impl ChangelogReaders {
     }
 }
 
-/// The latest committed state of one partition (`None`: never committed). Waits until no
-/// transaction is pending on its changelog partition, so that a commit in flight elsewhere
-/// (a replica that lost the partition) is either in or out, never half seen.
-pub fn read_changelog_partition(
+/// A changelog partition's latest committed state as a restore reads it: `None` when it was
+/// never committed.
+pub type Restored = Result<Option<PartitionState>, EosError>;
+
+/// The latest committed state of each of `partitions`, handed to `done` in groups as they are
+/// read: first every partition with no transaction pending on it, together, then the others
+/// as theirs end (or fail as [`EosError::ChangelogBusy`] after `stable_wait`). Waiting for no
+/// pending transaction means a commit in flight elsewhere (a replica that lost the partition)
+/// is either in or out, never half seen. Each step asks about all the partitions at once, so
+/// an assignment's restores take about as long as one.
+pub fn read_changelog_partitions(
     readers: &ChangelogReaders,
     state_topic: &str,
-    partition: i32,
+    partitions: &[i32],
     stable_wait: Duration,
-) -> Result<Option<PartitionState>, EosError> {
+    mut done: impl FnMut(Vec<(i32, Restored)>),
+) {
     readers.warm_up(state_topic);
     let ChangelogReaders {
         committed,
@@ -83,68 +93,167 @@ pub fn read_changelog_partition(
         ..
     } = readers;
     let started = Instant::now();
-    let stable_end = loop {
-        // read_committed watermarks end at the last stable offset; read_uncommitted at the
-        // high watermark: equal when no transaction is open on the partition
-        let (_, lso) =
-            committed.fetch_watermarks(state_topic, partition, Duration::from_secs(10))?;
-        let (_, hw) =
-            uncommitted.fetch_watermarks(state_topic, partition, Duration::from_secs(10))?;
-        if lso == hw {
-            break lso;
-        }
-        if started.elapsed() > stable_wait {
-            return Err(EosError::ChangelogBusy {
-                partition,
-                waited_s: stable_wait.as_secs(),
-            });
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    };
-    last_state(committed, state_topic, partition, stable_end)
-}
-
-/// Reads the last state record below `end`: the tail first (each commit writes one record and
-/// one transaction marker per partition), the whole partition if the tail has none.
-fn last_state(
-    consumer: &BaseConsumer,
-    state_topic: &str,
-    partition: i32,
-    end: i64,
-) -> Result<Option<PartitionState>, EosError> {
-    if end <= 0 {
-        return Ok(None);
-    }
-    for start in [Offset::Offset((end - 64).max(0)), Offset::Beginning] {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(state_topic, partition, start)?;
-        consumer.assign(&tpl)?;
-        let mut last = None;
-        loop {
-            match consumer.poll(Duration::from_secs(10)) {
-                // the reader serves one partition after another: anything still in flight for
-                // an earlier one is not this partition's state
-                Some(Ok(m)) if m.partition() != partition || m.topic() != state_topic => {}
-                Some(Err(KafkaError::PartitionEOF(p))) if p != partition => {}
-                Some(Ok(m)) => {
-                    if let Some(v) = m.payload() {
-                        last = Some(v.to_vec());
-                    }
-                    if m.offset() + 1 >= end {
-                        break;
-                    }
-                }
-                Some(Err(KafkaError::PartitionEOF(_))) | None => break,
-                Some(Err(e)) => return Err(e.into()),
+    let mut left = partitions.to_vec();
+    while !left.is_empty() {
+        // read_committed end offsets are last stable offsets, read_uncommitted ones high
+        // watermarks: equal when no transaction is open on the partition
+        let ends = end_offsets(committed, state_topic, &left)
+            .and_then(|lso| Ok((lso, end_offsets(uncommitted, state_topic, &left)?)));
+        let (lso, hw) = match ends {
+            Ok(ends) => ends,
+            Err(e) => return done(left.iter().map(|&p| (p, Err(e.clone().into()))).collect()),
+        };
+        let mut stable = Vec::new();
+        let mut ready = Vec::new();
+        let mut busy = Vec::new();
+        for &p in &left {
+            match (lso.get(&p), hw.get(&p)) {
+                (Some(Ok(l)), Some(Ok(h))) if l == h => stable.push((p, *l)),
+                (Some(Ok(_)), Some(Ok(_))) => busy.push(p),
+                (Some(Err(e)), _) | (_, Some(Err(e))) => ready.push((p, Err(e.clone().into()))),
+                _ => ready.push((p, Err(EosError::NoEndOffset { partition: p }))),
             }
         }
-        if let Some(bytes) = last {
-            return serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|source| EosError::BadChangelog { partition, source });
+        match last_states(committed, state_topic, &stable) {
+            Ok(states) => ready.extend(states),
+            Err(e) => {
+                let error = e.to_string();
+                ready.extend(stable.iter().map(|&(partition, _)| {
+                    let error = error.clone();
+                    (partition, Err(EosError::ChangelogRead { partition, error }))
+                }));
+            }
+        }
+        if !ready.is_empty() {
+            done(ready);
+        }
+        if !busy.is_empty() && started.elapsed() > stable_wait {
+            let waited_s = stable_wait.as_secs();
+            return done(
+                busy.iter()
+                    .map(|&partition| {
+                        (
+                            partition,
+                            Err(EosError::ChangelogBusy {
+                                partition,
+                                waited_s,
+                            }),
+                        )
+                    })
+                    .collect(),
+            );
+        }
+        if !busy.is_empty() {
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        left = busy;
+    }
+}
+
+/// Each partition's end offset as `reader` sees it (the last stable offset under
+/// read_committed), in one request per leader.
+fn end_offsets(
+    reader: &BaseConsumer,
+    topic: &str,
+    partitions: &[i32],
+) -> Result<HashMap<i32, Result<i64, KafkaError>>, KafkaError> {
+    let mut tpl = TopicPartitionList::with_capacity(partitions.len());
+    for &p in partitions {
+        // as a timestamp, -1 asks for the latest offset
+        tpl.add_partition_offset(topic, p, Offset::End)?;
+    }
+    let ends = reader.offsets_for_times(tpl, Duration::from_secs(10))?;
+    Ok(ends
+        .elements_for_topic(topic)
+        .iter()
+        .filter_map(|e| {
+            let end = match (e.error(), e.offset()) {
+                (Err(err), _) => Err(err),
+                (Ok(()), Offset::Offset(o)) => Ok(o),
+                (Ok(()), _) => return None,
+            };
+            Some((e.partition(), end))
+        })
+        .collect())
+}
+
+/// The last state record below each partition's end offset: the tails first (each commit
+/// writes one record and one transaction marker per partition), the whole partition for those
+/// whose tail has none. `Err` when the read itself failed, for all of them.
+fn last_states(
+    consumer: &BaseConsumer,
+    state_topic: &str,
+    ends: &[(i32, i64)],
+) -> Result<Vec<(i32, Restored)>, EosError> {
+    let end: HashMap<i32, i64> = ends.iter().copied().collect();
+    let mut last: HashMap<i32, Vec<u8>> = HashMap::new();
+    let tails: Vec<(i32, Offset)> = ends
+        .iter()
+        .filter(|&&(_, end)| end > 0)
+        .map(|&(p, end)| (p, Offset::Offset((end - 64).max(0))))
+        .collect();
+    read_to_ends(consumer, state_topic, &tails, &end, &mut last)?;
+    let whole: Vec<(i32, Offset)> = tails
+        .iter()
+        .filter(|(p, _)| !last.contains_key(p))
+        .map(|&(p, _)| (p, Offset::Beginning))
+        .collect();
+    read_to_ends(consumer, state_topic, &whole, &end, &mut last)?;
+    Ok(ends
+        .iter()
+        .map(|&(partition, _)| {
+            let state = last.get(&partition).map(|bytes| {
+                serde_json::from_slice(bytes)
+                    .map_err(|source| EosError::BadChangelog { partition, source })
+            });
+            (partition, state.transpose())
+        })
+        .collect())
+}
+
+/// Reads each partition from its start offset up to its end (or its end-of-partition event),
+/// keeping the last payload of each in `last`.
+fn read_to_ends(
+    consumer: &BaseConsumer,
+    state_topic: &str,
+    starts: &[(i32, Offset)],
+    end: &HashMap<i32, i64>,
+    last: &mut HashMap<i32, Vec<u8>>,
+) -> Result<(), EosError> {
+    if starts.is_empty() {
+        return Ok(());
+    }
+    let mut tpl = TopicPartitionList::with_capacity(starts.len());
+    for &(p, start) in starts {
+        tpl.add_partition_offset(state_topic, p, start)?;
+    }
+    consumer.assign(&tpl)?;
+    let mut reading: HashSet<i32> = starts.iter().map(|&(p, _)| p).collect();
+    while !reading.is_empty() {
+        match consumer.poll(Duration::from_secs(10)) {
+            // anything still in flight from an earlier read is not asked for here
+            Some(Ok(m)) if m.topic() != state_topic || !reading.contains(&m.partition()) => {}
+            Some(Ok(m)) => {
+                if let Some(v) = m.payload() {
+                    last.insert(m.partition(), v.to_vec());
+                }
+                if m.offset() + 1 >= end.get(&m.partition()).copied().unwrap_or(0) {
+                    reading.remove(&m.partition());
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                reading.remove(&p);
+            }
+            // the broker holds an empty fetch for 10 ms: nothing for 10 s is not an end
+            None => {
+                let mut left: Vec<i32> = reading.into_iter().collect();
+                left.sort_unstable();
+                return Err(EosError::ChangelogStalled { partitions: left });
+            }
+            Some(Err(e)) => return Err(e.into()),
         }
     }
-    Ok(None)
+    Ok(())
 }
 
 /// Every partition's latest committed state (from the changelog, which commits in the same
@@ -164,7 +273,9 @@ pub fn committed_partitions(
     let mut committed = Vec::with_capacity(partitions.len());
     for partition in partitions {
         let (_, lso) = reader.fetch_watermarks(state_topic, partition, Duration::from_secs(10))?;
-        let state = last_state(reader, state_topic, partition, lso)?;
+        let state = last_states(reader, state_topic, &[(partition, lso)])?
+            .pop()
+            .map_or(Ok(None), |(_, state)| state)?;
         let (_, end_offset) =
             reader.fetch_watermarks(orders_topic, partition, Duration::from_secs(10))?;
         committed.push(CommittedPartition {

@@ -2,7 +2,7 @@
 //! [`Ledger`] of what each held partition has applied and committed. See the module above for
 //! the protocol.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering, fence};
 use std::sync::{Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
@@ -18,7 +18,7 @@ use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
 
 use super::EosError;
-use super::changelog::{ChangelogReaders, read_changelog_partition};
+use super::changelog::{ChangelogReaders, read_changelog_partitions};
 use crate::aggregate::{PartitionState, StatsReport};
 use crate::config::Config;
 
@@ -414,51 +414,90 @@ impl Core {
         self.with_lock(|inner| inner.ledger.report())
     }
 
-    /// Restores `partition`'s committed state from the changelog (read with `readers`, from
-    /// [`super::ExactlyOnce`]'s shared pair) and positions the consumer at the offset committed with it.
-    /// Blocking: run it off the async threads.
+    /// Restores the committed state of `partitions` from the changelog (read with `readers`,
+    /// from [`super::ExactlyOnce`]'s shared pair) and positions the consumer at the offset
+    /// committed with each, telling `report` how each went as soon as it is known. Blocking:
+    /// run it off the async threads.
     pub fn restore<C: rdkafka::consumer::ConsumerContext>(
         &self,
         readers: &ChangelogReaders,
         consumer: &impl Consumer<C>,
-        partition: i32,
-    ) -> Result<(), EosError> {
+        partitions: &[i32],
+        mut report: impl FnMut(i32, Result<(), EosError>),
+    ) {
         let started = Instant::now();
-        let restored =
-            read_changelog_partition(readers, &self.state_topic, partition, self.stable_wait)?;
-        let group_offset = committed_offset(consumer, &self.orders_topic, partition);
-        let state = match restored {
-            Some(state) => {
-                // both are written by the same transactions, so they agree unless offsets were
-                // committed outside them (an at-least-once run); the state decides then
-                if state.next_offset >= 0 && group_offset != Some(state.next_offset) {
-                    warn!(partition, changelog = state.next_offset, group = ?group_offset,
-                        "group offset differs from the changelog's; following the changelog");
-                    if let Err(e) = consumer.seek(
-                        &self.orders_topic,
+        read_changelog_partitions(
+            readers,
+            &self.state_topic,
+            partitions,
+            self.stable_wait,
+            |read| {
+                let ok: Vec<i32> = read
+                    .iter()
+                    .filter(|(_, r)| r.is_ok())
+                    .map(|&(p, _)| p)
+                    .collect();
+                let group_offsets = committed_offsets(consumer, &self.orders_topic, &ok);
+                for (partition, restored) in read {
+                    let restored = restored.map(|state| {
+                        self.position(
+                            consumer,
+                            partition,
+                            state,
+                            group_offsets.get(&partition).copied(),
+                        )
+                    });
+                    let state = match restored {
+                        Ok(state) => state,
+                        Err(e) => {
+                            report(partition, Err(e));
+                            continue;
+                        }
+                    };
+                    info!(
                         partition,
-                        Offset::Offset(state.next_offset),
-                        Duration::from_secs(10),
-                    ) {
-                        warn!(partition, error = %e, "could not seek to the restored offset");
-                    }
+                        processed = state.total.count,
+                        next_offset = state.next_offset,
+                        took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(0),
+                        "partition state restored"
+                    );
+                    self.with_lock(|inner| inner.ledger.restored(partition, state));
+                    report(partition, Ok(()));
                 }
-                state
-            }
-            None => PartitionState {
+            },
+        );
+    }
+
+    /// A restored partition's state, with the consumer positioned at its next offset: the
+    /// changelog's (`restored`) decides over the group's committed offset (`group_offset`).
+    fn position<C: rdkafka::consumer::ConsumerContext>(
+        &self,
+        consumer: &impl Consumer<C>,
+        partition: i32,
+        restored: Option<PartitionState>,
+        group_offset: Option<i64>,
+    ) -> PartitionState {
+        let Some(state) = restored else {
+            return PartitionState {
                 next_offset: group_offset.unwrap_or(OFFSET_BEGINNING),
                 ..PartitionState::default()
-            },
+            };
         };
-        info!(
-            partition,
-            processed = state.total.count,
-            next_offset = state.next_offset,
-            took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(0),
-            "partition state restored"
-        );
-        self.with_lock(|inner| inner.ledger.restored(partition, state));
-        Ok(())
+        // both are written by the same transactions, so they agree unless offsets were
+        // committed outside them (an at-least-once run); the state decides then
+        if state.next_offset >= 0 && group_offset != Some(state.next_offset) {
+            warn!(partition, changelog = state.next_offset, group = ?group_offset,
+                "group offset differs from the changelog's; following the changelog");
+            if let Err(e) = consumer.seek(
+                &self.orders_topic,
+                partition,
+                Offset::Offset(state.next_offset),
+                Duration::from_secs(10),
+            ) {
+                warn!(partition, error = %e, "could not seek to the restored offset");
+            }
+        }
+        state
     }
 
     /// Forgets partitions given up in a rebalance (after their last commit attempt). If that
@@ -736,20 +775,31 @@ fn retry_retriable(mut call: impl FnMut() -> Result<(), KafkaError>) -> Result<(
     }
 }
 
-fn committed_offset<C: rdkafka::consumer::ConsumerContext>(
+/// The group's committed offsets of `partitions`, in one request (none known when it fails:
+/// the changelog's offsets decide then).
+fn committed_offsets<C: rdkafka::consumer::ConsumerContext>(
     consumer: &impl Consumer<C>,
     topic: &str,
-    partition: i32,
-) -> Option<i64> {
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(topic, partition);
-    let committed = consumer
-        .committed_offsets(tpl, Duration::from_secs(30))
-        .ok()?;
-    match committed.find_partition(topic, partition)?.offset() {
-        Offset::Offset(o) => Some(o),
-        _ => None,
+    partitions: &[i32],
+) -> HashMap<i32, i64> {
+    if partitions.is_empty() {
+        return HashMap::new();
     }
+    let mut tpl = TopicPartitionList::with_capacity(partitions.len());
+    for &p in partitions {
+        tpl.add_partition(topic, p);
+    }
+    let Ok(committed) = consumer.committed_offsets(tpl, Duration::from_secs(30)) else {
+        return HashMap::new();
+    };
+    committed
+        .elements_for_topic(topic)
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition(), o)),
+            _ => None,
+        })
+        .collect()
 }
 
 #[cfg(test)]

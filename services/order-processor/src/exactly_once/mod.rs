@@ -34,6 +34,7 @@ pub mod changelog;
 pub mod core;
 pub mod reset;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -63,6 +64,12 @@ pub enum EosError {
     Poisoned,
     #[error("changelog partition {partition} still has a pending transaction after {waited_s} s")]
     ChangelogBusy { partition: i32, waited_s: u64 },
+    #[error("no end offset for changelog partition {partition}")]
+    NoEndOffset { partition: i32 },
+    #[error("changelog partitions {partitions:?} gave nothing for 10 s before their end")]
+    ChangelogStalled { partitions: Vec<i32> },
+    #[error("changelog partition {partition} could not be read: {error}")]
+    ChangelogRead { partition: i32, error: String },
     #[error("changelog record of partition {partition} is unreadable: {source}")]
     BadChangelog {
         partition: i32,
@@ -88,12 +95,17 @@ pub struct ExactlyOnce {
     client_id: String,
     /// The changelog readers of the restores in progress, shared (see [`ExactlyOnce::readers`]).
     readers: Mutex<Weak<tokio::sync::Mutex<ChangelogReaders>>>,
+    /// Restores asked for and not taken yet, each with its answer (see [`ExactlyOnce::restore`]).
+    waiting: Mutex<HashMap<i32, Answer>>,
     /// The committer thread, joined at shutdown.
     committer: Mutex<Option<std::thread::JoinHandle<()>>>,
     totals: Arc<GroupView>,
     /// Counted by the core, registered by [`Durability::register_metrics`].
     transactions: crate::metrics::Transactions,
 }
+
+/// How a restore went, for the worker waiting for it.
+type Answer = tokio::sync::oneshot::Sender<Result<(), String>>;
 
 /// A worker's share: the partition it processes.
 pub struct Partition(i32);
@@ -106,6 +118,7 @@ impl ExactlyOnce {
             config: config.clone(),
             client_id: client_id.to_owned(),
             readers: Mutex::new(Weak::new()),
+            waiting: Mutex::new(HashMap::new()),
             committer: Mutex::new(None),
             totals: Arc::new(GroupView {
                 config: config.clone(),
@@ -121,10 +134,10 @@ impl ExactlyOnce {
 
     /// Changelog readers for a restore: the pair the restores in progress use, or a new one.
     /// An assignment restores all its partitions at once, and a pair per partition meant two
-    /// clients each (threads, connections, buffers) for a read of a few records. Restores take
-    /// turns on the pair (a read assigns the reader to its partition), waiting on the async
-    /// lock rather than on a blocking thread each; the pair closes when the last restore of
-    /// the wave lets go of it.
+    /// clients each (threads, connections, buffers) for a read of a few records. Restores wait
+    /// for the pair on the async lock rather than on a blocking thread each, and its holder
+    /// reads for all of them ([`ExactlyOnce::restore`]); the pair closes when the last restore
+    /// of the wave lets go of it.
     fn readers(&self) -> Result<Arc<tokio::sync::Mutex<ChangelogReaders>>, KafkaError> {
         let mut slot = self
             .readers
@@ -140,22 +153,64 @@ impl ExactlyOnce {
         Ok(readers)
     }
 
-    /// One restore of `partition`'s state and position.
+    /// One restore of `partition`'s state and position. The restores of an assignment come
+    /// together: whichever gets the changelog readers takes every restore waiting by then and
+    /// reads those partitions at once (one request per step for all of them, where taking
+    /// turns cost ~33 ms a partition and kept the last partition's records waiting for all
+    /// the others), then answers each before letting the readers go.
     async fn restore(
         self: &Arc<Self>,
         consumer: &Arc<ProcessorConsumer<Self>>,
         partition: i32,
     ) -> Result<(), String> {
+        let abandoned = |_| Err("the restore was abandoned".to_owned());
         let readers = self.readers().map_err(|e| e.to_string())?;
-        let readers = readers.lock_owned().await;
+        let (answer, mut answered) = tokio::sync::oneshot::channel();
+        self.waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(partition, answer);
+        let readers = tokio::select! {
+            biased;
+            answer = &mut answered => return answer.unwrap_or_else(abandoned),
+            readers = readers.lock_owned() => readers,
+        };
+        // the holder before answered before it let go
+        if let Ok(answer) = answered.try_recv() {
+            return answer;
+        }
         let (this, consumer) = (self.clone(), consumer.clone());
-        tokio::task::spawn_blocking(move || match this.core() {
-            Some(core) => core.restore(&readers, consumer.as_ref(), partition),
-            None => Err(EosError::NotPrepared),
+        let restored = tokio::task::spawn_blocking(move || {
+            // a new pair's first request waits for its connection and metadata: the restores
+            // asked for meanwhile (the rest of the assignment) join this one
+            readers.warm_up(&this.config.state_topic());
+            let mut batch: HashMap<i32, Answer> = this
+                .waiting
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .drain()
+                .filter(|(_, answer)| !answer.is_closed())
+                .collect();
+            let mut partitions: Vec<i32> = batch.keys().copied().collect();
+            partitions.sort_unstable();
+            let mut answer = |p: i32, result: Result<(), EosError>| {
+                if let Some(a) = batch.remove(&p) {
+                    let _ = a.send(result.map_err(|e| e.to_string()));
+                }
+            };
+            match this.core() {
+                Some(core) => core.restore(&readers, consumer.as_ref(), &partitions, &mut answer),
+                None => partitions
+                    .iter()
+                    .for_each(|&p| answer(p, Err(EosError::NotPrepared))),
+            }
+            drop(readers);
         })
-        .await
-        .map_err(|e| format!("restore task failed: {e}"))?
-        .map_err(|e| e.to_string())
+        .await;
+        if let Err(e) = restored {
+            return Err(format!("restore task failed: {e}"));
+        }
+        answered.await.unwrap_or_else(abandoned)
     }
 
     fn commit<C: ConsumerContext>(&self, consumer: &impl Consumer<C>) {
