@@ -221,7 +221,9 @@ save_machine_state() {
     # neither exists on a machine that never ran a pod (see fingerprint)
     { ls /var/run/netns 2>/dev/null || true; } | sed 's/^/netns /'
     { ls -d /sys/fs/cgroup/*/kubepods 2>/dev/null || true; } | sed 's/^/cgroup /'
-  } >"$dir/run/machine-state"
+  } >"$dir/run/machine-state.partial"
+  # whole or not at all: a file left by a listing that failed half-way would be kept as it is
+  mv "$dir/run/machine-state.partial" "$dir/run/machine-state"
 }
 
 restore_machine_state() {
