@@ -107,6 +107,10 @@ launch() { # name command...
   if running "$name"; then return 0; fi
   nohup "$@" >>"$dir/logs/$name.log" 2>&1 </dev/null &
   echo $! >"$(pidfile "$name")"
+  # until the child has exec'd: before that its command line is this script's, which `running`
+  # takes for a stranger's, and a check right after the launch said "exited during start-up"
+  local i
+  for i in $(seq 1 200); do running "$name" && break; kill -0 "$!" 2>/dev/null || break; sleep 0.01; done
   say "$name started (pid $!), log: $dir/logs/$name.log"
 }
 
