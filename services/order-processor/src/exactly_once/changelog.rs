@@ -107,11 +107,10 @@ pub fn read_changelog_partitions(
         let mut ready = Vec::new();
         let mut busy = Vec::new();
         for &p in &left {
-            match (lso.get(&p), hw.get(&p)) {
-                (Some(Ok(l)), Some(Ok(h))) if l == h => stable.push((p, *l)),
-                (Some(Ok(_)), Some(Ok(_))) => busy.push(p),
-                (Some(Err(e)), _) | (_, Some(Err(e))) => ready.push((p, Err(e.clone().into()))),
-                _ => ready.push((p, Err(EosError::NoEndOffset { partition: p }))),
+            match (end_of(&lso, p), end_of(&hw, p)) {
+                (Ok(l), Ok(h)) if l == h => stable.push((p, l)),
+                (Ok(_), Ok(_)) => busy.push(p),
+                (Err(e), _) | (_, Err(e)) => ready.push((p, Err(e))),
             }
         }
         match last_states(committed, state_topic, &stable) {
@@ -175,6 +174,15 @@ fn end_offsets(
             Some((e.partition(), end))
         })
         .collect())
+}
+
+/// `partition`'s offset in what [`end_offsets`] found.
+fn end_of(ends: &HashMap<i32, Result<i64, KafkaError>>, partition: i32) -> Result<i64, EosError> {
+    match ends.get(&partition) {
+        Some(Ok(end)) => Ok(*end),
+        Some(Err(e)) => Err(e.clone().into()),
+        None => Err(EosError::NoEndOffset { partition }),
+    }
 }
 
 /// The last state record below each partition's end offset: the tails first (each commit
@@ -258,7 +266,8 @@ fn read_to_ends(
 
 /// Every partition's latest committed state (from the changelog, which commits in the same
 /// transactions as the group's offsets) and the orders partition's end offset, read with
-/// `reader` (a `read_committed` [`changelog_reader`]).
+/// `reader` (a `read_committed` [`changelog_reader`]), all partitions at once as a restore
+/// reads them.
 pub fn committed_partitions(
     reader: &BaseConsumer,
     state_topic: &str,
@@ -270,21 +279,22 @@ pub fn committed_partitions(
         .iter()
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect();
-    let mut committed = Vec::with_capacity(partitions.len());
-    for partition in partitions {
-        let (_, lso) = reader.fetch_watermarks(state_topic, partition, Duration::from_secs(10))?;
-        let state = last_states(reader, state_topic, &[(partition, lso)])?
-            .pop()
-            .map_or(Ok(None), |(_, state)| state)?;
-        let (_, end_offset) =
-            reader.fetch_watermarks(orders_topic, partition, Duration::from_secs(10))?;
-        committed.push(CommittedPartition {
-            partition,
-            state,
-            end_offset,
-        });
-    }
-    Ok(committed)
+    let stable = end_offsets(reader, state_topic, &partitions)?;
+    let orders_ends = end_offsets(reader, orders_topic, &partitions)?;
+    let ends = partitions
+        .iter()
+        .map(|&p| Ok((p, end_of(&stable, p)?)))
+        .collect::<Result<Vec<_>, EosError>>()?;
+    last_states(reader, state_topic, &ends)?
+        .into_iter()
+        .map(|(partition, state)| {
+            Ok(CommittedPartition {
+                partition,
+                state: state?,
+                end_offset: end_of(&orders_ends, partition)?,
+            })
+        })
+        .collect()
 }
 
 /// Creates the changelog topic (compacted, with the orders topic's `orders` partitions) or
