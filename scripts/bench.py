@@ -51,7 +51,9 @@ ONE_PERCENT = {**OTLP, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_
 # the figures the gate compares with the last accepted run (committed): figure -> better
 BASELINE = ROOT / "docs" / "bench-baseline.json"
 # a figure fails the gate when worse than the baseline by more than this share, or by more than
-# its own runs spread (half the min-max range over the median), whichever is larger
+# the spread its runs show (half the min-max range over the median), in this run or in the
+# baseline's, whichever is largest: a figure whose rounds ranged widely when it was accepted
+# can land that far from its median in the next run without anything having changed
 TOLERANCE = float(os.environ.get("BENCH_TOLERANCE", "0.10"))
 LATENCY_SECONDS = int(os.environ.get("BENCH_LATENCY_SECONDS", "10"))
 LATENCY_RATES = [int(r) for r in os.environ.get("BENCH_LATENCY_RATES", "1000,10000").split(",")]
@@ -561,6 +563,14 @@ def main():
     sys.exit(gate(results["figures"]))
 
 
+def half_range(f):
+    """The noise a figure's runs show: half their min-max range over the median (0 when the
+    figure has no range, as a baseline written before ranges were kept)."""
+    if "min" not in f or not f["median"]:
+        return 0.0
+    return (f["max"] - f["min"]) / 2 / f["median"]
+
+
 def gate(figures):
     """Prints each goal figure against its goal and the committed baseline; returns 1 when one
     fell behind the baseline by more than the noise (see TOLERANCE). BENCH_ACCEPT=1 makes this
@@ -571,11 +581,14 @@ def gate(figures):
     print(f"| {'figure':<45} | {'median':>8} | {'runs spread':>11} | {'goal':>8} | {'baseline':>8} | verdict")
     print(f"|{'-' * 47}|{'-' * 10}|{'-' * 13}|{'-' * 10}|{'-' * 10}|{'-' * 20}")
     for name, f in figures.items():
-        spread = (f["max"] - f["min"]) / 2 / f["median"] if f["median"] else 0.0
-        base = baseline.get(name)
+        spread = half_range(f)
+        # a baseline written before it kept its runs' range is a bare median
+        base_f = baseline.get(name)
+        base_f = {"median": base_f} if isinstance(base_f, (int, float)) else base_f
+        base = base_f["median"] if base_f else None
         verdict = "goal met" if f["met"] else "goal not met"
         if base is not None:
-            allowed = max(TOLERANCE, spread)
+            allowed = max(TOLERANCE, spread, half_range(base_f))
             lower_better = f["goal"].startswith("<")
             worse = (f["median"] - base) / base if lower_better else (base - f["median"]) / base
             if worse > allowed:
@@ -584,7 +597,8 @@ def gate(figures):
         shown = f"{base:8.2f}" if base is not None else f"{'none':>8}"
         print(f"| {name:<45} | {f['median']:8.2f} | {spread:>10.0%} | {f['goal']:>8} | {shown} | {verdict}")
     if os.environ.get("BENCH_ACCEPT") == "1":
-        BASELINE.write_text(json.dumps({k: round(f["median"], 4) for k, f in figures.items()}, indent=2) + "\n")
+        kept = {k: {m: round(f[m], 4) for m in ("median", "min", "max")} for k, f in figures.items()}
+        BASELINE.write_text(json.dumps(kept, indent=2) + "\n")
         print(f"\nBENCH_ACCEPT=1: this run is the new baseline ({BASELINE.relative_to(ROOT)}; commit it)")
         return 0
     if failed:
