@@ -78,14 +78,19 @@ pub fn consumer_config(common: &CommonConfig, client_id: &str, group_id: &str) -
         // librdkafka's defaults (100,000 messages, 64 MiB, 1 MiB a fetch) let a backlog of small
         // orders fill ~220 MB (make bench, 1M records). Each prefetched message costs ~300 bytes
         // of librdkafka bookkeeping besides its bytes, so the message count is the bound that
-        // matters: 7,500 keeps the processor's peak under 50 MB on six partitions (10,000 gave
-        // 52-54 MB for no throughput we could tell apart from run-to-run noise). A short back-off
-        // keeps the fetcher from idling a second once a queue is full.
-        .set("queued.min.messages", "7500")
+        // matters, with the fetch size on top of it. A partition whose queue is full is left out
+        // of the next fetch, and only one fetch is in flight per broker: when that one asks only
+        // for caught-up partitions, the broker holds it for fetch.wait.max.ms while the full
+        // ones drain and cannot refill. So a shallow queue needs a short wait: 3,000 messages,
+        // 128 KiB fetches and a 50 ms wait drained 1M records as fast as 7,500, 256 KiB and
+        // 100 ms, with a peak of 27-30 MB instead of 41-46 MB (docs/benchmarks.md). The price is
+        // twice the fetches of an idle consumer. A short back-off keeps the fetcher from idling a
+        // second once a queue is full.
+        .set("queued.min.messages", "3000")
         .set("queued.max.messages.kbytes", "2048")
-        .set("max.partition.fetch.bytes", "262144")
+        .set("max.partition.fetch.bytes", "131072")
         .set("fetch.queue.backoff.ms", "5")
-        .set("fetch.wait.max.ms", "100")
+        .set("fetch.wait.max.ms", "50")
         .set("isolation.level", "read_committed");
     if let Some(id) = &common.group_instance_id {
         c.set("group.instance.id", id);
