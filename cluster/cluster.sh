@@ -210,21 +210,33 @@ bridge_up() {
   ip link set "$BRIDGE" up
 }
 
+# The kernel settings the kubelet changes, one "sysctl <key> <value>" line each.
+kernel_settings() {
+  local k
+  for k in vm/overcommit_memory vm/panic_on_oom kernel/panic kernel/panic_on_oops kernel/keys/root_maxkeys kernel/keys/root_maxbytes; do
+    echo "sysctl $k $(cat "/proc/sys/$k")"
+  done
+}
+
+# The network namespaces and the kubelet's cgroups, one "netns <name>" or "cgroup <path>" line
+# each. Neither exists on a machine that never ran a pod: nothing to list then (not a failure,
+# which under pipefail it would be).
+pod_leftovers() {
+  { ls /var/run/netns 2>/dev/null || true; } | sed 's/^/netns /'
+  { ls -d /sys/fs/cgroup/*/kubepods 2>/dev/null || true; } | sed 's/^/cgroup /'
+}
+
 # what the machine had before the cluster, so that `down` removes only what the kubelet added
 save_machine_state() {
   [ -f "$dir/run/machine-state" ] && return 0
-  local k t ipt
-  { for k in vm/overcommit_memory vm/panic_on_oom kernel/panic kernel/panic_on_oops kernel/keys/root_maxkeys kernel/keys/root_maxbytes; do
-      echo "sysctl $k $(cat "/proc/sys/$k")"
-    done
+  local t ipt
+  { kernel_settings
     for ipt in iptables ip6tables; do
       for t in filter nat mangle; do
         $ipt -t "$t" -S 2>/dev/null | awk -v i="$ipt" -v t="$t" '$1 == "-N" { print "chain " i " " t " " $2 }'
       done
     done
-    # neither exists on a machine that never ran a pod (see fingerprint)
-    { ls /var/run/netns 2>/dev/null || true; } | sed 's/^/netns /'
-    { ls -d /sys/fs/cgroup/*/kubepods 2>/dev/null || true; } | sed 's/^/cgroup /'
+    pod_leftovers
   } >"$dir/run/machine-state.partial"
   # whole or not at all: a file left by a listing that failed half-way would be kept as it is
   mv "$dir/run/machine-state.partial" "$dir/run/machine-state"
@@ -514,17 +526,13 @@ fingerprint() {
   ip -br link | awk '{ print "link", $1, $2 }'
   ip -br addr | awk '{ $2 = ""; print "addr", $0 }'
   ip route | sed 's/^/route /'
-  local ipt t k
+  local ipt t
   for ipt in iptables ip6tables; do
     for t in filter nat mangle raw; do $ipt -t "$t" -S 2>/dev/null | sed "s/^/$ipt $t /"; done
   done
-  # neither exists on a machine that never ran a pod: nothing to list then (not a failure, which
-  # under pipefail it would be)
-  { ls /var/run/netns 2>/dev/null || true; } | sed 's/^/netns /'
-  { ls -d /sys/fs/cgroup/*/kubepods 2>/dev/null || true; } | sed 's/^/cgroup /'
-  for k in net/ipv4/ip_forward vm/overcommit_memory vm/panic_on_oom kernel/panic kernel/panic_on_oops kernel/keys/root_maxkeys kernel/keys/root_maxbytes; do
-    echo "sysctl $k $(cat "/proc/sys/$k")"
-  done
+  pod_leftovers
+  echo "sysctl net/ipv4/ip_forward $(cat /proc/sys/net/ipv4/ip_forward)"
+  kernel_settings
 }
 
 status() {
