@@ -43,8 +43,10 @@ components=(containerd etcd kube-apiserver kube-controller-manager kube-schedule
 
 say() { printf '[cluster] %s\n' "$*" >&2; }
 die() { printf '[cluster] error: %s\n' "$*" >&2; exit 1; }
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+procs_dir=$dir
+procs_stop_s=20
+# shellcheck source=../scripts/procs.sh
+. "$repo/scripts/procs.sh"
 
 pki="$dir/pki"
 bin="$dir/bin"
@@ -92,38 +94,8 @@ install() {
 
 # ---------------------------------------------------------------- processes
 
-pidfile() { echo "$dir/run/$1.pid"; }
-# ours only if the pid file names a live process whose command line carries our directory
-running() {
-  local f pid
-  f=$(pidfile "$1")
-  [ -f "$f" ] || return 1
-  pid=$(cat "$f")
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$dir"
-}
-
 launch() { # name command...
-  local name=$1; shift
-  if running "$name"; then return 0; fi
-  nohup "$@" >>"$dir/logs/$name.log" 2>&1 </dev/null &
-  echo $! >"$(pidfile "$name")"
-  # until the child has exec'd: before that its command line is this script's, which `running`
-  # takes for a stranger's, and a check right after the launch said "exited during start-up"
-  local i
-  for i in $(seq 1 200); do running "$name" && break; kill -0 "$!" 2>/dev/null || break; sleep 0.01; done
-  say "$name started (pid $!), log: $dir/logs/$name.log"
-}
-
-stop() {
-  local name=$1 f pid i
-  f=$(pidfile "$name")
-  if ! running "$name"; then rm -f "$f"; return 0; fi
-  pid=$(cat "$f")
-  kill -TERM "$pid" 2>/dev/null || true
-  for i in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-  if kill -0 "$pid" 2>/dev/null; then say "$name did not stop in 20s; killing"; kill -KILL "$pid" 2>/dev/null || true; fi
-  rm -f "$f"
-  say "$name stopped"
+  running "$1" || spawn "$@"
 }
 
 wait_for() { # component check...: until check passes; fails at once when the component exits

@@ -46,8 +46,10 @@ READY_TIMEOUT_S=${STACK_READY_TIMEOUT_S:-120}
 
 say() { printf '[stack] %s\n' "$*" >&2; }
 die() { printf '[stack] error: %s\n' "$*" >&2; exit 1; }
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+procs_dir=$STACK_DIR
+procs_stop_s=30
+# shellcheck source=../scripts/procs.sh
+. "$repo/scripts/procs.sh"
 
 # ---------------------------------------------------------------- Java
 
@@ -72,16 +74,6 @@ java21() {
 
 # ---------------------------------------------------------------- processes
 
-pidfile() { echo "$STACK_DIR/run/$1.pid"; }
-# A component counts as ours only if its pid file names a live process whose command line
-# carries our marker, so a recycled pid never gets killed by `down`.
-running() {
-  local f pid
-  f=$(pidfile "$1")
-  [ -f "$f" ] || return 1
-  pid=$(cat "$f")
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$STACK_DIR"
-}
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 wait_ready() { # name check-function
@@ -108,25 +100,7 @@ launch() { # name port command...
   if port_busy "$port"; then
     die "port $port is taken by a process this script did not start; stop it or free the port before starting $name"
   fi
-  nohup "$@" >>"$STACK_DIR/logs/$name.log" 2>&1 </dev/null &
-  echo $! >"$(pidfile "$name")"
-  # until the child has exec'd: before that its command line is this script's, which `running`
-  # takes for a stranger's, and a check right after the launch said "exited during start-up"
-  local i
-  for i in $(seq 1 200); do running "$name" && break; kill -0 "$!" 2>/dev/null || break; sleep 0.01; done
-  say "$name started (pid $!), log: $STACK_DIR/logs/$name.log"
-}
-
-stop() {
-  local name=$1 f pid i
-  f=$(pidfile "$name")
-  if ! running "$name"; then rm -f "$f"; say "$name not running"; return 0; fi
-  pid=$(cat "$f")
-  kill -TERM "$pid" 2>/dev/null || true
-  for i in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-  if kill -0 "$pid" 2>/dev/null; then say "$name did not stop in 30s; killing"; kill -KILL "$pid" 2>/dev/null || true; fi
-  rm -f "$f"
-  say "$name stopped"
+  spawn "$name" "$@"
 }
 
 # ---------------------------------------------------------------- Kafka
