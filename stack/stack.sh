@@ -386,7 +386,8 @@ case "$cmd" in
     echo "export RDKAFKA_SASL_USERNAME=$SCRAM_USER"
     echo "export RDKAFKA_SASL_PASSWORD=$(cat "$STACK_DIR/secure/scram-password")"
     echo "export RDKAFKA_SSL_CA_LOCATION=$STACK_DIR/secure/ca.pem" ;;
-  restart-kafka) # stop and start the broker alone (failure tests)
+  restart-kafka) # stop and start the broker alone (failure tests), with the listeners it had
+    STACK_POD_ADDRESS=$(cat "$STACK_DIR/run/pod-address" 2>/dev/null || true)
     stop kafka; start_kafka ;;
   kafka-class) # run a Kafka tool class with the stack's classpath, e.g. perf tools
     shift; install_kafka; kafka_java "$@" ;;
