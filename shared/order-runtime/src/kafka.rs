@@ -68,7 +68,7 @@ pub fn consumer_config(common: &CommonConfig, client_id: &str, group_id: &str) -
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
+        .set("auto.offset.reset", DEFAULT_OFFSET_RESET)
         .set("enable.partition.eof", "false")
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("session.timeout.ms", "10000")
@@ -96,6 +96,24 @@ pub fn consumer_config(common: &CommonConfig, client_id: &str, group_id: &str) -
         c.set("group.instance.id", id);
     }
     with_user_properties(c, common)
+}
+
+/// Where a consumer of ours starts in a partition its group has no offset for.
+const DEFAULT_OFFSET_RESET: &str = "earliest";
+
+/// The start of a partition the group has no offset for, as the consumer's `auto.offset.reset`
+/// says (ours, `earliest`, unless `RDKAFKA_AUTO_OFFSET_RESET` is set): the log's start or its
+/// end. `None` for `error` or a value librdkafka does not know: the consumer reports those.
+pub fn offset_reset(common: &CommonConfig) -> Option<rdkafka::Offset> {
+    let reset = common
+        .kafka_properties
+        .get("auto.offset.reset")
+        .map_or(DEFAULT_OFFSET_RESET, String::as_str);
+    match reset {
+        "earliest" | "smallest" | "beginning" => Some(rdkafka::Offset::Beginning),
+        "latest" | "largest" | "end" => Some(rdkafka::Offset::End),
+        _ => None,
+    }
 }
 
 /// The cluster refused this client at start-up: wrong credentials, TLS it cannot verify, or a
@@ -412,7 +430,33 @@ pub async fn create_topic_if_missing<C: ClientContext + 'static>(
             }
         }
     }
+    // The creation is answered once the controller has the topic; the brokers learn of it a
+    // moment later, and until then a request for its partitions gets NOT_LEADER_OR_FOLLOWER
+    // (the first exactly-once restore of a new group hit it every time, and waited 100 ms).
+    // Bounded: the topic exists, so users retry whatever still fails.
+    for _ in 0..500 {
+        if all_led(admin.inner(), name, partitions)? {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     Ok(TopicState::Created)
+}
+
+/// Whether the metadata shows `topic` with `partitions` partitions, each with a leader.
+fn all_led<C: ClientContext>(
+    client: &Client<C>,
+    topic: &str,
+    partitions: usize,
+) -> Result<bool, KafkaError> {
+    let md = client.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    Ok(md.topics().first().is_some_and(|t| {
+        t.error().is_none()
+            && t.partitions().len() == partitions
+            && t.partitions()
+                .iter()
+                .all(|p| p.error().is_none() && p.leader() >= 0)
+    }))
 }
 
 /// Runs `f`, which blocks, from code that librdkafka calls on a runtime thread and that must
@@ -479,6 +523,26 @@ mod tests {
         ] {
             assert_eq!(refusal_fix(&global(code), "Connection refused"), None);
         }
+    }
+
+    #[test]
+    fn a_partition_without_an_offset_starts_where_auto_offset_reset_says() {
+        let common = |vars: &[(&str, &str)]| {
+            let mut vars = crate::config::pairs(vars);
+            vars.extend(crate::config::pairs(&[
+                ("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+                ("SCHEMA_REGISTRY_URL", "http://127.0.0.1:8081"),
+            ]));
+            CommonConfig::from_vars(&vars).unwrap()
+        };
+        let ours = common(&[]);
+        assert_eq!(offset_reset(&ours), Some(rdkafka::Offset::Beginning));
+        let config = consumer_config(&ours, "client", "group");
+        assert_eq!(config.get("auto.offset.reset"), Some("earliest"));
+        let latest = common(&[("RDKAFKA_AUTO_OFFSET_RESET", "latest")]);
+        assert_eq!(offset_reset(&latest), Some(rdkafka::Offset::End));
+        let error = common(&[("RDKAFKA_AUTO_OFFSET_RESET", "error")]);
+        assert_eq!(offset_reset(&error), None);
     }
 
     #[test]

@@ -245,6 +245,8 @@ pub struct Core {
     dlq_topic: String,
     state_topic: String,
     stable_wait: Duration,
+    /// Where a partition with no state and no committed offset starts (`auto.offset.reset`).
+    start: Option<Offset>,
     /// Workers waiting in [`Core::until_released`]: a release notifies only when there are.
     waiters: AtomicUsize,
     released: Notify,
@@ -330,6 +332,7 @@ impl Core {
             stable_wait: Duration::from_millis(
                 config.processor.transaction_timeout_ms * 3 + 30_000,
             ),
+            start: order_runtime::kafka::offset_reset(common),
             waiters: AtomicUsize::new(0),
             released: Notify::new(),
             committing: watch::Sender::new(false),
@@ -440,12 +443,19 @@ impl Core {
                 let group_offsets = committed_offsets(consumer, &self.orders_topic, &ok);
                 for (partition, restored) in read {
                     let restored = restored.map(|state| {
-                        self.position(
-                            consumer,
-                            partition,
-                            state,
-                            group_offsets.get(&partition).copied(),
-                        )
+                        let group_offset = group_offsets
+                            .as_ref()
+                            .and_then(|g| g.get(&partition).copied());
+                        // nothing to start from: a new group (not a group offset that could
+                        // not be read)
+                        if state.is_none()
+                            && group_offsets
+                                .as_ref()
+                                .is_some_and(|g| g.get(&partition).is_none())
+                        {
+                            self.seek_to_start(consumer, partition);
+                        }
+                        self.position(consumer, partition, state, group_offset)
                     });
                     let state = match restored {
                         Ok(state) => state,
@@ -466,6 +476,29 @@ impl Core {
                 }
             },
         );
+    }
+
+    /// Starts a partition that has neither state nor a committed offset where
+    /// `auto.offset.reset` says. librdkafka would look that offset up itself, but only after a
+    /// fixed 100 ms back-off (it counts a missing offset as an error), and for some partitions
+    /// a round later: one of six started 100-300 ms after the others, which then had its
+    /// backlog to itself. A seek asks at once.
+    fn seek_to_start<C: rdkafka::consumer::ConsumerContext>(
+        &self,
+        consumer: &impl Consumer<C>,
+        partition: i32,
+    ) {
+        let Some(start) = self.start else {
+            return;
+        };
+        if let Err(e) = consumer.seek(
+            &self.orders_topic,
+            partition,
+            start,
+            Duration::from_secs(10),
+        ) {
+            warn!(partition, error = %e, "could not seek to the partition's start; librdkafka will");
+        }
     }
 
     /// A restored partition's state, with the consumer positioned at its next offset: the
@@ -775,31 +808,33 @@ fn retry_retriable(mut call: impl FnMut() -> Result<(), KafkaError>) -> Result<(
     }
 }
 
-/// The group's committed offsets of `partitions`, in one request (none known when it fails:
-/// the changelog's offsets decide then).
+/// The group's committed offsets of `partitions`, in one request: a partition without one is
+/// not in the map. `None` when the request failed (the changelog's offsets decide then).
 fn committed_offsets<C: rdkafka::consumer::ConsumerContext>(
     consumer: &impl Consumer<C>,
     topic: &str,
     partitions: &[i32],
-) -> HashMap<i32, i64> {
+) -> Option<HashMap<i32, i64>> {
     if partitions.is_empty() {
-        return HashMap::new();
+        return Some(HashMap::new());
     }
     let mut tpl = TopicPartitionList::with_capacity(partitions.len());
     for &p in partitions {
         tpl.add_partition(topic, p);
     }
-    let Ok(committed) = consumer.committed_offsets(tpl, Duration::from_secs(30)) else {
-        return HashMap::new();
-    };
-    committed
-        .elements_for_topic(topic)
-        .iter()
-        .filter_map(|e| match e.offset() {
-            Offset::Offset(o) => Some((e.partition(), o)),
-            _ => None,
-        })
-        .collect()
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(30))
+        .ok()?;
+    Some(
+        committed
+            .elements_for_topic(topic)
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some((e.partition(), o)),
+                _ => None,
+            })
+            .collect(),
+    )
 }
 
 #[cfg(test)]

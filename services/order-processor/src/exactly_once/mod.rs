@@ -267,7 +267,9 @@ impl Durability for ExactlyOnce {
         partition: i32,
         cancel: &CancellationToken,
     ) -> Option<Partition> {
-        let mut wait = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        // a failure at a start is mostly a broker a moment behind (a leader not known yet):
+        // try again soon, then less and less often
+        let mut wait = Backoff::new(Duration::from_millis(20), Duration::from_secs(5));
         loop {
             match self.restore(consumer, partition).await {
                 Ok(()) => return Some(Partition(partition)),
