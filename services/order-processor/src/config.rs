@@ -59,9 +59,10 @@ pub struct ProcessorSettings {
     /// Default `<CONSUMER_GROUP>-aggregates-changelog`.
     #[serde(default)]
     pub state_topic: Option<String>,
-    /// `COMMIT_INTERVAL_MS`: how often a transaction commits (exactly-once). Default 1000:
-    /// a commit holds processing for about one broker transaction-marker round (~100 ms on
-    /// the native stack), so at 100 ms the replica spent half its time committing.
+    /// `COMMIT_INTERVAL_MS`: how often a transaction commits (exactly-once). Default 1000.
+    /// A commit takes about one broker transaction-marker round (~100 ms on the native
+    /// stack); processed records go on meanwhile, into the next transaction, but a dead letter
+    /// waits for it.
     #[serde(default = "default_commit_interval")]
     pub commit_interval_ms: u64,
     /// `TRANSACTION_TIMEOUT_MS`: the broker aborts a transaction left open this long (a
