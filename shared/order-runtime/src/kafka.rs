@@ -432,7 +432,7 @@ pub async fn create_topic_if_missing<C: ClientContext + 'static>(
     }
     // The creation is answered once the controller has the topic; the brokers learn of it a
     // moment later, and until then a request for its partitions gets NOT_LEADER_OR_FOLLOWER
-    // (the first exactly-once restore of a new group hit it every time, and waited 100 ms).
+    // (the first exactly-once restore of a new group hit it in most starts, and waited 100 ms).
     // Bounded: the topic exists, so users retry whatever still fails.
     for _ in 0..500 {
         if all_led(admin.inner(), name, partitions)? {
