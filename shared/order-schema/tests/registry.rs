@@ -136,7 +136,18 @@ async fn bytes_that_are_not_an_order_are_malformed_not_temporary() {
         ),
     ];
     for (what, bytes, expected) in cases {
-        match codec.decode(bytes.as_deref()).await {
+        // a request that failed in transit got no answer to classify: asked again, as the
+        // processor does (one CI run saw "error sending request" for the unknown id, while the
+        // registry's log shows its 404 sent)
+        let mut decoded = codec.decode(bytes.as_deref()).await;
+        for _ in 0..3 {
+            if !matches!(&decoded, Err(e) if e.is_temporary()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            decoded = codec.decode(bytes.as_deref()).await;
+        }
+        match decoded {
             Err(CodecError::Malformed { kind, .. }) => assert_eq!(kind, expected, "{what}"),
             other => panic!("{what}: expected Malformed, got {other:?}"),
         }
