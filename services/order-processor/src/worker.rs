@@ -121,9 +121,7 @@ impl<D: Durability> PartitionWorker<D> {
     ) -> bool {
         let started = Instant::now();
         let p = &self.processing;
-        let cx = trace::consumer_context(msg, &p.spans, |m| {
-            m.headers().and_then(|h| h.last(c"traceparent"))
-        });
+        let cx = trace::consumer_context(msg, &p.spans, |m| m.last_header(c"traceparent"));
         let done = trace::in_context(cx, async {
             let Some(outcome) = p.records.evaluate(msg, &self.cancel).await else {
                 return false;

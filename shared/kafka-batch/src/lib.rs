@@ -10,9 +10,17 @@
 //! partition's queue, stop its forwarding to the consumer's queue), with a wake-up that a
 //! task can await; [`PartitionBatches::pop`] takes what is queued, without waiting.
 //!
+//! [`RawMessage::last_header`] reads one header in place from the bytes librdkafka keeps of a
+//! fetched record (`wire.rs` has the framing), where asking librdkafka (`headers()`) makes it
+//! parse and copy every header of the record first, in six allocations. With 1 % of traces
+//! sampled upstream the processor reads every record's `traceparent`, and that parse was an
+//! eighth of the process's CPU (perf). Those bytes are not in librdkafka's public API: they
+//! are read from its message struct, whose layout is known for one librdkafka version
+//! ([`LAYOUT_VERSION`]); with any other, `last_header` asks librdkafka instead.
+//!
 //! This crate is the workspace's only unsafe code: every block says why it is sound.
 
-use std::ffi::{CStr, CString, c_void};
+use std::ffi::{CStr, CString, c_int, c_void};
 use std::marker::PhantomData;
 use std::ptr::{self, NonNull};
 use std::sync::{Arc, OnceLock};
@@ -24,8 +32,53 @@ use rdkafka::message::{Header, Headers, Message, Timestamp};
 use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::Notify;
 
+mod wire;
+
 /// The most messages one [`PartitionBatches::pop`] takes.
 pub const MAX_BATCH: usize = 64;
+
+/// The librdkafka version (`rd_kafka_version()`) whose `rd_kafka_msg_t` [`MsgPrefix`] mirrors:
+/// 2.12.1, the one rdkafka-sys 4.10 bundles. A test fails when the linked one is another, so
+/// that whoever upgrades checks the struct again (`src/rdkafka_msg.h`) and moves this on.
+pub const LAYOUT_VERSION: c_int = 0x020c_01ff;
+
+/// Whether [`RawMessage::last_header`] reads headers in place: the linked librdkafka is the
+/// one whose message layout this crate knows ([`LAYOUT_VERSION`]).
+pub fn reads_headers_in_place() -> bool {
+    static KNOWN: OnceLock<bool> = OnceLock::new();
+    // SAFETY: a plain query of a constant, callable at any time.
+    *KNOWN.get_or_init(|| unsafe { rd::rd_kafka_version() } == LAYOUT_VERSION)
+}
+
+/// The front of librdkafka's private `rd_kafka_msg_t` (`src/rdkafka_msg.h` of librdkafka
+/// [`LAYOUT_VERSION`]), up to the consumer's unparsed headers: every `rd_kafka_message_t`
+/// librdkafka hands out is the first field of one (`rd_kafka_message2msg` is a cast). Only read
+/// where [`reads_headers_in_place`].
+#[repr(C)]
+struct MsgPrefix {
+    rkmessage: rd::rd_kafka_message_t,
+    /// `TAILQ_ENTRY(rd_kafka_msg_s) rkm_link`: next and prev pointers.
+    link: [*mut c_void; 2],
+    flags: c_int,
+    /// `rd_kafka_timestamp_type_t`, an `int`-sized enum.
+    tstype: c_int,
+    timestamp: i64,
+    headers: *mut c_void,
+    /// `rd_kafka_msg_status_t`, an `int`-sized enum.
+    status: c_int,
+    broker_id: i32,
+    /// `rkm_u.consumer.binhdrs`, at the start of the union (8-aligned: its producer member has
+    /// 64-bit fields, and so does everything before it).
+    binhdrs: KafkaBytes,
+}
+
+/// librdkafka's `rd_kafkap_bytes_t`, without its trailing inline bytes.
+#[repr(C)]
+struct KafkaBytes {
+    /// -1 for null, else the length of `data`.
+    len: i32,
+    data: *const c_void,
+}
 
 /// One partition's queue, split from its consumer's.
 pub struct PartitionBatches {
@@ -172,6 +225,35 @@ impl RawMessage<'_> {
         let err = self.raw().err;
         (err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR)
             .then(|| KafkaError::MessageConsumption(RDKafkaErrorCode::from(err)))
+    }
+
+    /// The value of the last header called `name` (`Some(&[])` for a null value): what
+    /// `headers()` and [`RawHeaders::last`] give, without librdkafka parsing and copying every
+    /// header first. Read in place where [`reads_headers_in_place`], else through
+    /// librdkafka. `None` for a consumer error too.
+    pub fn last_header(&self, name: &CStr) -> Option<&[u8]> {
+        if !reads_headers_in_place() {
+            return self.headers()?.last(name);
+        }
+        if self.raw().err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+            return None;
+        }
+        // SAFETY: the message librdkafka handed out is the first field of its `rd_kafka_msg_t`,
+        // whose front `MsgPrefix` mirrors for the linked version (checked just above), and
+        // it lives until `Drop`. For a fetched record, `binhdrs` was written by the broker
+        // thread before the message was queued, is never written again, and points at `len`
+        // bytes of the fetch buffer that the message holds a reference to, as `key` and
+        // `payload` do; for any other message it is zeroed.
+        let bytes = unsafe {
+            let b = &(*self.ptr.as_ptr().cast::<MsgPrefix>()).binhdrs;
+            match usize::try_from(b.len) {
+                Ok(len) if len > 0 && !b.data.is_null() => {
+                    std::slice::from_raw_parts(b.data.cast::<u8>(), len)
+                }
+                _ => &[],
+            }
+        };
+        wire::last_header(bytes, name.to_bytes())
     }
 }
 

@@ -1,6 +1,6 @@
 //! `PartitionBatches` against the native broker: a split partition's records arrive whole, in
 //! order, in batches, only from that partition, and a record reaching the emptied queue wakes
-//! the task that waits for it.
+//! the task that waits for it. A header read in place is the one librdkafka's parse gives.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -17,8 +17,9 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 const N: i64 = 300;
 const T0: i64 = 1_700_000_000_000;
 
-/// Record `i` of partition 0: every tenth from 3 has no key, from 7 no value (a tombstone);
-/// even ones carry a header with no value besides `n`.
+/// Record `i` of partition 0: every tenth from 3 has no key, from 7 no value (a tombstone),
+/// from 5 no headers at all. The others carry `n`; even ones a header with no value besides;
+/// every third one `n` again last, with another value.
 async fn produce(producer: &FutureProducer, topic: &str, i: i64) {
     let (key, value) = (format!("k{i}"), format!("v{i}"));
     let mut headers = OwnedHeaders::new().insert(Header {
@@ -31,10 +32,17 @@ async fn produce(producer: &FutureProducer, topic: &str, i: i64) {
             value: None::<&[u8]>,
         });
     }
-    let mut r: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
-        .partition(0)
-        .headers(headers)
-        .timestamp(T0 + i);
+    if i % 3 == 0 {
+        headers = headers.insert(Header {
+            key: "n",
+            value: Some(b"again"),
+        });
+    }
+    let mut r: FutureRecord<'_, [u8], [u8]> =
+        FutureRecord::to(topic).partition(0).timestamp(T0 + i);
+    if i % 10 != 5 {
+        r = r.headers(headers);
+    }
     if i % 10 != 3 {
         r = r.key(key.as_bytes());
     }
@@ -46,6 +54,19 @@ async fn produce(producer: &FutureProducer, topic: &str, i: i64) {
         .await
         .map_err(|(e, _)| e)
         .expect("produce");
+}
+
+#[test]
+fn the_linked_librdkafka_is_the_one_whose_message_layout_is_known() {
+    // a new librdkafka (an rdkafka upgrade) makes RawMessage::last_header ask librdkafka again,
+    // which is safe but slow: check rd_kafka_msg_t in its src/rdkafka_msg.h against MsgPrefix,
+    // then move LAYOUT_VERSION on
+    assert!(
+        kafka_batch::reads_headers_in_place(),
+        "librdkafka {:#x} is linked, MsgPrefix mirrors {:#x}",
+        rdkafka::util::get_rdkafka_version().0,
+        kafka_batch::LAYOUT_VERSION
+    );
 }
 
 #[tokio::test]
@@ -112,17 +133,35 @@ async fn a_split_partition_is_popped_whole_in_order_and_wakes_its_waiter() {
                 "value of {i}"
             );
             assert_eq!(m.timestamp(), Timestamp::CreateTime(T0 + i));
+            // read in place before librdkafka parses the headers, then compared with its parse
+            let in_place = [c"n", c"empty", c"missing"].map(|name| m.last_header(name));
             let headers: Vec<(String, Option<Vec<u8>>)> = m
                 .headers()
-                .expect("headers")
                 .iter()
+                .flat_map(|h| h.iter())
                 .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
                 .collect();
-            let mut expected = vec![("n".to_owned(), Some(value.into_bytes()))];
+            let mut expected = vec![("n".to_owned(), Some(value.clone().into_bytes()))];
             if i % 2 == 0 {
                 expected.push(("empty".to_owned(), None));
             }
+            if i % 3 == 0 {
+                expected.push(("n".to_owned(), Some(b"again".to_vec())));
+            }
+            if i % 10 == 5 {
+                expected.clear();
+            }
             assert_eq!(headers, expected, "headers of {i}");
+            let parsed =
+                [c"n", c"empty", c"missing"].map(|name| m.headers().and_then(|h| h.last(name)));
+            assert_eq!(in_place, parsed, "headers of {i} read in place");
+            let n = if i % 3 == 0 {
+                &b"again"[..]
+            } else {
+                value.as_bytes()
+            };
+            let expected_n = (i % 10 != 5).then_some(n);
+            assert_eq!(in_place[0], expected_n, "the last n of {i}");
             offsets.push(i);
         }
     }
