@@ -495,3 +495,74 @@ async fn a_sampled_out_order_has_no_span_anywhere_and_a_sampled_in_one_is_one_tr
         assert_eq!(held, kept, "{service}'s traces in Jaeger");
     }
 }
+
+/// More spans made than the collector takes (every order sampled, an export queue of one span,
+/// a burst of orders): the spans that find no room are shed and counted, not made and lost, so
+/// the spans Jaeger holds and the count the processor gives at exit add up to the orders, and
+/// every order is still processed exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn spans_with_no_room_in_the_export_queue_are_shed_and_counted() {
+    let stack = Stack::from_env();
+    let (orders, dlq) = (unique("orders"), unique("orders-dlq"));
+    stack.create_topic(&orders, 2).await;
+    stack.create_topic(&dlq, 1).await;
+    let n = 3000;
+    let mut gv = stack.vars(&orders, &dlq);
+    gv.extend([
+        ("ORDER_COUNT".to_owned(), n.to_string()),
+        ("ORDER_RATE".to_owned(), "0".to_owned()),
+    ]);
+    let (status, out) = Service::start(service_bin("order-generator").to_str().unwrap(), &gv)
+        .wait(Duration::from_secs(30));
+    assert!(status.success(), "{out}");
+
+    let service = unique("shedding");
+    let mut pv = stack.vars(&orders, &dlq);
+    pv.extend(
+        [
+            ("CONSUMER_GROUP", unique("processor").as_str()),
+            ("LOG_FORMAT", "json"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
+            ("OTEL_SERVICE_NAME", service.as_str()),
+            ("OTEL_TRACES_SAMPLER", "always_on"),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "1"),
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "1"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    let mut processor = Service::start(env!("CARGO_BIN_EXE_order-processor"), &pv);
+    processor.wait_for("/readyz", Duration::from_secs(30)).await;
+    eventually("every order processed", Duration::from_secs(60), || async {
+        let s = processor.get_json("/stats").await.ok()?;
+        (s["processed"] == n).then_some(())
+    })
+    .await;
+    let (status, out) = processor.terminate(Duration::from_secs(20));
+    assert!(status.success(), "{out}");
+
+    // the total at exit, from the JSON log line that gives it
+    let shed: u64 = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find_map(|l| {
+            let f = &l["fields"];
+            (f["message"]
+                .as_str()?
+                .starts_with("spans not exported in this run"))
+            .then(|| f["spans_shed_total"].as_u64())?
+        })
+        .unwrap_or_else(|| panic!("no count of shed spans at exit in:\n{out}"));
+    assert!(
+        shed > 0 && shed < n,
+        "{shed} of {n} spans shed: some, and not all"
+    );
+    // exit flushed what was queued; each order's span is a trace of its own (the generator
+    // made none), so Jaeger's traces of this service are its spans
+    let held = traces_of(&service, 2 * n as usize).await.unwrap();
+    assert_eq!(
+        shed + held.len() as u64,
+        n,
+        "spans shed ({shed}) and spans in Jaeger ({}) add up to the orders",
+        held.len()
+    );
+}

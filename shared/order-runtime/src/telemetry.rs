@@ -9,22 +9,33 @@
 //! own parser; [`crate::trace`] asks the same sampler before it builds a span that continues a
 //! record's trace, so a sampled-out record costs no span at all.
 //!
+//! Spans wait for export in the SDK's batch processor, `OTEL_BSP_MAX_QUEUE_SIZE` of them at most
+//! ([`ExportQueue`] counts them). When more are made than the collector takes, the queue is
+//! full and spans are shed: a record's span is then not made at all (its trace context travels
+//! on unchanged, as a sampled-out one's does), and others are dropped when they end, as the
+//! SDK would drop them. What was shed is reported once a minute.
+//!
 //! The OTLP transport follows `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`, else
 //! `OTEL_EXPORTER_OTLP_PROTOCOL`: `http/protobuf` (the default; collectors listen on 4318) or
 //! `grpc` (4317). The gRPC exporter runs on a one-thread Tokio runtime of its own, which the
 //! SDK's batch thread needs for its connection. Export failures are ours to report
 //! ([`Reported`]): the first at once with its likely cause, then at most one line a minute.
 
-use opentelemetry::KeyValue;
 use opentelemetry::propagation::TextMapCompositePropagator;
 use opentelemetry::trace::TracerProvider as _;
-use std::sync::Mutex;
+use opentelemetry::{Context, KeyValue};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
-use opentelemetry_sdk::trace::{SdkTracerProvider, ShouldSample, SpanData, SpanExporter};
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, OTEL_BSP_MAX_QUEUE_SIZE,
+    OTEL_BSP_MAX_QUEUE_SIZE_DEFAULT, SdkTracerProvider, ShouldSample, Span, SpanData, SpanExporter,
+    SpanProcessor,
+};
 use tracing::Subscriber;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
@@ -38,6 +49,8 @@ pub struct TelemetryGuard {
     provider: Option<SdkTracerProvider>,
     /// The gRPC exporter's runtime, stopped after the last export.
     runtime: Option<tokio::runtime::Runtime>,
+    /// The export queue, for the count of spans shed over the process's life.
+    queue: Option<Arc<ExportQueue>>,
 }
 
 impl Drop for TelemetryGuard {
@@ -46,6 +59,14 @@ impl Drop for TelemetryGuard {
             && let Err(e) = provider.shutdown()
         {
             eprintln!("trace exporter did not shut down cleanly: {e}");
+        }
+        if let Some(shed) = self.queue.as_ref().map(|q| q.shed_total())
+            && shed > 0
+        {
+            tracing::warn!(
+                spans_shed_total = shed,
+                "spans not exported in this run for want of room in the export queue"
+            );
         }
         // the guard may be dropped inside another runtime, where a blocking drop would panic
         if let Some(runtime) = self.runtime.take() {
@@ -158,14 +179,124 @@ fn likely_cause(error: &str, endpoint: &str, protocol: OtlpProtocol) -> String {
     }
 }
 
+/// The spans in the batch processor's queue, counted by us: [`Admitted`] counts each span it
+/// hands on, [`Reported`] takes away each batch the processor starts exporting. The SDK's
+/// processor drops a span that ends while its queue is full, after the span was built and
+/// ended; with the count, a record's span is not built at all then
+/// ([`crate::trace::consumer_context`] asks [`Self::has_room`]), and the processor's queue never
+/// overflows (it holds at most what was counted and not yet exported).
+#[derive(Debug)]
+pub struct ExportQueue {
+    /// `OTEL_BSP_MAX_QUEUE_SIZE` (2048), read once here and given to the batch processor.
+    capacity: usize,
+    /// Spans handed to the batch processor that it has not yet started exporting.
+    queued: AtomicUsize,
+    /// Spans not exported for want of room: not made, or ended while the queue was full.
+    shed: AtomicU64,
+}
+
+impl ExportQueue {
+    /// A queue of `OTEL_BSP_MAX_QUEUE_SIZE` spans, parsed as the SDK parses it (a value that is
+    /// not a whole number is ignored).
+    fn from_env() -> Self {
+        let capacity = std::env::var(OTEL_BSP_MAX_QUEUE_SIZE)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(OTEL_BSP_MAX_QUEUE_SIZE_DEFAULT);
+        Self::new(capacity)
+    }
+
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            queued: AtomicUsize::new(0),
+            shed: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a span made now would find room (it may not by the time it ends).
+    pub fn has_room(&self) -> bool {
+        self.queued.load(Ordering::Relaxed) < self.capacity
+    }
+
+    /// Counts a span that is not made for want of room.
+    pub fn shed(&self) {
+        self.shed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes a place for an ended span; `false` (and the span counted as shed) when full.
+    fn admit(&self) -> bool {
+        let admitted = self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < self.capacity).then_some(n + 1)
+            })
+            .is_ok();
+        if !admitted {
+            self.shed();
+        }
+        admitted
+    }
+
+    /// Gives back the places of `spans` the batch processor is exporting.
+    fn release(&self, spans: usize) {
+        // never below zero: only counted spans reach the exporter, but a wrapped count would
+        // shed every span from then on
+        let _ = self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(spans))
+            });
+    }
+
+    /// Spans shed since the process started.
+    pub fn shed_total(&self) -> u64 {
+        self.shed.load(Ordering::Relaxed)
+    }
+}
+
+/// The batch processor, with every span it is given counted in the [`ExportQueue`] first, and
+/// dropped here when the queue is full (where the SDK would drop it on its own).
+#[derive(Debug)]
+struct Admitted<P> {
+    inner: P,
+    queue: Arc<ExportQueue>,
+}
+
+impl<P: SpanProcessor> SpanProcessor for Admitted<P> {
+    fn on_start(&self, span: &mut Span, cx: &Context) {
+        self.inner.on_start(span, cx);
+    }
+
+    fn on_end(&self, span: SpanData) {
+        if self.queue.admit() {
+            self.inner.on_end(span);
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
 /// The OTLP exporter, with failures reported by us: the first at once, with its likely cause,
 /// then at most one line a minute counting what failed meanwhile, and one line when export
 /// works again. (The SDK's own error line for each failed batch is filtered out of the log.)
+/// Spans shed for want of room in the queue are reported likewise, at most once a minute.
 #[derive(Debug)]
 struct Reported<E> {
     inner: E,
     endpoint: String,
     protocol: OtlpProtocol,
+    queue: Arc<ExportQueue>,
     state: Mutex<ReportState>,
 }
 
@@ -175,6 +306,9 @@ struct ReportState {
     last_line: Option<Instant>,
     failures_since: u64,
     spans_since: u64,
+    /// When the last line about shed spans was written, and the total it gave.
+    shed_line: Option<Instant>,
+    shed_reported: u64,
 }
 
 /// The SDK's event for every failed batch, which [`Reported`] replaces.
@@ -187,12 +321,28 @@ impl<E> Reported<E> {
             .state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let shed = self.queue.shed_total();
+        if shed > state.shed_reported && state.shed_line.is_none_or(|t| t.elapsed() >= REPORT_EVERY)
+        {
+            tracing::warn!(
+                spans_shed = shed - state.shed_reported,
+                spans_shed_total = shed,
+                queue = self.queue.capacity,
+                "spans were not exported: more are made than the collector at {} takes, and its \
+                 queue (OTEL_BSP_MAX_QUEUE_SIZE) was full; sample fewer (OTEL_TRACES_SAMPLER, \
+                 OTEL_TRACES_SAMPLER_ARG); the next are summed up once a minute",
+                self.endpoint
+            );
+            state.shed_line = Some(Instant::now());
+            state.shed_reported = shed;
+        }
         match result {
             Ok(()) => {
                 if state.last_line.take().is_some() {
                     tracing::info!(endpoint = %self.endpoint, "trace export works again");
                 }
-                *state = ReportState::default();
+                state.failures_since = 0;
+                state.spans_since = 0;
             }
             Err(e) => {
                 state.failures_since += 1;
@@ -223,6 +373,7 @@ impl<E: SpanExporter> SpanExporter for Reported<E> {
         batch: Vec<SpanData>,
     ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
         let spans = batch.len();
+        self.queue.release(spans);
         async move {
             let result = self.inner.export(batch).await;
             self.note(&result, spans);
@@ -264,14 +415,23 @@ pub fn parent_based(vars: &[(String, String)]) -> bool {
     })
 }
 
+/// A tracer provider and what goes with it.
+#[derive(Debug)]
+pub struct Tracing {
+    pub provider: SdkTracerProvider,
+    /// For gRPC, the exporter's runtime, which must outlive the provider.
+    pub runtime: Option<tokio::runtime::Runtime>,
+    /// The export queue's count, when spans are exported.
+    pub queue: Option<Arc<ExportQueue>>,
+}
+
 /// The tracer provider, with `sampler`; it exports over OTLP (`protocol`, the endpoint and the
-/// rest from the `OTEL_EXPORTER_OTLP_*` variables) only when `export` is true. The runtime
-/// returned, for gRPC, must outlive the provider.
+/// rest from the `OTEL_EXPORTER_OTLP_*` variables) only when `export` is given.
 pub fn tracer_provider(
     service_name: &'static str,
     export: Option<(OtlpProtocol, String)>,
     sampler: Box<dyn ShouldSample>,
-) -> anyhow::Result<(SdkTracerProvider, Option<tokio::runtime::Runtime>)> {
+) -> anyhow::Result<Tracing> {
     let mut resource = Resource::builder().with_attributes([
         KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
         KeyValue::new("service.instance.id", instance_id()),
@@ -283,7 +443,7 @@ pub fn tracer_provider(
     let mut builder = SdkTracerProvider::builder()
         .with_resource(resource.build())
         .with_sampler(sampler);
-    let mut runtime = None;
+    let (mut runtime, mut queue) = (None, None);
     if let Some((protocol, endpoint)) = export {
         // the exporter reads endpoint, headers and timeout from the OTEL_EXPORTER_OTLP_*
         // variables itself
@@ -309,14 +469,32 @@ pub fn tracer_provider(
                 exporter
             }
         };
-        builder = builder.with_batch_exporter(Reported {
+        let counted = Arc::new(ExportQueue::from_env());
+        // the queue's size is the one counted; the other OTEL_BSP_* the SDK reads itself
+        let batch = BatchSpanProcessor::builder(Reported {
             inner: exporter,
             endpoint,
             protocol,
+            queue: counted.clone(),
             state: Mutex::default(),
+        })
+        .with_batch_config(
+            BatchConfigBuilder::default()
+                .with_max_queue_size(counted.capacity)
+                .build(),
+        )
+        .build();
+        builder = builder.with_span_processor(Admitted {
+            inner: batch,
+            queue: counted.clone(),
         });
+        queue = Some(counted);
     }
-    Ok((builder.build(), runtime))
+    Ok(Tracing {
+        provider: builder.build(),
+        runtime,
+        queue,
+    })
 }
 
 /// Host name, pid and a random part, the same for the whole process: readable in Jaeger, and
@@ -393,18 +571,27 @@ pub fn init(
     install_propagators();
     let protocol = OtlpProtocol::from_vars(vars).map_err(anyhow::Error::msg)?;
     let endpoint = endpoint(vars);
-    let (provider, runtime) = if export_configured(vars) {
+    let (provider, runtime, queue) = if export_configured(vars) {
         let sampler = sampler_from_env();
-        let (provider, runtime) = tracer_provider(
+        let Tracing {
+            provider,
+            runtime,
+            queue,
+        } = tracer_provider(
             service_name,
             Some((protocol, endpoint.clone())),
             sampler.clone(),
         )?;
         opentelemetry::global::set_tracer_provider(provider.clone());
-        crate::trace::enable_spans(sampler, parent_based(vars), provider.tracer(service_name));
-        (Some(provider), runtime)
+        crate::trace::enable_spans(
+            sampler,
+            parent_based(vars),
+            provider.tracer(service_name),
+            queue.clone(),
+        );
+        (Some(provider), runtime, queue)
     } else {
-        (None, None)
+        (None, None, None)
     };
     tracing::subscriber::set_global_default(build_subscriber(
         service_name,
@@ -417,7 +604,11 @@ pub fn init(
     {
         tracing::warn!(endpoint = %endpoint, "trace export will likely fail: {mismatch}");
     }
-    Ok(TelemetryGuard { provider, runtime })
+    Ok(TelemetryGuard {
+        provider,
+        runtime,
+        queue,
+    })
 }
 
 #[cfg(test)]
@@ -425,6 +616,23 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use tracing::level_filters::LevelFilter;
+
+    #[test]
+    fn the_export_queue_admits_up_to_its_size_and_counts_what_it_sheds() {
+        let q = ExportQueue::new(2);
+        assert!(q.has_room());
+        assert!(q.admit() && q.admit());
+        assert!(!q.has_room());
+        assert!(!q.admit(), "full");
+        q.shed();
+        assert_eq!(q.shed_total(), 2, "a span refused and one not made");
+        q.release(1);
+        assert!(q.has_room() && q.admit());
+        // a count never wraps below zero, which would shed every span after
+        q.release(5);
+        assert!(q.has_room() && q.admit() && q.admit() && !q.admit());
+        assert_eq!(q.shed_total(), 3);
+    }
 
     #[test]
     fn the_instance_id_is_one_per_process_and_not_just_host_and_pid() {
@@ -440,7 +648,9 @@ mod tests {
     /// reads: it must follow `RUST_LOG`, so that filtered-out spans cost nothing to skip.
     #[test]
     fn level_hint_follows_the_filter() {
-        let provider = tracer_provider("test", None, sampler_from_env()).unwrap().0;
+        let provider = tracer_provider("test", None, sampler_from_env())
+            .unwrap()
+            .provider;
         for (directives, level) in [
             ("warn", LevelFilter::WARN),
             ("info", LevelFilter::INFO),

@@ -25,21 +25,29 @@ use opentelemetry_sdk::trace::{SamplingDecision, ShouldSample};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
+use crate::telemetry::ExportQueue;
+
 /// The exporting tracer provider's sampler; unset when nothing is exported (no spans then).
 static SAMPLER: OnceLock<Box<dyn ShouldSample>> = OnceLock::new();
 /// Whether that sampler follows a remote parent's sampled flag (`parentbased_*`).
 static PARENT_BASED: AtomicBool = AtomicBool::new(false);
 /// The exporting provider's tracer, for the spans made without `tracing` ([`consumer_context`]).
 static TRACER: OnceLock<opentelemetry_sdk::trace::SdkTracer> = OnceLock::new();
+/// The spans waiting for export, where a record's span is not made when there is no room.
+static QUEUE: OnceLock<Arc<ExportQueue>> = OnceLock::new();
 
 /// Turns spans on, with the sampler the tracer provider uses; `parent_based` when it follows
-/// the parent's decision. Once per process.
+/// the parent's decision; `queue` the provider's export queue. Once per process.
 pub fn enable_spans(
     sampler: Box<dyn ShouldSample>,
     parent_based: bool,
     tracer: opentelemetry_sdk::trace::SdkTracer,
+    queue: Option<Arc<ExportQueue>>,
 ) {
     let _ = TRACER.set(tracer);
+    if let Some(queue) = queue {
+        let _ = QUEUE.set(queue);
+    }
     if SAMPLER.set(sampler).is_ok() {
         PARENT_BASED.store(parent_based, Ordering::Relaxed);
     }
@@ -229,6 +237,14 @@ pub fn consumer_context<'m, M: rdkafka::Message>(
     }
     let parent = parent_context(msg.headers(), tp);
     if !keeps(sampler.as_ref(), &parent, "process", &SpanKind::Consumer) {
+        return None;
+    }
+    // a span that would find the export queue full is not made: the SDK would drop it when it
+    // ends, after all the work of making it
+    if let Some(queue) = QUEUE.get()
+        && !queue.has_room()
+    {
+        queue.shed();
         return None;
     }
     // what the spans of this consumer share is made once ([`ConsumerSpans`]) and shared here;
@@ -511,7 +527,7 @@ mod tests {
         telemetry::install_propagators();
         let provider = telemetry::tracer_provider("test", None, telemetry::sampler_from_env())
             .unwrap()
-            .0;
+            .provider;
         let subscriber = telemetry::build_subscriber(
             "test",
             LogFormat::Pretty,
