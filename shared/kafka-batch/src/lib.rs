@@ -12,7 +12,7 @@
 //!
 //! [`RawMessage::last_header`] reads one header in place from the bytes librdkafka keeps of a
 //! fetched record (`wire.rs` has the framing), where asking librdkafka (`headers()`) makes it
-//! parse and copy every header of the record first, in six allocations. With 1 % of traces
+//! parse and copy every header of the record first, in several allocations. With 1 % of traces
 //! sampled upstream the processor reads every record's `traceparent`, and that parse was an
 //! eighth of the process's CPU (perf). Those bytes are not in librdkafka's public API: they
 //! are read from its message struct, whose layout is known for one librdkafka version

@@ -8,7 +8,8 @@
 //! [`crate::telemetry::init`]), and a span that continues a record's trace only when the
 //! sampler keeps it: a record whose trace was sampled out upstream costs no span here, and the
 //! context it came with travels on unchanged ([`inject_or_carry`]), so the services after
-//! this one sample it out too.
+//! this one sample it out too. So does a record whose span would find the export queue full
+//! ([`crate::telemetry::ExportQueue`]), counted as shed.
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -208,8 +209,8 @@ pub fn extract<H: Headers>(headers: Option<&H>) -> Context {
 
 /// The CONSUMER span for processing one record, named and attributed by the messaging
 /// semantic conventions (`process <topic>`), continuing the trace of the record's producer, in
-/// the context to process the record in ([`in_context`]). `None` when spans are off, or when
-/// the sampler drops the record's trace. `traceparent` gives the record's header of that name
+/// the context to process the record in ([`in_context`]). `None` when spans are off, when
+/// the sampler drops the record's trace, or when the export queue has no room for the span. `traceparent` gives the record's header of that name
 /// ([`traceparent`] finds it); it is asked only when spans are on, as reading a record's
 /// headers makes librdkafka parse them all.
 ///
