@@ -537,6 +537,18 @@ async fn spans_with_no_room_in_the_export_queue_are_shed_and_counted() {
         (s["processed"] == n).then_some(())
     })
     .await;
+    // every span has been made by now: what /metrics says was shed is the total
+    let metrics = processor.get("/metrics").await.expect("/metrics").1;
+    let scraped: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("trace_spans_shed_total "))
+        .unwrap_or_else(|| panic!("no trace_spans_shed_total in:\n{metrics}"))
+        .parse()
+        .unwrap();
+    assert!(
+        metrics.contains("\ntrace_export_queue_spans "),
+        "the queue's gauge too:\n{metrics}"
+    );
     let (status, out) = processor.terminate(Duration::from_secs(20));
     assert!(status.success(), "{out}");
 
@@ -556,6 +568,7 @@ async fn spans_with_no_room_in_the_export_queue_are_shed_and_counted() {
         shed > 0 && shed < n,
         "{shed} of {n} spans shed: some, and not all"
     );
+    assert_eq!(scraped, shed, "/metrics and the count at exit");
     // exit flushed what was queued; each order's span is a trace of its own (the generator
     // made none), so Jaeger's traces of this service are its spans
     let held = traces_of(&service, 2 * n as usize).await.unwrap();

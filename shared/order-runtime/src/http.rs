@@ -125,10 +125,45 @@ impl prometheus_client::collector::Collector for Readiness {
     }
 }
 
+/// `trace_spans_shed_total` and `trace_export_queue_spans`: the spans not exported for want
+/// of room in the export queue, and the spans waiting in it, read at each scrape
+/// ([`crate::telemetry::ExportQueue`]); absent when no spans are exported.
+#[derive(Debug)]
+struct SpanExport;
+
+impl prometheus_client::collector::Collector for SpanExport {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let Some(queue) = crate::trace::export_queue() else {
+            return Ok(());
+        };
+        let shed = prometheus_client::metrics::counter::ConstCounter::new(queue.shed_total());
+        shed.encode(encoder.encode_descriptor(
+            "trace_spans_shed",
+            "spans not exported because the export queue (OTEL_BSP_MAX_QUEUE_SIZE) was full: not made, or dropped when they ended",
+            None,
+            shed.metric_type(),
+        )?)?;
+        let waiting = prometheus_client::metrics::gauge::ConstGauge::new(
+            i64::try_from(queue.queued()).unwrap_or(i64::MAX),
+        );
+        waiting.encode(encoder.encode_descriptor(
+            "trace_export_queue_spans",
+            "spans waiting in the export queue, not yet handed to the exporter",
+            None,
+            waiting.metric_type(),
+        )?)
+    }
+}
+
 /// `/healthz`, `/readyz` and `/metrics` over the given probe and metrics (to which
-/// `service_ready` is added).
+/// `service_ready` is added, and the span export queue's metrics when spans are exported).
 pub fn router(probe: Arc<Probe>, mut registry: Registry) -> Router {
     registry.register_collector(Box::new(Readiness(probe.clone())));
+    registry.register_collector(Box::new(SpanExport));
     let registry = Arc::new(registry);
     Router::new()
         .route("/healthz", get(|| async { "ok" }))

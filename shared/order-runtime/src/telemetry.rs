@@ -249,6 +249,11 @@ impl ExportQueue {
             });
     }
 
+    /// Spans waiting in the queue, not yet handed to the exporter.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
     /// Spans shed since the process started.
     pub fn shed_total(&self) -> u64 {
         self.shed.load(Ordering::Relaxed)

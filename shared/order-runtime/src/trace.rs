@@ -54,6 +54,11 @@ pub fn enable_spans(
     }
 }
 
+/// The export queue of the spans this process exports; `None` when it exports none.
+pub fn export_queue() -> Option<&'static ExportQueue> {
+    QUEUE.get().map(Arc::as_ref)
+}
+
 /// The `traceparent` header's value, for [`consumer_context`] (a consumer that can look a header
 /// up by name more cheaply gives its own).
 pub fn traceparent<H: Headers>(headers: Option<&H>) -> Option<&[u8]> {
