@@ -15,6 +15,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 const N: i64 = 300;
+/// The header names each record is looked up by, in place and through librdkafka.
+const NAMES: [&std::ffi::CStr; 3] = [c"n", c"empty", c"missing"];
 const T0: i64 = 1_700_000_000_000;
 
 /// Record `i` of partition 0: every tenth from 3 has no key, from 7 no value (a tombstone),
@@ -134,7 +136,7 @@ async fn a_split_partition_is_popped_whole_in_order_and_wakes_its_waiter() {
             );
             assert_eq!(m.timestamp(), Timestamp::CreateTime(T0 + i));
             // read in place before librdkafka parses the headers, then compared with its parse
-            let in_place = [c"n", c"empty", c"missing"].map(|name| m.last_header(name));
+            let in_place = NAMES.map(|name| m.last_header(name));
             let headers: Vec<(String, Option<Vec<u8>>)> = m
                 .headers()
                 .iter()
@@ -152,8 +154,7 @@ async fn a_split_partition_is_popped_whole_in_order_and_wakes_its_waiter() {
                 expected.clear();
             }
             assert_eq!(headers, expected, "headers of {i}");
-            let parsed =
-                [c"n", c"empty", c"missing"].map(|name| m.headers().and_then(|h| h.last(name)));
+            let parsed = NAMES.map(|name| m.headers().and_then(|h| h.last(name)));
             assert_eq!(in_place, parsed, "headers of {i} read in place");
             let n = if i % 3 == 0 {
                 &b"again"[..]
