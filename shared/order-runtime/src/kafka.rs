@@ -378,6 +378,40 @@ pub fn drop_in_background<T: Send + 'static>(client: T) {
     tokio::task::spawn_blocking(move || drop(client));
 }
 
+/// A client that is dropped with [`drop_in_background`] when this is, for clients whose last
+/// owner can be an async task. A consumer's drop (`rd_kafka_destroy`) waits for its threads,
+/// ~100 ms each in probes, and on one of the runtime's few threads every task queued there
+/// waits too. Outside a runtime the drop happens in place.
+pub struct DroppedInBackground<T: Send + 'static>(Option<T>);
+
+impl<T: Send + 'static> DroppedInBackground<T> {
+    pub fn new(client: T) -> Self {
+        DroppedInBackground(Some(client))
+    }
+}
+
+impl<T: Send + 'static> std::ops::Deref for DroppedInBackground<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        // `None` only inside `drop`
+        self.0
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("taken only by drop"))
+    }
+}
+
+impl<T: Send + 'static> Drop for DroppedInBackground<T> {
+    fn drop(&mut self) {
+        let Some(client) = self.0.take() else { return };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            drop_in_background(client);
+        } else {
+            drop(client);
+        }
+    }
+}
+
 /// What [`create_topic_if_missing`] found or did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TopicState {
