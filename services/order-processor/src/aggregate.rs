@@ -77,13 +77,17 @@ impl PartitionState {
         *self.dead_lettered.entry(category).or_default() += 1;
     }
 
+    /// Adds `other`'s figures (not its offset). A product `other` counts no order of adds
+    /// nothing, and a product already here is not allocated again.
     pub fn merge(&mut self, other: &PartitionState) {
         self.total.merge(&other.total);
-        for (product, agg) in &other.by_product {
-            self.by_product
-                .entry(product.clone())
-                .or_default()
-                .merge(agg);
+        for (product, agg) in other.by_product.iter().filter(|(_, a)| a.count > 0) {
+            match self.by_product.get_mut(product) {
+                Some(a) => a.merge(agg),
+                None => {
+                    self.by_product.insert(product.clone(), agg.clone());
+                }
+            }
         }
         for (c, n) in &other.dead_lettered {
             *self.dead_lettered.entry(*c).or_default() += n;

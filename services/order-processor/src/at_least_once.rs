@@ -167,7 +167,7 @@ impl Durability for AtLeastOnce {
         true
     }
 
-    fn checkpoint(&self, part: &mut Partition) {
+    async fn checkpoint(&self, part: &mut Partition) {
         if let Some(offset) = part.unstored.take()
             && let Err(e) = part
                 .consumer

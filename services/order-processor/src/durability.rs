@@ -68,9 +68,10 @@ pub trait Durability: Send + Sync + Sized + 'static {
         cancel: &CancellationToken,
     ) -> impl Future<Output = bool> + Send;
 
-    /// Makes what was settled visible to the next commit (at-least-once stores the offset).
-    /// The worker calls it every few records, before it waits, and when it stops.
-    fn checkpoint(&self, part: &mut Self::Partition);
+    /// Makes what was settled visible to the next commit (at-least-once stores the offset;
+    /// exactly-once hands the processed records gathered since to the core). The worker calls
+    /// it every few records, before it waits, and when it stops.
+    fn checkpoint(&self, part: &mut Self::Partition) -> impl Future<Output = ()> + Send;
 
     /// Partitions are being revoked and their workers have stopped: commit what they did and
     /// forget them. Blocking (a rebalance callback).

@@ -61,7 +61,7 @@ impl<D: Durability> PartitionWorker<D> {
             }
             // checked between batches: a batch in hand is finished first, never dropped
             if paused.borrow_and_update().holds(self.partition) {
-                self.settle(&mut part, &mut tally);
+                self.settle(&mut part, &mut tally).await;
                 tokio::select! {
                     biased;
                     () = self.cancel.cancelled() => break,
@@ -73,7 +73,7 @@ impl<D: Durability> PartitionWorker<D> {
             self.queue.pop(&mut batch);
             if batch.is_empty() {
                 // about to wait: what was done shows in /metrics and goes to the next commit
-                self.settle(&mut part, &mut tally);
+                self.settle(&mut part, &mut tally).await;
                 tokio::select! {
                     biased;
                     () = self.cancel.cancelled() => break,
@@ -90,7 +90,7 @@ impl<D: Durability> PartitionWorker<D> {
                 }
                 let done = self.handle(&mut part, &m, &mut tally).await;
                 if tally.pending() >= Tally::FLUSH_EVERY {
-                    self.settle(&mut part, &mut tally);
+                    self.settle(&mut part, &mut tally).await;
                 }
                 if !done && self.cancel.is_cancelled() {
                     break 'work;
@@ -102,12 +102,12 @@ impl<D: Durability> PartitionWorker<D> {
         }
         // before the worker is done: the commit that follows a revocation or shutdown
         // includes it
-        self.settle(&mut part, &mut tally);
+        self.settle(&mut part, &mut tally).await;
     }
 
     /// Makes what the worker did visible: to the next commit and to `/metrics`.
-    fn settle(&self, part: &mut D::Partition, tally: &mut Tally) {
-        self.processing.durability.checkpoint(part);
+    async fn settle(&self, part: &mut D::Partition, tally: &mut Tally) {
+        self.processing.durability.checkpoint(part).await;
         self.processing.metrics.flush(tally);
     }
 

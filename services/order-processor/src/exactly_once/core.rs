@@ -3,7 +3,7 @@
 //! the protocol.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering, fence};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
@@ -56,17 +56,51 @@ impl Part {
     }
 }
 
-/// What an outcome does to a partition's state.
-#[derive(Debug)]
-pub enum Effect<'a> {
-    Processed {
-        product: &'a str,
-        price: order_schema::Cents,
-    },
-    DeadLettered {
-        category: Category,
-        headers: OwnedHeaders,
-    },
+/// A partition's processed records not yet in the [`Ledger`], gathered by its worker without
+/// the core's lock and handed over in one go ([`Ledger::absorb`]): every few hundred records,
+/// before the worker waits, before a dead letter, and when it stops. Taking the lock for each
+/// record was a quarter of the workers' CPU in a 1M-record drain (the lock's cache line
+/// moving between the CPUs, and the wake-ups of the workers that found it taken).
+#[derive(Debug, Default)]
+pub struct Pending {
+    /// What the records add up to (`next_offset` unused: see `next_offset` below).
+    state: PartitionState,
+    outcomes: u64,
+    /// One past the last record gathered; 0 with none.
+    next_offset: i64,
+}
+
+impl Pending {
+    /// Gathers a processed record.
+    pub fn add(&mut self, offset: i64, product: &str, price: order_schema::Cents, retries: u32) {
+        self.state.add(product, price);
+        self.state.retries += u64::from(retries);
+        self.outcomes += 1;
+        self.next_offset = offset + 1;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.outcomes == 0
+    }
+
+    /// Empties it, keeping its products (zeroed) so that the next records allocate nothing.
+    fn clear(&mut self) {
+        let PartitionState {
+            total,
+            by_product,
+            dead_lettered,
+            retries,
+            next_offset: _,
+        } = &mut self.state;
+        *total = crate::aggregate::Aggregate::default();
+        by_product
+            .values_mut()
+            .for_each(|a| *a = crate::aggregate::Aggregate::default());
+        dead_lettered.clear();
+        *retries = 0;
+        self.outcomes = 0;
+        self.next_offset = 0;
+    }
 }
 
 /// The bookkeeping of the held partitions, with no I/O: what each has applied (`working`),
@@ -87,6 +121,13 @@ impl Ledger {
         self.parts.contains_key(&partition)
     }
 
+    /// The offset of `partition`'s next record as applied (0 when not held).
+    pub fn next_offset(&self, partition: i32) -> i64 {
+        self.parts
+            .get(&partition)
+            .map_or(0, |p| p.working.next_offset)
+    }
+
     /// Whether the record at `offset` of `partition` is still to be applied here: the
     /// partition is held and the record is not behind what was applied (a record seen again
     /// after a rewind is stale).
@@ -96,25 +137,38 @@ impl Ledger {
             .is_some_and(|p| offset >= p.working.next_offset)
     }
 
-    /// Applies an accepted record's outcome to `working`.
-    pub fn apply(
+    /// Applies an accepted record's dead letter to `working` and keeps it for a replay.
+    pub fn dead_lettered(
         &mut self,
         partition: i32,
         offset: i64,
-        effect: Effect<'_>,
+        category: Category,
         retries: u32,
-        dead: Option<DeadLetter>,
+        dead: DeadLetter,
     ) {
         if let Some(part) = self.parts.get_mut(&partition) {
-            match effect {
-                Effect::Processed { product, price } => part.working.add(product, price),
-                Effect::DeadLettered { category, .. } => part.working.dead_letter(category),
-            }
+            part.working.dead_letter(category);
             part.working.retries += u64::from(retries);
             part.working.next_offset = offset + 1;
             part.uncommitted += 1;
-            part.dead_letters.extend(dead);
+            part.dead_letters.push(dead);
         }
+    }
+
+    /// Moves `pending`'s records into `working` and empties it. Nothing moves if the
+    /// partition is not held any more (its records go to the next owner).
+    pub fn absorb(&mut self, partition: i32, pending: &mut Pending) {
+        if pending.is_empty() {
+            return;
+        }
+        if let Some(part) = self.parts.get_mut(&partition)
+            && pending.next_offset > part.working.next_offset
+        {
+            part.working.merge(&pending.state);
+            part.working.next_offset = pending.next_offset;
+            part.uncommitted += pending.outcomes;
+        }
+        pending.clear();
     }
 
     /// Whether any outcome waits for a commit.
@@ -247,6 +301,9 @@ pub struct Core {
     stable_wait: Duration,
     /// Where a partition with no state and no committed offset starts (`auto.offset.reset`).
     start: Option<Offset>,
+    /// Partitions given up so far ([`Core::release`]): a worker asks the ledger whether it
+    /// still holds its partition only after this moved ([`Core::holds`]).
+    releases: AtomicU64,
     /// Workers waiting in [`Core::until_released`]: a release notifies only when there are.
     waiters: AtomicUsize,
     released: Notify,
@@ -333,6 +390,7 @@ impl Core {
                 config.processor.transaction_timeout_ms * 3 + 30_000,
             ),
             start: order_runtime::kafka::offset_reset(common),
+            releases: AtomicU64::new(0),
             waiters: AtomicUsize::new(0),
             released: Notify::new(),
             committing: watch::Sender::new(false),
@@ -404,12 +462,28 @@ impl Core {
         let _ = committing.wait_for(|c| !*c).await;
     }
 
-    /// Whether this replica holds `partition` (restored and not released). While the core is
-    /// locked the answer is yes: [`Core::apply`] checks again and answers `Stale` for a
-    /// partition that is gone.
-    pub fn holds(&self, partition: i32) -> bool {
-        self.try_with_lock(|inner| inner.ledger.holds(partition))
-            .unwrap_or(true)
+    /// Whether this replica holds `partition` (restored and not released). `checked` is the
+    /// caller's: the release count when the ledger last said yes, so that it is asked again
+    /// only after a release. While the core is locked the answer is yes: [`Core::apply`] and
+    /// [`Core::absorb`] leave a partition that is gone alone.
+    pub fn holds(&self, partition: i32, checked: &AtomicU64) -> bool {
+        let releases = self.releases.load(Ordering::Acquire);
+        if checked.load(Ordering::Relaxed) == releases {
+            return true;
+        }
+        match self.try_with_lock(|inner| inner.ledger.holds(partition)) {
+            Some(true) => {
+                checked.store(releases, Ordering::Relaxed);
+                true
+            }
+            Some(false) => false,
+            None => true,
+        }
+    }
+
+    /// The offset of `partition`'s next record as applied here (0 when not held).
+    pub fn next_offset(&self, partition: i32) -> i64 {
+        self.with_lock(|inner| inner.ledger.next_offset(partition))
     }
 
     /// This replica's partitions: their working totals, as `/stats` serves them.
@@ -542,6 +616,7 @@ impl Core {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.with_lock(|inner| {
+            self.releases.fetch_add(1, Ordering::Release);
             if inner.ledger.release(partitions) && inner.in_txn {
                 warn!(
                     ?partitions,
@@ -552,37 +627,48 @@ impl Core {
         });
     }
 
-    /// Makes one record's outcome part of the next commit. Never waits: `Locked` when someone
-    /// holds the core, `Committing` for a dead letter while a commit is in flight, `QueueFull`
-    /// when the producer cannot take the dead letter yet. A processed record writes nothing
-    /// until the commit, so it applies even while one is in flight.
-    pub fn apply(&self, msg: &impl Message, effect: Effect<'_>, retries: u32) -> Applied {
+    /// Makes `pending`'s processed records part of the next commit; `false` without waiting
+    /// when someone holds the core (try again after [`Core::until_released`]). They write
+    /// nothing until the commit, so they go in even while one is in flight.
+    pub fn absorb(&self, partition: i32, pending: &mut Pending) -> bool {
+        self.try_with_lock(|inner| inner.ledger.absorb(partition, pending))
+            .is_some()
+    }
+
+    /// Makes one record's dead letter part of the next commit, after the partition's
+    /// `pending` records (which come before it). Never waits: `Locked` when someone holds the
+    /// core, `Committing` while a commit is in flight (a dead letter is produced inside the
+    /// transaction), `QueueFull` when the producer cannot take it yet.
+    pub fn dead_letter(
+        &self,
+        msg: &impl Message,
+        category: Category,
+        headers: &OwnedHeaders,
+        retries: u32,
+        pending: &mut Pending,
+    ) -> Applied {
         let partition = msg.partition();
         self.try_with_lock(|inner| {
             if !inner.ledger.accepts(partition, msg.offset()) {
                 return Applied::Stale;
             }
-            let dead = match &effect {
-                Effect::Processed { .. } => None,
-                Effect::DeadLettered { .. } if inner.committing => return Applied::Committing,
-                Effect::DeadLettered { headers, .. } => {
-                    let dead = DeadLetter {
-                        key: msg.key().map(<[u8]>::to_vec),
-                        value: msg.payload().map(<[u8]>::to_vec),
-                        headers: headers.clone(),
-                    };
-                    match self.send_effect(inner, Some(&dead)) {
-                        Sent::Busy => return Applied::QueueFull,
-                        // a failed send poisons the transaction; the commit aborts it and
-                        // redoes this
-                        Sent::Failed | Sent::Ok => {}
-                    }
-                    Some(dead)
-                }
+            if inner.committing {
+                return Applied::Committing;
+            }
+            let dead = DeadLetter {
+                key: msg.key().map(<[u8]>::to_vec),
+                value: msg.payload().map(<[u8]>::to_vec),
+                headers: headers.clone(),
             };
+            match self.send_effect(inner, Some(&dead)) {
+                Sent::Busy => return Applied::QueueFull,
+                // a failed send poisons the transaction; the commit aborts it and redoes this
+                Sent::Failed | Sent::Ok => {}
+            }
+            inner.ledger.absorb(partition, pending);
             inner
                 .ledger
-                .apply(partition, msg.offset(), effect, retries, dead);
+                .dead_lettered(partition, msg.offset(), category, retries, dead);
             Applied::Yes
         })
         .unwrap_or(Applied::Locked)
@@ -855,13 +941,13 @@ mod tests {
         l
     }
 
+    /// One processed record, gathered and handed over on its own.
     fn sold(l: &mut Ledger, partition: i32, offset: i64, cents: i64) {
         assert!(l.accepts(partition, offset));
-        let effect = Effect::Processed {
-            product: "laptop",
-            price: Cents(cents),
-        };
-        l.apply(partition, offset, effect, 0, None);
+        let mut pending = Pending::default();
+        pending.add(offset, "laptop", Cents(cents), 0);
+        l.absorb(partition, &mut pending);
+        assert!(pending.is_empty());
     }
 
     fn letter(n: u8) -> DeadLetter {
@@ -873,11 +959,44 @@ mod tests {
     }
 
     fn dead_lettered(l: &mut Ledger, partition: i32, offset: i64, n: u8) {
-        let effect = Effect::DeadLettered {
-            category: Category::Validation,
-            headers: OwnedHeaders::new(),
-        };
-        l.apply(partition, offset, effect, 2, Some(letter(n)));
+        l.dead_lettered(partition, offset, Category::Validation, 2, letter(n));
+    }
+
+    /// Records gathered without the lock land in `working` as if applied one by one, and the
+    /// emptied `Pending` serves again.
+    #[test]
+    fn gathered_records_are_absorbed_in_one_go_and_the_pending_is_reused() {
+        let mut l = restored(3, 100);
+        let mut pending = Pending::default();
+        pending.add(100, "laptop", Cents(1_000), 1);
+        pending.add(101, "phone", Cents(250), 0);
+        pending.add(102, "laptop", Cents(3_000), 0);
+        l.absorb(3, &mut pending);
+        assert!(pending.is_empty());
+        let change = &l.changes().unwrap()[0];
+        assert_eq!(change.next_offset(), 103);
+        assert_eq!(change.outcomes, 3);
+        let state = &change.state;
+        assert_eq!(state.total.count, 3);
+        assert_eq!(state.total.revenue_cents, 4_250);
+        assert_eq!(state.total.min_cents, Some(250));
+        assert_eq!(state.total.max_cents, Some(3_000));
+        assert_eq!(state.by_product["laptop"].count, 2);
+        assert_eq!(state.retries, 1);
+        // reused: the product zeroed in it adds nothing, the new record its own figures
+        pending.add(103, "phone", Cents(500), 0);
+        l.absorb(3, &mut pending);
+        let state = &l.changes().unwrap()[0].state;
+        assert_eq!(state.by_product["laptop"].count, 2);
+        assert_eq!(state.by_product["laptop"].min_cents, Some(1_000));
+        assert_eq!(state.by_product["phone"].count, 2);
+        assert_eq!((state.total.count, state.next_offset), (4, 104));
+        // a dead letter after gathered records: Core::dead_letter absorbs them first
+        pending.add(104, "phone", Cents(1), 0);
+        l.absorb(3, &mut pending);
+        dead_lettered(&mut l, 3, 105, 9);
+        assert_eq!(l.changes().unwrap()[0].next_offset(), 106);
+        assert_eq!(l.uncommitted(), 6);
     }
 
     #[test]
@@ -941,18 +1060,15 @@ mod tests {
         assert!(!l.accepts(0, 10), "seen again after a rewind");
         assert!(l.accepts(0, 11));
         assert!(!l.accepts(1, 0), "never assigned here");
-        // applying to a partition not held changes nothing
-        l.apply(
-            1,
-            0,
-            Effect::Processed {
-                product: "laptop",
-                price: Cents(1),
-            },
-            0,
-            None,
-        );
+        // records of a partition not held, or behind what was applied, change nothing
+        let mut pending = Pending::default();
+        pending.add(0, "laptop", Cents(1), 0);
+        l.absorb(1, &mut pending);
+        assert!(pending.is_empty(), "dropped, for the partition's owner");
+        pending.add(9, "laptop", Cents(1), 0);
+        l.absorb(0, &mut pending);
         assert_eq!(l.report().processed, 1);
+        assert_eq!(l.uncommitted(), 1);
     }
 
     #[test]

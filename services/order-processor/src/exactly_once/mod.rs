@@ -2,9 +2,11 @@
 //!
 //! The model is Kafka Streams with `exactly_once_v2`. One transactional producer per replica;
 //! each partition's aggregate state lives in memory twice, as `working` (what this replica has
-//! applied) and `committed` (what the last committed transaction contains). A record's outcome
-//! is applied under the core's lock: its dead letter (if any) is produced inside the open
-//! transaction and `working` moves on. Every `COMMIT_INTERVAL_MS` the committer writes each
+//! applied) and `committed` (what the last committed transaction contains). A processed
+//! record's worker gathers it without a lock ([`core::Pending`]) and hands what it gathered to
+//! `working` under the core's lock every few hundred records, before it waits for more, and
+//! when it stops; a dead letter is applied under the lock at once, after the records gathered
+//! before it, and produced inside the open transaction. Every `COMMIT_INTERVAL_MS` the committer writes each
 //! changed partition's state to the compacted changelog topic (key = partition number, to the
 //! changelog partition of the same number), adds the consumer offsets with the group's
 //! metadata (KIP-447, which fences zombie replicas through the group generation) and commits.
@@ -35,6 +37,7 @@ pub mod core;
 pub mod reset;
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -43,11 +46,12 @@ use order_runtime::backoff::Backoff;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
 use self::changelog::ChangelogReaders;
-use self::core::{Applied, Core, Effect};
+use self::core::{Applied, Core, Pending};
 use crate::aggregate::StatsReport;
 use crate::config::Config;
 use crate::consumer::ProcessorConsumer;
@@ -107,8 +111,16 @@ pub struct ExactlyOnce {
 /// How a restore went, for the worker waiting for it.
 type Answer = tokio::sync::oneshot::Sender<Result<(), String>>;
 
-/// A worker's share: the partition it processes.
-pub struct Partition(i32);
+/// A worker's share: the partition it processes, the processed records it has not handed to
+/// the core yet, and when it last found the partition held ([`Core::holds`]).
+pub struct Partition {
+    number: i32,
+    pending: Pending,
+    checked: AtomicU64,
+    /// One past the last record taken: a record behind it (seen again after a rewind) is
+    /// stale. Starts at the restored offset.
+    next_offset: i64,
+}
 
 impl ExactlyOnce {
     /// The guarantee, before [`Durability::prepare`] has made its transactional producer.
@@ -272,7 +284,14 @@ impl Durability for ExactlyOnce {
         let mut wait = Backoff::new(Duration::from_millis(20), Duration::from_secs(5));
         loop {
             match self.restore(consumer, partition).await {
-                Ok(()) => return Some(Partition(partition)),
+                Ok(()) => {
+                    return Some(Partition {
+                        number: partition,
+                        pending: Pending::default(),
+                        checked: AtomicU64::new(u64::MAX),
+                        next_offset: self.core().map_or(0, |c| c.next_offset(partition)),
+                    });
+                }
                 Err(e) => {
                     warn!(partition, error = %e, retry_in_ms = wait.upcoming_ms(),
                         "could not restore the partition's state yet; it waits");
@@ -285,12 +304,13 @@ impl Durability for ExactlyOnce {
     }
 
     fn holds(&self, part: &Partition) -> bool {
-        self.core().is_some_and(|c| c.holds(part.0))
+        self.core()
+            .is_some_and(|c| c.holds(part.number, &part.checked))
     }
 
     async fn settle(
         &self,
-        _: &mut Partition,
+        part: &mut Partition,
         msg: &RawMessage<'_>,
         outcome: &Outcome,
         _: &CancellationToken,
@@ -298,29 +318,35 @@ impl Durability for ExactlyOnce {
         let Some(core) = self.core() else {
             return false;
         };
+        let offset = msg.offset();
+        if offset < part.next_offset {
+            return false;
+        }
+        let dead = match outcome {
+            // gathered here, handed to the core at the next checkpoint
+            Outcome::Processed { order, price, .. } => {
+                part.pending
+                    .add(offset, &order.product, *price, outcome.retries());
+                part.next_offset = offset + 1;
+                return true;
+            }
+            Outcome::DeadLetter(dead) => dead,
+        };
         loop {
-            let applied = match outcome {
-                Outcome::Processed { order, price, .. } => core.apply(
+            let applied = dead.span.in_scope(|| {
+                core.dead_letter(
                     msg,
-                    Effect::Processed {
-                        product: &order.product,
-                        price: *price,
-                    },
+                    dead.category,
+                    &dead.headers,
                     outcome.retries(),
-                ),
-                Outcome::DeadLetter(dead) => dead.span.in_scope(|| {
-                    core.apply(
-                        msg,
-                        Effect::DeadLettered {
-                            category: dead.category,
-                            headers: dead.headers.clone(),
-                        },
-                        outcome.retries(),
-                    )
-                }),
-            };
+                    &mut part.pending,
+                )
+            });
             match applied {
-                Applied::Yes => return true,
+                Applied::Yes => {
+                    part.next_offset = offset + 1;
+                    return true;
+                }
                 Applied::Stale => return false,
                 // someone holds the core for a moment (an abort: broker round trips): wait for
                 // its release rather than block a runtime thread (blocking on the lock made
@@ -335,8 +361,15 @@ impl Durability for ExactlyOnce {
         }
     }
 
-    fn checkpoint(&self, _: &mut Partition) {
-        // offsets go with the transaction
+    /// Hands the records gathered since the last checkpoint to the core, for the next commit;
+    /// waits (without blocking a runtime thread) while someone holds the core.
+    async fn checkpoint(&self, part: &mut Partition) {
+        let Some(core) = self.core() else {
+            return;
+        };
+        while !part.pending.is_empty() && !core.absorb(part.number, &mut part.pending) {
+            core.until_released().await;
+        }
     }
 
     fn on_revoked<C: ConsumerContext>(&self, consumer: &impl Consumer<C>, partitions: &[i32]) {
