@@ -402,13 +402,16 @@ impl Application {
                 n += 1;
                 continue;
             }
-            let headers = trace::inject(&span, OwnedHeaders::new_with_capacity(3));
             let sent_at = usize::try_from(started.elapsed().as_micros()).unwrap_or(usize::MAX);
             let mut record = BaseRecord::with_opaque_to(topic, sent_at)
                 .timestamp(pacer.due_timestamp_ms())
                 .key(order.order_id.as_bytes())
-                .payload(&payload)
-                .headers(headers);
+                .payload(&payload);
+            // with spans off there is no context to send: no header list for librdkafka to
+            // allocate, copy and free per order
+            if !span.is_none() {
+                record = record.headers(trace::inject(&span, OwnedHeaders::new_with_capacity(3)));
+            }
             // a full local queue is back-pressure, not failure: wait for deliveries to drain it
             loop {
                 match producer.send(record) {
