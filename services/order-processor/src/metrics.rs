@@ -10,6 +10,7 @@ use prometheus_client::metrics::histogram::exponential_buckets;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CategoryLabel {
@@ -173,6 +174,7 @@ impl Metrics {
             revenue_cents: 0,
             process_duration: self.process_duration.local(),
             end_to_end: self.end_to_end.local(),
+            wall: WallClock::now(),
         }
     }
 
@@ -183,14 +185,21 @@ impl Metrics {
             .inc_by(std::mem::take(&mut tally.revenue_cents));
         self.process_duration.absorb(&mut tally.process_duration);
         self.end_to_end.absorb(&mut tally.end_to_end);
+        tally.wall = WallClock::now();
     }
 
     /// Records one order's end-to-end latency: from `timestamp_ms` (the record's timestamp,
-    /// milliseconds since the epoch) to now. Clock skew that makes it negative counts as 0.
-    pub fn observe_end_to_end(&self, tally: &mut Tally, partition: i32, timestamp_ms: i64) {
-        let now_us = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+    /// milliseconds since the epoch) to `now`, the instant its outcome became durable (the
+    /// worker reads the clock once per record, for this and its process duration). Clock skew
+    /// that makes it negative counts as 0.
+    pub fn observe_end_to_end(
+        &self,
+        tally: &mut Tally,
+        partition: i32,
+        timestamp_ms: i64,
+        now: Instant,
+    ) {
+        let now_us = tally.wall.unix_us_at(now);
         let us =
             u64::try_from(now_us.saturating_sub(timestamp_ms.saturating_mul(1000))).unwrap_or(0);
         #[allow(clippy::cast_precision_loss)]
@@ -233,6 +242,37 @@ pub struct Tally {
     revenue_cents: u64,
     process_duration: LocalHistogram,
     end_to_end: LocalHistogram,
+    /// The wall clock as of the last flush, so that a record's end-to-end latency needs no
+    /// reading of it: the monotonic instant the worker reads anyway is added to it.
+    wall: WallClock,
+}
+
+/// A reading of the wall clock and the monotonic clock together. The wall time at a later
+/// instant is this reading plus the monotonic time since; a step of the wall clock (set by
+/// hand, or by NTP) shows from the next flush, at most [`Tally::FLUSH_EVERY`] records later.
+#[derive(Clone, Copy, Debug)]
+struct WallClock {
+    at: Instant,
+    unix_us: i64,
+}
+
+impl WallClock {
+    fn now() -> Self {
+        let unix_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+        WallClock {
+            at: Instant::now(),
+            unix_us,
+        }
+    }
+
+    /// Microseconds since the Unix epoch at `t`.
+    fn unix_us_at(&self, t: Instant) -> i64 {
+        let since =
+            i64::try_from(t.saturating_duration_since(self.at).as_micros()).unwrap_or(i64::MAX);
+        self.unix_us.saturating_add(since)
+    }
 }
 
 impl Tally {
@@ -282,15 +322,36 @@ mod tests {
         .unwrap();
         let mut tally = m.tally();
         for p in 0..99 {
-            m.observe_end_to_end(&mut tally, p % 12, now_ms - 20);
+            m.observe_end_to_end(&mut tally, p % 12, now_ms - 20, Instant::now());
         }
-        m.observe_end_to_end(&mut tally, 3, now_ms - 2_000);
+        m.observe_end_to_end(&mut tally, 3, now_ms - 2_000, Instant::now());
         // a clock ahead of ours: 0, not a panic
-        m.observe_end_to_end(&mut tally, -1, now_ms + 60_000);
+        m.observe_end_to_end(&mut tally, -1, now_ms + 60_000, Instant::now());
         m.flush(&mut tally);
         let s = m.end_to_end_summary();
         assert_eq!(s.count, 101);
         assert!((20.0..22.0).contains(&s.p50), "{s:?}");
         assert!((2_000.0..2_010.0).contains(&s.max), "{s:?}");
+    }
+
+    #[test]
+    fn end_to_end_latency_counts_the_time_since_the_last_flush() {
+        let m = Metrics::register(&mut Registry::default());
+        let mut tally = m.tally();
+        m.flush(&mut tally);
+        let now_ms = i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
+        )
+        .unwrap();
+        // the wall clock is read at the flush; a record seen 50 ms later is 50 ms old, not 0
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        m.observe_end_to_end(&mut tally, 0, now_ms, Instant::now());
+        m.flush(&mut tally);
+        let s = m.end_to_end_summary();
+        assert_eq!(s.count, 1);
+        assert!(s.max >= 49.0, "{s:?}");
     }
 }

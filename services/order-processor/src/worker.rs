@@ -122,29 +122,39 @@ impl<D: Durability> PartitionWorker<D> {
         let started = Instant::now();
         let p = &self.processing;
         let cx = trace::consumer_context(msg, &p.spans, |m| m.last_header(c"traceparent"));
-        let done = trace::in_context(cx, async {
+        let (done, ended) = trace::in_context(cx, async {
             let Some(outcome) = p.records.evaluate(msg, &self.cancel).await else {
-                return false;
+                return (false, None);
             };
             let durable = p.durability.settle(part, msg, &outcome, &self.cancel).await;
-            if durable {
-                count(&p.metrics, tally, msg, &outcome);
+            if !durable {
+                return (false, None);
             }
-            durable
+            // one reading of the clock a record, for its end-to-end latency and its duration
+            let ended = Instant::now();
+            count(&p.metrics, tally, msg, &outcome, ended);
+            (true, Some(ended))
         })
         .await;
-        tally.process_duration(started.elapsed().as_secs_f64());
+        let ended = ended.unwrap_or_else(Instant::now);
+        tally.process_duration(ended.saturating_duration_since(started).as_secs_f64());
         done
     }
 }
 
 /// Counts a durable outcome.
-fn count(metrics: &Metrics, tally: &mut Tally, msg: &RawMessage<'_>, outcome: &Outcome) {
+fn count(
+    metrics: &Metrics,
+    tally: &mut Tally,
+    msg: &RawMessage<'_>,
+    outcome: &Outcome,
+    now: Instant,
+) {
     match outcome {
         Outcome::Processed { price, .. } => {
             tally.processed(u64::try_from(price.0).unwrap_or(0));
             if let Some(ts) = msg.timestamp().to_millis() {
-                metrics.observe_end_to_end(tally, msg.partition(), ts);
+                metrics.observe_end_to_end(tally, msg.partition(), ts, now);
             }
         }
         Outcome::DeadLetter(dead) => {
