@@ -310,16 +310,20 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    #[test]
-    fn end_to_end_latency_is_measured_from_the_record_timestamp() {
-        let m = Metrics::register(&mut Registry::default());
-        let now_ms = i64::try_from(
+    fn unix_ms() -> i64 {
+        i64::try_from(
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
                 .as_millis(),
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn end_to_end_latency_is_measured_from_the_record_timestamp() {
+        let m = Metrics::register(&mut Registry::default());
+        let now_ms = unix_ms();
         let mut tally = m.tally();
         for p in 0..99 {
             m.observe_end_to_end(&mut tally, p % 12, now_ms - 20, Instant::now());
@@ -339,13 +343,7 @@ mod tests {
         let m = Metrics::register(&mut Registry::default());
         let mut tally = m.tally();
         m.flush(&mut tally);
-        let now_ms = i64::try_from(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_millis(),
-        )
-        .unwrap();
+        let now_ms = unix_ms();
         // the wall clock is read at the flush; a record seen 50 ms later is 50 ms old, not 0
         std::thread::sleep(std::time::Duration::from_millis(50));
         m.observe_end_to_end(&mut tally, 0, now_ms, Instant::now());
