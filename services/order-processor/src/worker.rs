@@ -122,23 +122,21 @@ impl<D: Durability> PartitionWorker<D> {
         let started = Instant::now();
         let p = &self.processing;
         let cx = trace::consumer_context(msg, &p.spans, |m| m.last_header(c"traceparent"));
-        let (done, ended) = trace::in_context(cx, async {
-            let Some(outcome) = p.records.evaluate(msg, &self.cancel).await else {
-                return (false, None);
-            };
-            let durable = p.durability.settle(part, msg, &outcome, &self.cancel).await;
-            if !durable {
-                return (false, None);
+        // when the outcome became durable; `None` when it did not
+        let durable_at = trace::in_context(cx, async {
+            let outcome = p.records.evaluate(msg, &self.cancel).await?;
+            if !p.durability.settle(part, msg, &outcome, &self.cancel).await {
+                return None;
             }
             // one reading of the clock a record, for its end-to-end latency and its duration
-            let ended = Instant::now();
-            count(&p.metrics, tally, msg, &outcome, ended);
-            (true, Some(ended))
+            let now = Instant::now();
+            count(&p.metrics, tally, msg, &outcome, now);
+            Some(now)
         })
         .await;
-        let ended = ended.unwrap_or_else(Instant::now);
+        let ended = durable_at.unwrap_or_else(Instant::now);
         tally.process_duration(ended.saturating_duration_since(started).as_secs_f64());
-        done
+        durable_at.is_some()
     }
 }
 
