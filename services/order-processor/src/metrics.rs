@@ -287,8 +287,9 @@ impl WallClock {
 
 impl Tally {
     pub const FLUSH_EVERY: u64 = 256;
-    /// The most end-to-end latencies a tally holds before it records them itself.
-    const EXACT_BATCH: usize = 256;
+    /// The most end-to-end latencies a tally holds before it records them itself: a flush's
+    /// worth, so a worker's list never grows past what one flush hands over.
+    const EXACT_BATCH: usize = Self::FLUSH_EVERY as usize;
 
     /// One more order processed.
     pub fn processed(&mut self, revenue_cents: u64) {
