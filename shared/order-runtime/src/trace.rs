@@ -309,33 +309,41 @@ pub fn consumer_context<'m, M: rdkafka::Message>(
 }
 
 /// The context a record's headers carry, as [`extract`] finds it. A plain lowercase
-/// `traceparent`, the record's only one, with neither `tracestate` nor `baggage` beside it (what
-/// our producers write) is read directly, without the global propagator's lock and parsing;
-/// anything else goes through the propagator.
+/// `traceparent`, the record's only one, with no `baggage` and no `tracestate` but an empty one
+/// beside it (what our producers write) is read directly, without the global propagator's lock
+/// and parsing; anything else goes through the propagator.
 fn parent_context<H: Headers>(headers: Option<&H>, traceparent: Option<&[u8]>) -> Context {
-    // the propagator reads the first `traceparent` (any case), and the caller may have given
-    // another one (the processor looks up the last): only with one are they the same
-    let plain = |h: &H| {
-        let mut parents = 0;
-        for h in h.iter() {
-            if h.key.eq_ignore_ascii_case("traceparent") {
-                parents += 1;
-            } else if h.key.eq_ignore_ascii_case("tracestate")
-                || h.key.eq_ignore_ascii_case("baggage")
-            {
-                return false;
-            }
-        }
-        parents == 1
-    };
     let direct = match (headers, traceparent) {
-        (Some(h), Some(tp)) if plain(h) => remote_span_context(tp),
+        (Some(h), Some(tp)) if plain_context(h) => remote_span_context(tp),
         _ => None,
     };
     match direct {
         Some(sc) => Context::new().with_remote_span_context(sc),
         None => extract(headers),
     }
+}
+
+/// Whether `headers` carry one `traceparent` and nothing else the propagators read: the
+/// propagator reads the first `traceparent` (any case), and the caller of [`parent_context`]
+/// may have given another one (the processor looks up the last); only with one are they the
+/// same.
+fn plain_context<H: Headers>(headers: &H) -> bool {
+    let mut parents = 0;
+    for h in headers.iter() {
+        if h.key.eq_ignore_ascii_case("traceparent") {
+            parents += 1;
+        } else if h.key.eq_ignore_ascii_case("tracestate") {
+            // the SDK's propagator writes one, empty, beside every traceparent, and reads an
+            // empty (or null) one as no state, which is what the direct reading gives; going
+            // through the propagator for it was most of a sampled-in span's making (perf)
+            if h.value.is_some_and(|v| !v.is_empty()) {
+                return false;
+            }
+        } else if h.key.eq_ignore_ascii_case("baggage") {
+            return false;
+        }
+    }
+    parents == 1
 }
 
 /// The remote span context of a plainly valid lowercase version-00 `traceparent` (see
@@ -691,18 +699,18 @@ mod tests {
         for tp in tps {
             for extra in [
                 None,
-                Some(("tracestate", "k=v")),
-                Some(("Baggage", "user=1")),
+                Some(("tracestate", Some("k=v"))),
+                // what the SDK's propagator writes beside a traceparent, and a null one
+                Some(("tracestate", Some(""))),
+                Some(("TraceState", None)),
+                Some(("Baggage", Some("user=1"))),
             ] {
                 let mut h = OwnedHeaders::new().insert(Header {
                     key: "traceparent",
                     value: Some(tp),
                 });
                 if let Some((key, value)) = extra {
-                    h = h.insert(Header {
-                        key,
-                        value: Some(value),
-                    });
+                    h = h.insert(Header { key, value });
                 }
                 let direct = parent_context(Some(&h), traceparent(Some(&h)));
                 let propagated = extract(Some(&h));
@@ -737,6 +745,29 @@ mod tests {
                 .span()
                 .span_context(),
             extract(Some(&h)).span().span_context()
+        );
+    }
+
+    #[test]
+    fn what_our_producers_write_is_read_without_the_propagator() {
+        telemetry::install_propagators();
+        let sc = SpanContext::new(
+            TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").unwrap(),
+            SpanId::from_hex("b7ad6b7169203331").unwrap(),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::NONE,
+        );
+        let h = inject_context(
+            &Context::new().with_remote_span_context(sc.clone()),
+            OwnedHeaders::new(),
+        );
+        assert!(plain_context(&h), "{h:?}");
+        assert_eq!(
+            parent_context(Some(&h), traceparent(Some(&h)))
+                .span()
+                .span_context(),
+            &sc
         );
     }
 
