@@ -87,6 +87,55 @@ async fn runs_until_sigterm_then_flushes_and_exits_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_stop_while_the_send_queue_stays_full_ends_the_run_and_flushes_what_was_queued() {
+    let stack = Stack::from_env();
+    let orders = unique("orders");
+    stack.create_topic(&orders, 1).await;
+    let mut vars = stack.vars(&orders, &unique("dlq"));
+    // room for one order in librdkafka's queue, where it lingers (the longest linger there
+    // is): every order after it finds the queue full until the run ends
+    vars.extend(
+        [
+            ("ORDER_RATE", "0"),
+            ("RDKAFKA_QUEUE_BUFFERING_MAX_MESSAGES", "1"),
+            ("RDKAFKA_LINGER_MS", "900000"),
+            ("RDKAFKA_MESSAGE_TIMEOUT_MS", "1000000"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    let mut g = Service::start(BIN, &vars);
+    g.wait_for("/readyz", Duration::from_secs(30)).await;
+    let mut stats = serde_json::Value::Null;
+    for _ in 0..100 {
+        stats = g.get_json("/stats").await.unwrap();
+        if stats["sent"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stats_later = g.get_json("/stats").await.unwrap();
+    assert_eq!(
+        (
+            &stats["sent"],
+            &stats_later["sent"],
+            &stats_later["produced"]
+        ),
+        (&1.into(), &1.into(), &0.into()),
+        "one order queued and lingering, the next waiting for room: {stats} {stats_later}"
+    );
+    let (status, output) = g.terminate(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{output}");
+    let summary = Service::summary(&output);
+    assert_eq!(
+        (&summary["sent"], &summary["produced"], &summary["failed"]),
+        (&1.into(), &1.into(), &0.into()),
+        "the order waiting for room was never handed over; the queued one was flushed: {output}"
+    );
+    assert_eq!(stack.read_all(&orders, 1, Duration::from_secs(20)).len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_registry_that_refuses_the_schema_stops_it_with_a_clear_error() {
     let stack = Stack::from_env();
     let orders = unique("orders");
