@@ -389,7 +389,9 @@ impl Application {
                 break;
             }
             // the time now: what the pacer read, unless it asked to wait (reading the clock
-            // three times an order was 15 % of the main thread at full rate, perf)
+            // three times an order was 15 % of the main thread at full rate, perf). It is the
+            // send time of the delivery latency, which so includes making and encoding the
+            // order (under a microsecond)
             let now = match pacer.wait_before_next() {
                 None => pacer.checked_at(),
                 Some(wait) => {
