@@ -50,8 +50,6 @@ pub struct Pacer {
     start_wall: SystemTime,
     sent: u64,
     due: Instant,
-    /// The reading of the clock the last [`Self::wait_before_next`] took.
-    checked_at: Instant,
 }
 
 impl Pacer {
@@ -63,15 +61,13 @@ impl Pacer {
             start_wall: SystemTime::now(),
             sent: 0,
             due: start,
-            checked_at: start,
         }
     }
 
-    /// How long to wait before the next order (`None`: it is due now).
-    pub fn wait_before_next(&mut self) -> Option<Duration> {
-        self.checked_at = Instant::now();
+    /// How long after `now` to wait before the next order (`None`: it is due now).
+    pub fn wait_before_next(&mut self, now: Instant) -> Option<Duration> {
         let Some(interval) = self.interval else {
-            self.due = self.checked_at;
+            self.due = now;
             return None;
         };
         #[allow(clippy::cast_precision_loss)]
@@ -79,14 +75,8 @@ impl Pacer {
         self.due = self.start + offset;
         self.sent += 1;
         self.due
-            .checked_duration_since(self.checked_at)
+            .checked_duration_since(now)
             .filter(|d| !d.is_zero())
-    }
-
-    /// When the last [`Self::wait_before_next`] read the clock: the time now, for a caller that
-    /// was not asked to wait, without reading the clock again.
-    pub fn checked_at(&self) -> Instant {
-        self.checked_at
     }
 
     /// When the order last asked about was due, in milliseconds since the Unix epoch.
@@ -138,22 +128,22 @@ mod tests {
     #[test]
     fn pacer_spaces_sends() {
         let mut p = Pacer::new(100.0);
-        assert_eq!(p.wait_before_next(), None);
-        let second = p.wait_before_next().unwrap();
+        assert_eq!(p.wait_before_next(Instant::now()), None);
+        let second = p.wait_before_next(Instant::now()).unwrap();
         assert!(second <= Duration::from_millis(10) && second > Duration::from_millis(5));
-        assert_eq!(Pacer::new(0.0).wait_before_next(), None);
+        assert_eq!(Pacer::new(0.0).wait_before_next(Instant::now()), None);
     }
 
     #[test]
     fn the_timestamp_is_when_the_order_was_due_not_when_it_was_sent() {
         let mut p = Pacer::new(10.0);
-        let _ = p.wait_before_next();
+        let _ = p.wait_before_next(Instant::now());
         let first = p.due_timestamp_ms();
         // a sender that fell 250 ms behind still stamps each order with its due time
         std::thread::sleep(Duration::from_millis(250));
-        assert_eq!(p.wait_before_next(), None);
+        assert_eq!(p.wait_before_next(Instant::now()), None);
         assert_eq!(p.due_timestamp_ms() - first, 100);
-        assert_eq!(p.wait_before_next(), None);
+        assert_eq!(p.wait_before_next(Instant::now()), None);
         assert_eq!(p.due_timestamp_ms() - first, 200);
     }
 }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use order_schema::OrderCodec;
-use order_testkit::{Service, Stack, unique};
+use order_testkit::{Service, Stack, eventually, unique};
 use rdkafka::message::Message;
 
 const BIN: &str = env!("CARGO_BIN_EXE_order-generator");
@@ -105,14 +105,15 @@ async fn a_stop_while_the_send_queue_stays_full_ends_the_run_and_flushes_what_wa
     );
     let mut g = Service::start(BIN, &vars);
     g.wait_for("/readyz", Duration::from_secs(30)).await;
-    let mut stats = serde_json::Value::Null;
-    for _ in 0..100 {
-        stats = g.get_json("/stats").await.unwrap();
-        if stats["sent"] == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let stats = eventually(
+        "the first order handed over",
+        Duration::from_secs(10),
+        || async {
+            let stats = g.get_json("/stats").await.ok()?;
+            (stats["sent"] == 1).then_some(stats)
+        },
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let stats_later = g.get_json("/stats").await.unwrap();
     assert_eq!(
