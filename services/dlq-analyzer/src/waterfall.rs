@@ -14,8 +14,6 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-/// Where the query API is when `JAEGER_QUERY_URL` is not set: the native stack's Jaeger.
-pub const DEFAULT_QUERY_URL: &str = "http://127.0.0.1:16686";
 /// The drawing fits this many columns.
 pub const WIDTH: usize = 80;
 const BAR: usize = 10;
@@ -101,7 +99,7 @@ pub async fn fetch(base_url: &str, id: &str, patience: Duration) -> Result<Trace
         url: url.clone(),
         source,
     };
-    let client = order_schema::http_client_builder(&url)
+    let client = order_runtime::http::client_builder(&url)
         .timeout(Duration::from_secs(10))
         .build()
         .map_err(unreachable)?;
@@ -122,26 +120,11 @@ pub async fn fetch(base_url: &str, id: &str, patience: Duration) -> Result<Trace
     }
 }
 
-/// `dlq-analyzer trace <trace-id>`: prints the waterfall, or says why it cannot. The query API
-/// is at `JAEGER_QUERY_URL` (default [`DEFAULT_QUERY_URL`]).
-pub async fn command(id: Option<&str>) -> std::process::ExitCode {
-    let Some(id) = id else {
-        eprintln!(
-            "usage: dlq-analyzer trace <trace-id>   (Jaeger's query API at JAEGER_QUERY_URL, default {DEFAULT_QUERY_URL})"
-        );
-        return std::process::ExitCode::from(2);
-    };
-    let url = std::env::var("JAEGER_QUERY_URL").unwrap_or_else(|_| DEFAULT_QUERY_URL.to_owned());
-    match fetch(&url, id, Duration::from_secs(10)).await {
-        Ok(trace) => {
-            print!("{}", render(&trace));
-            std::process::ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("dlq-analyzer trace: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+/// `dlq-analyzer trace <trace-id>`: the waterfall's lines, from the query API at `url`
+/// (`JAEGER_QUERY_URL`).
+pub async fn command(url: &str, id: &str) -> Result<Vec<String>, TraceError> {
+    let trace = fetch(url, id, Duration::from_secs(10)).await?;
+    Ok(render(&trace).lines().map(str::to_owned).collect())
 }
 
 impl Span {

@@ -4,5 +4,5 @@
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
-    order_runtime::service::main::<order_generator::Application>()
+    <order_generator::Cli as clap::Parser>::parse().run()
 }

@@ -32,7 +32,7 @@ pub fn random_order(rng: &mut impl Rng, invalid_ratio: f64) -> (Order, bool) {
 }
 
 /// 16 random bytes in one read of the generator (`rng.random::<[u8; 16]>()` draws a `u32` for
-/// each byte: 6 % of the generator's main thread, perf).
+/// each byte).
 fn random_bytes(rng: &mut impl Rng) -> [u8; 16] {
     let mut bytes = [0; 16];
     rng.fill_bytes(&mut bytes);

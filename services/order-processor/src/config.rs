@@ -1,114 +1,91 @@
 //! order-processor settings (SPEC "Environment"), each with its default.
 
-use std::time::Duration;
-
 use order_runtime::CommonConfig;
-use order_runtime::backoff::Backoff;
 use order_runtime::config::{ConfigError, check_range, load};
 use order_schema::Catalogue;
-use serde::Deserialize;
-
-use crate::decision::RetryPolicy;
+use serde::{Deserialize, Serialize};
 
 /// How outcomes and offsets are made durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Guarantee {
     /// Kafka transactions: dead letters, the changelog of per-partition state and the
     /// consumer offsets commit together, so totals are exact under crashes and rebalances.
-    #[default]
     ExactlyOnce,
     /// Offsets stored after each outcome is durable; a crash can redo records.
     AtLeastOnce,
 }
 
-/// The processor's own block; see [`Config`] for the whole.
-#[derive(Debug, Clone, Deserialize)]
+/// The service's name in logs, traces and dead letters' `dlq.failed.service`.
+pub const SERVICE_NAME: &str = "order-processor";
+
+/// The processor's own block; see [`Config`] for the whole. Every field has its default in
+/// the [`Default`] impl below, and only there; `docs/configuration.md` lists them, and a test
+/// holds the two together.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
 pub struct ProcessorSettings {
-    /// `HTTP_PORT` for `/healthz`, `/readyz`, `/metrics`, `/stats`. Default 8102; 0 picks a free
-    /// port (tests).
-    #[serde(default = "default_port")]
+    /// `HTTP_PORT` for `/healthz`, `/readyz`, `/metrics`, `/stats`; 0 picks a free port
+    /// (tests).
     pub http_port: u16,
-    /// `CONSUMER_GROUP`. Default `order-processor`.
-    #[serde(default = "default_group")]
+    /// `CONSUMER_GROUP`.
     pub consumer_group: String,
-    /// `MAX_RETRIES`: retries after the first attempt of a temporary failure. Default 3.
-    #[serde(default = "default_max_retries")]
+    /// `MAX_RETRIES`: retries after the first attempt of a temporary failure.
     pub max_retries: u32,
-    /// `RETRY_INITIAL_BACKOFF_MS`: wait before the first retry. Default 1000.
-    #[serde(default = "default_initial_backoff")]
+    /// `RETRY_INITIAL_BACKOFF_MS`: wait before the first retry.
     pub retry_initial_backoff_ms: u64,
-    /// `RETRY_BACKOFF_MULTIPLIER`: each wait is the previous one times this. Default 2.0.
-    #[serde(default = "default_multiplier")]
+    /// `RETRY_BACKOFF_MULTIPLIER`: each wait is the previous one times this.
     pub retry_backoff_multiplier: f64,
-    /// `RETRY_MAX_BACKOFF_MS`: no single wait is longer. Default 30000.
-    #[serde(default = "default_max_backoff")]
+    /// `RETRY_MAX_BACKOFF_MS`: no single wait is longer.
     pub retry_max_backoff_ms: u64,
     /// `TRANSIENT_FAILURE_RATE`: the simulated chance that one processing attempt fails
-    /// temporarily, 0 to 1. Default 0.
-    #[serde(default)]
+    /// temporarily, 0 to 1.
     pub transient_failure_rate: f64,
     /// `STATS_LOG_INTERVAL_MS`: how often the running average is logged while it moves.
-    /// Default 5000.
-    #[serde(default = "default_log_interval")]
     pub stats_log_interval_ms: u64,
-    /// `PROCESSING_GUARANTEE`: `exactly_once` (default) or `at_least_once`.
-    #[serde(default)]
+    /// `PROCESSING_GUARANTEE`: `exactly_once` or `at_least_once`.
     pub processing_guarantee: Guarantee,
-    /// `STATE_TOPIC`: the compacted changelog of per-partition state (exactly-once).
-    /// Default `<CONSUMER_GROUP>-aggregates-changelog`.
-    #[serde(default)]
+    /// `STATE_TOPIC`: the compacted changelog of per-partition state (exactly-once); unset:
+    /// `<CONSUMER_GROUP>-aggregates-changelog`.
     pub state_topic: Option<String>,
-    /// `COMMIT_INTERVAL_MS`: how often a transaction commits (exactly-once). Default 1000.
-    /// A commit takes about one broker transaction-marker round (~100 ms on the native
-    /// stack); processed records go on meanwhile, into the next transaction, but a dead letter
-    /// waits for it.
-    #[serde(default = "default_commit_interval")]
+    /// `COMMIT_INTERVAL_MS`: how often a transaction commits (exactly-once). A commit takes
+    /// about one broker transaction-marker round; processed records go on meanwhile, into the
+    /// next transaction, but a dead letter waits for it.
     pub commit_interval_ms: u64,
     /// `TRANSACTION_TIMEOUT_MS`: the broker aborts a transaction left open this long (a
-    /// crashed replica's). Default 10000.
-    #[serde(default = "default_transaction_timeout")]
+    /// crashed replica's).
     pub transaction_timeout_ms: u64,
     /// `PRODUCT_CATALOGUE`: the products accepted, comma-separated, matched ignoring case
     /// (an order is counted under the catalogue's spelling); `*` accepts any non-empty
-    /// product. Default: the ten products the generator sells.
-    #[serde(default)]
+    /// product; unset: the products the generator sells.
     pub product_catalogue: Option<String>,
     /// `ANALYZER_URL`: the dlq-analyzer whose `/report` the status page (`/`) shows beside the
-    /// group's totals. Default `http://127.0.0.1:8103`.
-    #[serde(default = "default_analyzer_url")]
+    /// group's totals.
     pub analyzer_url: String,
 }
 
-fn default_port() -> u16 {
-    8102
-}
-fn default_group() -> String {
-    "order-processor".to_owned()
-}
-fn default_max_retries() -> u32 {
-    3
-}
-fn default_initial_backoff() -> u64 {
-    1000
-}
-fn default_multiplier() -> f64 {
-    2.0
-}
-fn default_max_backoff() -> u64 {
-    30_000
-}
-fn default_log_interval() -> u64 {
-    5000
-}
-fn default_commit_interval() -> u64 {
-    1000
-}
-fn default_transaction_timeout() -> u64 {
-    10_000
-}
-fn default_analyzer_url() -> String {
-    "http://127.0.0.1:8103".to_owned()
+/// `HTTP_PORT`'s default, which `order-processor healthcheck` asks too.
+pub const DEFAULT_HTTP_PORT: u16 = 8102;
+
+impl Default for ProcessorSettings {
+    fn default() -> Self {
+        ProcessorSettings {
+            http_port: DEFAULT_HTTP_PORT,
+            consumer_group: SERVICE_NAME.to_owned(),
+            max_retries: 3,
+            retry_initial_backoff_ms: 1000,
+            retry_backoff_multiplier: 2.0,
+            retry_max_backoff_ms: 30_000,
+            transient_failure_rate: 0.0,
+            stats_log_interval_ms: 5000,
+            processing_guarantee: Guarantee::ExactlyOnce,
+            state_topic: None,
+            commit_interval_ms: 1000,
+            transaction_timeout_ms: 10_000,
+            product_catalogue: None,
+            analyzer_url: "http://127.0.0.1:8103".to_owned(),
+        }
+    }
 }
 
 /// Everything the processor reads from the environment.
@@ -199,19 +176,6 @@ impl Config {
             .clone()
             .unwrap_or_else(|| format!("{}-aggregates-changelog", self.processor.consumer_group))
     }
-
-    /// How temporary failures are retried (the seed's 1 s, 2 s, 4 s by default).
-    pub fn retry_policy(&self) -> RetryPolicy {
-        let p = &self.processor;
-        RetryPolicy {
-            max_retries: p.max_retries,
-            backoff: Backoff::with_factor(
-                Duration::from_millis(p.retry_initial_backoff_ms),
-                p.retry_backoff_multiplier,
-                Duration::from_millis(p.retry_max_backoff_ms),
-            ),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -219,44 +183,32 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    use order_runtime::config::pairs as vars;
-
     #[test]
-    fn defaults_give_the_seed_backoff() {
+    fn defaults_match_the_spec() {
         let c = Config::from_vars(&[]).unwrap();
         assert_eq!(c.processor.http_port, 8102);
         assert_eq!(c.processor.consumer_group, "order-processor");
         assert_eq!(c.processor.max_retries, 3);
         assert_eq!(c.processor.processing_guarantee, Guarantee::ExactlyOnce);
         assert_eq!(c.state_topic(), "order-processor-aggregates-changelog");
-        let waits: Vec<u64> = (1..=3)
-            .map(|r| c.retry_policy().backoff.nth(r).as_millis() as u64)
-            .collect();
-        assert_eq!(waits, [1000, 2000, 4000]);
-    }
-
-    #[test]
-    fn backoff_is_capped() {
-        let c = Config::from_vars(&vars(&[("RETRY_MAX_BACKOFF_MS", "3000")])).unwrap();
-        assert_eq!(c.retry_policy().backoff.nth(3), Duration::from_millis(3000));
     }
 
     #[test]
     fn bad_values_name_their_variable() {
-        for (var, value) in [
-            ("MAX_RETRIES", "-1"),
-            ("MAX_RETRIES", "lots"),
-            ("TRANSIENT_FAILURE_RATE", "1.5"),
-            ("RETRY_BACKOFF_MULTIPLIER", "0.5"),
-            ("HTTP_PORT", "70000"),
-            ("RETRY_MAX_BACKOFF_MS", "10"),
-            ("PROCESSING_GUARANTEE", "exactly_twice"),
-            ("COMMIT_INTERVAL_MS", "5"),
-            ("ANALYZER_URL", "localhost:8103"),
-            ("PRODUCT_CATALOGUE", ","),
-        ] {
-            let e = Config::from_vars(&vars(&[(var, value)])).unwrap_err();
-            assert!(e.to_string().contains(var), "{var}={value}: {e}");
-        }
+        order_testkit::assert_each_refused_naming_its_variable(
+            Config::from_vars,
+            &[
+                ("MAX_RETRIES", "-1"),
+                ("MAX_RETRIES", "lots"),
+                ("TRANSIENT_FAILURE_RATE", "1.5"),
+                ("RETRY_BACKOFF_MULTIPLIER", "0.5"),
+                ("HTTP_PORT", "70000"),
+                ("RETRY_MAX_BACKOFF_MS", "10"),
+                ("PROCESSING_GUARANTEE", "exactly_twice"),
+                ("COMMIT_INTERVAL_MS", "5"),
+                ("ANALYZER_URL", "localhost:8103"),
+                ("PRODUCT_CATALOGUE", ","),
+            ],
+        );
     }
 }

@@ -4,14 +4,5 @@
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("reset") {
-        // safe replay in exactly-once mode (see exactly_once::reset)
-        return Ok(order_processor::exactly_once::reset::command(&args[1..]));
-    }
-    if args.first().map(String::as_str) == Some("create-topics") {
-        // the topics Job of the Helm chart
-        return Ok(order_processor::topics::command(&args[1..]));
-    }
-    order_runtime::service::main::<order_processor::Application>()
+    <order_processor::Cli as clap::Parser>::parse().run()
 }

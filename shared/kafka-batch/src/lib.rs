@@ -3,8 +3,8 @@
 //! rust-rdkafka hands out one message per poll. Each poll of librdkafka's queue pays a fixed
 //! toll: rust-rdkafka's deadline, three clock reads in librdkafka, and a poll-idle-ratio
 //! average that librdkafka updates under a client-wide mutex (`rd_kafka_app_poll_start`),
-//! which the partition tasks of one consumer all contend for. On the processor's 1M-record
-//! drain that toll was ~28% of its CPU. `rd_kafka_consume_batch_queue` pays it once per batch.
+//! which the partition tasks of one consumer all contend for, a large share of the
+//! processor's CPU. `rd_kafka_consume_batch_queue` pays it once per batch.
 //!
 //! [`PartitionBatches::split`] does what rust-rdkafka's `split_partition_queue` does (take the
 //! partition's queue, stop its forwarding to the consumer's queue), with a wake-up that a
@@ -13,8 +13,8 @@
 //! [`RawMessage::last_header`] reads one header in place from the bytes librdkafka keeps of a
 //! fetched record (`wire.rs` has the framing), where asking librdkafka (`headers()`) makes it
 //! parse and copy every header of the record first, in several allocations. With 1 % of traces
-//! sampled upstream the processor reads every record's `traceparent`, and that parse was an
-//! eighth of the process's CPU (perf). Those bytes are not in librdkafka's public API: they
+//! sampled upstream the processor reads every record's `traceparent`, so that parse is paid
+//! on every record. Those bytes are not in librdkafka's public API: they
 //! are read from its message struct, whose layout is known for one librdkafka version
 //! ([`LAYOUT_VERSION`]); with any other, `last_header` asks librdkafka instead.
 //!

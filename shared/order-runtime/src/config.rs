@@ -5,21 +5,12 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 /// Prefix of the variables passed through to librdkafka: `RDKAFKA_SECURITY_PROTOCOL=sasl_ssl`
 /// sets `security.protocol=sasl_ssl` on every client of the service.
 pub const RDKAFKA_PREFIX: &str = "RDKAFKA_";
-
-/// The registry or the Kafka cluster refused the service's settings at start-up.
-#[derive(Debug, thiserror::Error)]
-pub enum AccessRefused {
-    #[error(transparent)]
-    Registry(#[from] order_schema::AccessError),
-    #[error(transparent)]
-    Cluster(#[from] crate::kafka::ClusterRefused),
-}
 
 /// A bad or unreadable setting, always naming the variable.
 #[derive(Debug, thiserror::Error)]
@@ -71,53 +62,48 @@ fn envy_message(e: envy::Error) -> String {
 }
 
 /// How logs are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// One JSON object a line, for log shippers.
     Json,
     /// Human-readable, coloured when a terminal is attached.
-    #[default]
     Pretty,
 }
 
-/// The settings shared by all three services. `Debug` shows no secret (see
-/// [`is_sensitive`]).
-#[derive(Clone, Deserialize)]
+/// The settings shared by all three services. Every field has its default in the [`Default`]
+/// impl below, and only there; `docs/configuration.md` lists them, and a test holds the two
+/// together. Neither `Debug` nor `Serialize` shows a secret (see [`is_sensitive`]): the
+/// registry's URL is shown without credentials, and the secret fields not at all.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(default)]
 pub struct CommonConfig {
-    /// `KAFKA_BOOTSTRAP_SERVERS`, comma-separated `host:port` list. Default `127.0.0.1:9092`.
-    #[serde(default = "default_bootstrap")]
+    /// `KAFKA_BOOTSTRAP_SERVERS`, comma-separated `host:port` list.
     pub kafka_bootstrap_servers: String,
-    /// `SCHEMA_REGISTRY_URL`, the base URL a Confluent client uses (it may carry a path).
-    /// Default `http://127.0.0.1:8081`. As given, credentials included: read only into
-    /// `registry`, whose `url()` is the one to use.
-    #[serde(default = "default_registry")]
+    /// `SCHEMA_REGISTRY_URL`, the base URL a Confluent client uses (it may carry a path). As
+    /// given, credentials included: read only into `registry`, whose `url()` is the one to use.
+    #[serde(serialize_with = "url_without_credentials")]
     schema_registry_url: String,
-    /// `ORDERS_TOPIC`, where orders are published. Default `orders`.
-    #[serde(default = "default_orders_topic")]
+    /// `ORDERS_TOPIC`, where orders are published.
     pub orders_topic: String,
-    /// `DLQ_TOPIC`, where failed orders go. Default `orders-dlq`.
-    #[serde(default = "default_dlq_topic")]
+    /// `DLQ_TOPIC`, where failed orders go.
     pub dlq_topic: String,
-    /// `LOG_FORMAT`, `json` or `pretty`. Default `pretty`.
-    #[serde(default)]
+    /// `LOG_FORMAT`, `json` or `pretty`.
     pub log_format: LogFormat,
     /// `HTTP_PORT_FILE`: where the service writes the HTTP port it bound, once it listens, and
     /// where `<service> healthcheck` reads it. For replicas that share a network namespace with
-    /// `HTTP_PORT=0` (Compose's `--scale` with host networking). Default: unset, no file.
-    #[serde(default)]
+    /// `HTTP_PORT=0` (Compose's `--scale` with host networking). Unset: no file.
     pub http_port_file: Option<std::path::PathBuf>,
     /// `SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO`: `user:password` for the registry's basic auth
-    /// (Confluent's `basic.auth.user.info`). Default: none, or the URL's credentials.
-    #[serde(default)]
+    /// (Confluent's `basic.auth.user.info`). Unset: none, or the URL's credentials.
+    #[serde(skip_serializing)]
     schema_registry_basic_auth_user_info: Option<String>,
     /// `SCHEMA_REGISTRY_BEARER_AUTH_TOKEN`: a bearer token for the registry, instead of basic
     /// auth (Confluent's `bearer.auth.token`).
-    #[serde(default)]
+    #[serde(skip_serializing)]
     schema_registry_bearer_auth_token: Option<String>,
     /// `SCHEMA_REGISTRY_SSL_CA_LOCATION`: a PEM file of the CA certificates the registry's
     /// `https://` certificate must chain to, instead of the system's.
-    #[serde(default)]
     pub schema_registry_ssl_ca_location: Option<std::path::PathBuf>,
     /// The registry's URL (credentials removed) and how to authenticate, from the variables
     /// above (see [`CommonConfig::from_vars`]).
@@ -126,13 +112,36 @@ pub struct CommonConfig {
     /// `GROUP_INSTANCE_ID`: static membership of the service's consumer group (KIP-345,
     /// `group.instance.id` on its group consumer only), so a restarted consumer with the same
     /// id gets its partitions back without a rebalance, if it returns within the session
-    /// timeout. Unique per replica; the chart's `staticMembership` sets the pod name. Default:
-    /// none (dynamic membership).
+    /// timeout. Unique per replica; the chart's `staticMembership` sets the pod name. Unset:
+    /// dynamic membership.
     pub group_instance_id: Option<String>,
     /// librdkafka properties from `RDKAFKA_*` variables (not read by envy; see
     /// [`CommonConfig::from_vars`]).
     #[serde(skip)]
     pub kafka_properties: BTreeMap<String, String>,
+}
+
+impl Default for CommonConfig {
+    fn default() -> Self {
+        CommonConfig {
+            kafka_bootstrap_servers: "127.0.0.1:9092".to_owned(),
+            schema_registry_url: "http://127.0.0.1:8081".to_owned(),
+            orders_topic: "orders".to_owned(),
+            dlq_topic: "orders-dlq".to_owned(),
+            log_format: LogFormat::Pretty,
+            http_port_file: None,
+            schema_registry_basic_auth_user_info: None,
+            schema_registry_bearer_auth_token: None,
+            schema_registry_ssl_ca_location: None,
+            registry: order_schema::RegistryAccess::default(),
+            group_instance_id: None,
+            kafka_properties: BTreeMap::new(),
+        }
+    }
+}
+
+fn url_without_credentials<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(order_schema::RegistryAccess::new(url).url())
 }
 
 /// Whether a setting's name says it holds a secret (a password, a token, a private key, a
@@ -185,19 +194,6 @@ impl std::fmt::Debug for CommonConfig {
     }
 }
 
-fn default_bootstrap() -> String {
-    "127.0.0.1:9092".to_owned()
-}
-fn default_registry() -> String {
-    "http://127.0.0.1:8081".to_owned()
-}
-fn default_orders_topic() -> String {
-    "orders".to_owned()
-}
-fn default_dlq_topic() -> String {
-    "orders-dlq".to_owned()
-}
-
 impl CommonConfig {
     /// Reads the common block and the `RDKAFKA_*` pass-through properties.
     pub fn from_vars(vars: &[(String, String)]) -> Result<Self, ConfigError> {
@@ -215,39 +211,6 @@ impl CommonConfig {
         config.validate()?;
         config.registry = config.registry_access()?;
         Ok(config)
-    }
-
-    /// At start-up: the registry's refusal (401, 403) or a TLS failure stops the service with
-    /// what to fix; no answer is waited out (the service stays unready, as for the broker).
-    pub async fn check_registry(&self) -> Result<(), order_schema::AccessError> {
-        match self.registry.check().await {
-            Err(order_schema::AccessError::Unreachable { url, reason }) => {
-                tracing::info!(%url, %reason, "the schema registry does not answer yet; waiting for it");
-                Ok(())
-            }
-            other => other,
-        }
-    }
-
-    /// At start-up, side by side: the registry's and the Kafka cluster's refusal of this
-    /// service's settings stop it (see [`Self::check_registry`] and
-    /// [`crate::kafka::check_cluster_access`]); no answer is waited out later.
-    /// `topic` is the one the service reads or writes first.
-    pub async fn check_access(&self, topic: &str) -> Result<(), AccessRefused> {
-        let (common, topic) = (self.clone(), topic.to_owned());
-        let cluster = tokio::task::spawn_blocking(move || {
-            crate::kafka::check_cluster_access(&common, &topic, std::time::Duration::from_secs(10))
-        });
-        let (registry, cluster) = tokio::join!(self.check_registry(), cluster);
-        registry?;
-        match cluster {
-            Ok(result) => Ok(result?),
-            // the check itself panicked or was cancelled: the service's own waits take over
-            Err(e) => {
-                tracing::warn!(error = %e, "the Kafka access check did not finish");
-                Ok(())
-            }
-        }
     }
 
     /// The registry's access from `SCHEMA_REGISTRY_URL` and the `SCHEMA_REGISTRY_*` auth and CA
@@ -381,7 +344,7 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(c.registry.url(), "https://registry.example/ccompat");
-        let shown = format!("{c:?}");
+        let shown = format!("{c:?} {}", serde_json::to_string(&c).unwrap());
         for secret in ["url-secret", "sasl-secret", "key-secret", "jaas-secret"] {
             assert!(!shown.contains(secret), "{secret} in {shown}");
         }

@@ -208,6 +208,23 @@ async fn metrics(State(s): State<Shared>) -> Response {
     }
 }
 
+/// An HTTP client builder for a service at `url` (the status page's analyzer, Jaeger's query
+/// API): a plain `http://` URL gets no root certificates (loading the system's bundle costs
+/// memory in every client and fails where an image has none), `https://` the platform's
+/// verifier.
+pub fn client_builder(url: &str) -> reqwest::ClientBuilder {
+    let builder = reqwest::Client::builder();
+    let plain = url
+        .trim()
+        .get(..7)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("http://"));
+    if plain {
+        builder.tls_certs_only(std::iter::empty())
+    } else {
+        builder
+    }
+}
+
 /// Binds `127.0.0.1:0`-style addresses too: the caller reads the real port from the listener.
 /// With a `port_file` (`HTTP_PORT_FILE`), the bound port is written there for `healthcheck`.
 pub async fn bind(port: u16, port_file: Option<&Path>) -> std::io::Result<TcpListener> {
@@ -238,7 +255,7 @@ pub async fn serve(
 /// the registry is asked for its schema types, an answer that does not grow with the registry.
 pub fn watch_dependencies(
     probe: &Probe,
-    common: &crate::CommonConfig,
+    common: &crate::config::CommonConfig,
     broker_answers: impl Fn() -> bool + Send + Sync + 'static,
     every: std::time::Duration,
     shutdown: CancellationToken,

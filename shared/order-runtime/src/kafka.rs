@@ -20,13 +20,12 @@ pub fn base(common: &CommonConfig, client_id: &str) -> ClientConfig {
         // librdkafka logs through its own callback; errors surface as events we log
         .set("log.connection.close", "false")
         // KIP-714 metrics push to the broker (librdkafka's default is on): it keeps six to
-        // eight latency histograms per broker connection of every client, ~0.6 MB of an idle
-        // processor, for brokers that have a telemetry plugin; our metrics are on /metrics
+        // eight latency histograms per broker connection of every client, for brokers that have a telemetry plugin; our metrics are on /metrics
         // (RDKAFKA_ENABLE_METRICS_PUSH=true turns it back on)
         .set("enable.metrics.push", "false")
         // connect to the bootstrap brokers when the client is made, not at its first request:
         // with librdkafka's default (sparse connections) a new client's first request often
-        // waited ~50 ms for the connection it asked for, and a start-up makes a few clients
+        // waited for the connection it asked for, and a start-up makes a few clients
         // one after another (RDKAFKA_ENABLE_SPARSE_CONNECTIONS=true restores the default)
         .set("enable.sparse.connections", "false");
     c
@@ -50,14 +49,12 @@ pub fn producer_config(common: &CommonConfig, client_id: &str, compression: &str
         .set("linger.ms", "5")
         .set("batch.size", "262144")
         // a key goes to the partition Java clients (Kafka Streams included) put it in, and the
-        // hash is cheaper: librdkafka's default (CRC32 of the key, `consistent_random`) was a
-        // tenth of the generator's main thread (perf)
+        // hash is cheaper than librdkafka's default (CRC32 of the key, `consistent_random`)
         .set("partitioner", "murmur2_random")
         // delivery is retried inside librdkafka for this long before a report says it failed
         .set("message.timeout.ms", "120000")
         // bound the memory the send queue may take (librdkafka's defaults are 1 GiB and
-        // 100,000 messages; 20,000 cut the generator's peak RSS by ~10 MB at full rate, with
-        // no loss of throughput measured, while 10,000 lost a fifth of it)
+        // 100,000 messages): the lowest bound that kept the generator's full rate
         .set("queue.buffering.max.kbytes", "65536")
         .set("queue.buffering.max.messages", "20000");
     with_user_properties(c, common)
@@ -80,19 +77,17 @@ pub fn consumer_config(common: &CommonConfig, client_id: &str, group_id: &str) -
         .set("max.poll.interval.ms", "300000")
         // Prefetch bounds. With one queue per partition these apply per partition, and
         // librdkafka's defaults (100,000 messages, 64 MiB, 1 MiB a fetch) let a backlog of small
-        // orders fill ~220 MB (make bench, 1M records). Each prefetched message costs ~300 bytes
-        // of librdkafka bookkeeping besides its bytes, so the message count is the bound that
+        // orders fill hundreds of MB. Each prefetched message costs librdkafka bookkeeping
+        // besides its bytes, so the message count is the bound that
         // matters, with the fetch size on top of it. A partition whose queue is full is left out
         // of the next fetch, and only one fetch is in flight per broker: when that one asks only
         // for caught-up partitions, the broker holds it for fetch.wait.max.ms while the full
-        // ones drain and cannot refill. So a shallow queue needs a short wait: 3,000 messages,
-        // 128 KiB fetches and a 50 ms wait drained 1M records as fast as 7,500, 256 KiB and
-        // 100 ms, with a peak of 27-30 MB instead of 41-46 MB (docs/benchmarks.md). The price is
-        // twice the fetches of an idle consumer. A short back-off keeps the fetcher from idling a
+        // ones drain and cannot refill. So a shallow queue needs a short wait, which drains as
+        // fast as a deep one with a long wait, at a fraction of the memory; the price is twice
+        // the fetches of an idle consumer. A short back-off keeps the fetcher from idling a
         // second once a queue is full. A fetch is added to a queue whole, so a queue can hold a
-        // fetch's worth past the limit: 64 KiB fetches under a 4,000-message limit drained 4M
-        // records within 2 % of 128 KiB under 3,000 (inside the runs' spread), with an
-        // exactly-once peak ~2 MB lower.
+        // fetch's worth past the limit: smaller fetches under a higher message limit keep the
+        // rate and lower the peak (docs/benchmarks.md has the runs).
         .set("queued.min.messages", "4000")
         .set("queued.max.messages.kbytes", "2048")
         .set("max.partition.fetch.bytes", "65536")
@@ -255,7 +250,7 @@ pub fn check_cluster_access(
             return match error.map(RDKafkaErrorCode::from) {
                 Some(code @ RDKafkaErrorCode::TopicAuthorizationFailed) => Err(refused(
                     format!("topic {topic}: {code}"),
-                    "this service's Kafka user needs ACLs on it (README, \"Kafka ACLs\")",
+                    "this service's Kafka user needs ACLs on it (docs/security.md, \"Kafka ACLs\")",
                 )),
                 _ => Ok(()),
             };
@@ -380,15 +375,14 @@ pub fn admin_client(
 
 /// Drops `client` on a blocking thread, for code that should not wait for it: an
 /// `AdminClient`'s drop joins its polling thread, which wakes every 100 ms, so a start-up that
-/// dropped one before going on waited ~100 ms for nothing.
+/// dropped one before going on waited for it for nothing.
 pub fn drop_in_background<T: Send + 'static>(client: T) {
     tokio::task::spawn_blocking(move || drop(client));
 }
 
 /// A client that is dropped with [`drop_in_background`] when this is, for clients whose last
 /// owner can be an async task. A consumer's drop (`rd_kafka_destroy`) waits for its threads,
-/// ~100 ms each in probes, and on one of the runtime's few threads every task queued there
-/// waits too. Outside a runtime the drop happens in place.
+/// and on one of the runtime's few threads every task queued there waits too. Outside a runtime the drop happens in place.
 pub struct DroppedInBackground<T: Send + 'static>(Option<T>);
 
 impl<T: Send + 'static> DroppedInBackground<T> {
@@ -473,7 +467,7 @@ pub async fn create_topic_if_missing<C: ClientContext + 'static>(
     }
     // The creation is answered once the controller has the topic; the brokers learn of it a
     // moment later, and until then a request for its partitions gets NOT_LEADER_OR_FOLLOWER
-    // (the first exactly-once restore of a new group hit it in most starts, and waited 100 ms).
+    // (the first exactly-once restore of a new group hit it in most starts, and waited).
     // Bounded: the topic exists, so users retry whatever still fails.
     for _ in 0..500 {
         if all_led(admin.inner(), name, partitions)? {

@@ -24,7 +24,6 @@
 use opentelemetry::propagation::TextMapCompositePropagator;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::{Context, KeyValue};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,9 +31,8 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
 use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, BatchSpanProcessor, OTEL_BSP_MAX_QUEUE_SIZE,
-    OTEL_BSP_MAX_QUEUE_SIZE_DEFAULT, SdkTracerProvider, ShouldSample, Span, SpanData, SpanExporter,
-    SpanProcessor,
+    BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider, ShouldSample, Span, SpanData,
+    SpanExporter, SpanProcessor,
 };
 use tracing::Subscriber;
 use tracing_subscriber::layer::SubscriberExt;
@@ -42,6 +40,8 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 use crate::config::LogFormat;
+use crate::export_queue::ExportQueue;
+use crate::sync::Locked;
 
 /// Flushes and shuts down the trace exporter when dropped (keep it alive in `main`).
 #[derive(Debug)]
@@ -179,87 +179,6 @@ fn likely_cause(error: &str, endpoint: &str, protocol: OtlpProtocol) -> String {
     }
 }
 
-/// The spans in the batch processor's queue, counted by us: [`Admitted`] counts each span it
-/// hands on, [`Reported`] takes away each batch the processor starts exporting. The SDK's
-/// processor drops a span that ends while its queue is full, after the span was built and
-/// ended; with the count, a record's span is not built at all then
-/// ([`crate::trace::consumer_context`] asks [`Self::has_room`]), and the processor's queue never
-/// overflows (it holds at most what was counted and not yet exported).
-#[derive(Debug)]
-pub struct ExportQueue {
-    /// `OTEL_BSP_MAX_QUEUE_SIZE` (2048), read once here and given to the batch processor.
-    capacity: usize,
-    /// Spans handed to the batch processor that it has not yet started exporting.
-    queued: AtomicUsize,
-    /// Spans not exported for want of room: not made, or ended while the queue was full.
-    shed: AtomicU64,
-}
-
-impl ExportQueue {
-    /// A queue of `OTEL_BSP_MAX_QUEUE_SIZE` spans, parsed as the SDK parses it (a value that is
-    /// not a whole number is ignored).
-    fn from_env() -> Self {
-        let capacity = std::env::var(OTEL_BSP_MAX_QUEUE_SIZE)
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(OTEL_BSP_MAX_QUEUE_SIZE_DEFAULT);
-        Self::new(capacity)
-    }
-
-    fn new(capacity: usize) -> Self {
-        Self {
-            capacity,
-            queued: AtomicUsize::new(0),
-            shed: AtomicU64::new(0),
-        }
-    }
-
-    /// Whether a span made now would find room (it may not by the time it ends).
-    pub fn has_room(&self) -> bool {
-        self.queued.load(Ordering::Relaxed) < self.capacity
-    }
-
-    /// Counts a span that is not made for want of room.
-    pub fn shed(&self) {
-        self.shed.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Takes a place for an ended span; `false` (and the span counted as shed) when full.
-    fn admit(&self) -> bool {
-        let admitted = self
-            .queued
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
-                (n < self.capacity).then_some(n + 1)
-            })
-            .is_ok();
-        if !admitted {
-            self.shed();
-        }
-        admitted
-    }
-
-    /// Gives back the places of `spans` the batch processor is exporting.
-    fn release(&self, spans: usize) {
-        // never below zero: only counted spans reach the exporter, but a wrapped count would
-        // shed every span from then on
-        let _ = self
-            .queued
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
-                Some(n.saturating_sub(spans))
-            });
-    }
-
-    /// Spans waiting in the queue, not yet handed to the exporter.
-    pub fn queued(&self) -> usize {
-        self.queued.load(Ordering::Relaxed)
-    }
-
-    /// Spans shed since the process started.
-    pub fn shed_total(&self) -> u64 {
-        self.shed.load(Ordering::Relaxed)
-    }
-}
-
 /// The batch processor, with every span it is given counted in the [`ExportQueue`] first, and
 /// dropped here when the queue is full (where the SDK would drop it on its own).
 #[derive(Debug)]
@@ -322,17 +241,14 @@ const REPORT_EVERY: Duration = Duration::from_secs(60);
 
 impl<E> Reported<E> {
     fn note(&self, result: &OTelSdkResult, spans: usize) {
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = self.state.locked();
         let shed = self.queue.shed_total();
         if shed > state.shed_reported && state.shed_line.is_none_or(|t| t.elapsed() >= REPORT_EVERY)
         {
             tracing::warn!(
                 spans_shed = shed - state.shed_reported,
                 spans_shed_total = shed,
-                queue = self.queue.capacity,
+                queue = self.queue.capacity(),
                 "spans were not exported: more are made than the collector at {} takes, and its \
                  queue (OTEL_BSP_MAX_QUEUE_SIZE) was full; sample fewer (OTEL_TRACES_SAMPLER, \
                  OTEL_TRACES_SAMPLER_ARG); the next are summed up once a minute",
@@ -485,7 +401,7 @@ pub fn tracer_provider(
         })
         .with_batch_config(
             BatchConfigBuilder::default()
-                .with_max_queue_size(counted.capacity)
+                .with_max_queue_size(counted.capacity())
                 .build(),
         )
         .build();
@@ -541,8 +457,8 @@ pub fn build_subscriber(
         LogFormat::Pretty => tracing_subscriber::fmt::layer().with_target(false).boxed(),
     }
     // Spans go to OpenTelemetry only. The log layer would format every span's fields when the
-    // span is made, which for a span per record cost more than the record's processing (make
-    // bench: 158k records/s with it, 218k without); log lines about a record name its
+    // span is made, which for a span per record cost more than the record's processing; log
+    // lines about a record name its
     // `trace_id` as a field instead.
     .with_filter(tracing_subscriber::filter::filter_fn(|m| {
         m.is_event() && m.name() != SDK_EXPORT_ERROR

@@ -124,7 +124,8 @@ impl RegistryAccess {
     }
 
     /// An HTTP client builder for the registry. A plain `http://` URL gets no root certificates
-    /// (loading the system's bundle costs ~0.3 MB a client and fails where an image has none);
+    /// (loading the system's bundle costs memory in every client and fails where an image has
+    /// none);
     /// `https://` gets the CA bundle given, or else the platform's verifier.
     pub fn client_builder(&self) -> reqwest::ClientBuilder {
         let builder = reqwest::Client::builder();
@@ -148,11 +149,11 @@ impl RegistryAccess {
         }
     }
 
-    /// schema_registry_converter's settings: the same URL, credentials and trust roots.
+    /// schema_registry_converter's settings: the same URL, credentials and trust roots; why
+    /// they cannot be made, otherwise.
     pub fn settings(
         &self,
-    ) -> Result<schema_registry_converter::async_impl::schema_registry::SrSettings, crate::CodecError>
-    {
+    ) -> Result<schema_registry_converter::async_impl::schema_registry::SrSettings, String> {
         use schema_registry_converter::async_impl::schema_registry::SrSettings;
         let mut builder = SrSettings::new_builder(self.url.clone());
         builder.set_timeout(Duration::from_secs(5));
@@ -165,12 +166,9 @@ impl RegistryAccess {
             }
             (None, None) => {}
         }
-        builder.build_with(self.client_builder()).map_err(|e| {
-            crate::CodecError::RegistryRejected(format!(
-                "bad registry settings for {}: {e}",
-                self.url
-            ))
-        })
+        builder
+            .build_with(self.client_builder())
+            .map_err(|e| format!("bad registry settings for {}: {e}", self.url))
     }
 
     /// Asks the registry once (`GET /schemas/types`) whether it lets us in. A refusal (401,

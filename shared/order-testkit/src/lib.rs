@@ -396,3 +396,89 @@ pub fn service_bin(name: &str) -> std::path::PathBuf {
     assert!(bin.exists(), "{} is missing", bin.display());
     bin
 }
+
+/// The settings table under `## <section>` of `docs/configuration.md` against the code:
+/// `defaults` is a settings block's `Default`, serialized (field name -> value). Every field
+/// must have a row (its name upper-cased) whose default cell holds the value in backticks, or,
+/// for a field unset by default, no backticked value; every row must name a field or one of
+/// `read_elsewhere` (variables read by other means than the block). `Err` lists each
+/// disagreement.
+pub fn configuration_documented(
+    section: &str,
+    defaults: &serde_json::Value,
+    read_elsewhere: &[&str],
+) -> Result<(), String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/configuration.md");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let heading = format!("## {section}");
+    let body = text
+        .split("\n## ")
+        .find(|part| format!("## {part}").starts_with(&heading) || part.starts_with(&heading))
+        .ok_or_else(|| format!("no `{heading}` in {}", path.display()))?;
+    let backticked = |cell: &str| -> Vec<String> {
+        cell.split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect()
+    };
+    let mut rows: BTreeMap<String, String> = BTreeMap::new();
+    for line in body.lines().filter(|l| l.starts_with('|')) {
+        let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+        if cells.len() < 3 || cells[0] == "variable" || cells[0].starts_with("---") {
+            continue;
+        }
+        for name in backticked(cells[0]) {
+            rows.insert(name, cells[1].to_owned());
+        }
+    }
+    let fields = defaults
+        .as_object()
+        .ok_or("the defaults are not a JSON object")?;
+    let mut wrong = Vec::new();
+    for (field, value) in fields {
+        let name = field.to_uppercase();
+        let shown = match value {
+            serde_json::Value::Null => None,
+            serde_json::Value::String(s) => Some(s.clone()),
+            other => Some(other.to_string()),
+        };
+        match (rows.get(&name), shown) {
+            (None, _) => wrong.push(format!("{name} is not documented under `{heading}`")),
+            (Some(cell), Some(value)) if backticked(cell).first() != Some(&value) => wrong.push(
+                format!("{name}: the code's default is `{value}`, the page says {cell:?}"),
+            ),
+            (Some(cell), None) if !backticked(cell).is_empty() => wrong.push(format!(
+                "{name} is unset by default, the page says {cell:?}"
+            )),
+            _ => {}
+        }
+    }
+    for name in rows.keys() {
+        if !fields.contains_key(&name.to_lowercase()) && !read_elsewhere.contains(&name.as_str()) {
+            wrong.push(format!(
+                "{name} is documented under `{heading}` but the code has no such setting"
+            ));
+        }
+    }
+    if wrong.is_empty() {
+        Ok(())
+    } else {
+        Err(wrong.join("\n"))
+    }
+}
+
+/// Each `(variable, value)` of `cases`, set alone, must be refused by `load` (a service's
+/// `Config::from_vars`) with a message that names the variable.
+pub fn assert_each_refused_naming_its_variable<T, E: std::fmt::Display>(
+    load: impl Fn(&[(String, String)]) -> Result<T, E>,
+    cases: &[(&str, &str)],
+) {
+    for (var, value) in cases {
+        let vars = order_runtime::config::pairs(&[(var, value)]);
+        match load(&vars) {
+            Ok(_) => panic!("{var}={value} was accepted"),
+            Err(e) => assert!(e.to_string().contains(var), "{var}={value}: {e}"),
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! How outcomes become durable: the one interface both guarantees implement.
+//!
+//! - [`at_least_once`]: dead letters sent and acknowledged one by one, totals per
+//!   replica, offsets *stored* once an outcome is durable and committed by librdkafka's
+//!   auto-commit, synchronously on revocation and at shutdown (Vector's Kafka source).
+//! - [`exactly_once`]: outcomes, per-partition state and offsets in one Kafka
+//!   transaction (Kafka Streams' `exactly_once_v2`).
+//!
+//! `lib.rs` picks one, once; everything else calls this trait. A guarantee reaches the
+//! consumer only through the narrow [`Offsets`] handle.
+
+pub mod at_least_once;
+pub mod exactly_once;
+pub mod offsets;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use kafka_batch::RawMessage;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use rdkafka::ClientConfig;
+use rdkafka::error::KafkaError;
+use tokio_util::sync::CancellationToken;
+
+pub use self::offsets::Offsets;
+use crate::aggregate::{PartitionState, StatsReport};
+use crate::record::Outcome;
+
+/// A processing guarantee.
+pub trait Durability: Send + Sync + Sized + 'static {
+    /// What a partition's worker holds while the partition is assigned to it.
+    type Partition: Send + 'static;
+
+    /// Consumer settings the guarantee needs.
+    fn configure_consumer(&self, client: &mut ClientConfig);
+
+    /// Registers the guarantee's own metrics: `processor_transactions_total`, which only
+    /// exactly-once moves (at-least-once has no transactions, so both counts stay 0 there and
+    /// the alerts and dashboards that read it work for either).
+    fn register_metrics(&self, registry: &mut Registry) {
+        Transactions::default().register(registry);
+    }
+
+    /// Once the orders topic exists (with `orders_partitions` partitions), before subscribing:
+    /// what the guarantee needs in the cluster (exactly-once: its changelog topic, as many
+    /// partitions, and its transactional producer).
+    fn prepare(
+        &self,
+        orders_partitions: usize,
+    ) -> impl Future<Output = Result<(), KafkaError>> + Send;
+
+    /// A partition was assigned and its queue split: makes it ready to process (exactly-once
+    /// restores its state and position first). `None` when `cancel` fired before it was.
+    fn on_assigned(
+        self: &Arc<Self>,
+        offsets: &Arc<dyn Offsets>,
+        topic: &str,
+        partition: i32,
+        cancel: &CancellationToken,
+    ) -> impl Future<Output = Option<Self::Partition>> + Send;
+
+    /// Whether the partition's records may still be processed here.
+    fn holds(&self, part: &Self::Partition) -> bool;
+
+    /// Makes one record's outcome durable. `false` when it did not become so (stopped, or the
+    /// partition is no longer this replica's): the record will be processed again, here or by
+    /// the partition's next owner.
+    fn settle(
+        &self,
+        part: &mut Self::Partition,
+        msg: &RawMessage<'_>,
+        outcome: &Outcome,
+        cancel: &CancellationToken,
+    ) -> impl Future<Output = bool> + Send;
+
+    /// Makes what was settled visible to the next commit (at-least-once stores the offset;
+    /// exactly-once hands the processed records gathered since to the core). The worker calls
+    /// it every few records, before it waits, and when it stops.
+    fn checkpoint(&self, part: &mut Self::Partition) -> impl Future<Output = ()> + Send;
+
+    /// Partitions are being revoked and their workers have stopped: commit what they did and
+    /// forget them. Blocking (a rebalance callback).
+    fn on_revoked(&self, offsets: &dyn Offsets, partitions: &[i32]);
+
+    /// Background work while the processor runs (exactly-once: the committer). It ends when
+    /// `shutdown` is cancelled; [`Durability::shutdown`] waits for it.
+    fn start(
+        self: &Arc<Self>,
+        offsets: &Arc<dyn Offsets>,
+        shutdown: &CancellationToken,
+    ) -> std::io::Result<()>;
+
+    /// The workers have stopped: the final commit, then what is left open is closed.
+    /// Blocking.
+    fn shutdown(&self, offsets: &dyn Offsets);
+
+    /// This replica's share, as `/stats` serves it.
+    fn report(&self) -> StatsReport;
+
+    /// The whole group's committed totals, for `/stats/global` and the status page.
+    fn group_totals(&self) -> Arc<dyn GroupTotals>;
+}
+
+/// One partition of the orders topic as the whole group has committed it.
+#[derive(Debug, Clone)]
+pub struct CommittedPartition {
+    pub partition: i32,
+    /// The latest committed state; `None` before the partition's first commit.
+    pub state: Option<PartitionState>,
+    /// The orders partition's end offset (high watermark) when it was read.
+    pub end_offset: i64,
+}
+
+/// Why the group's totals cannot be given.
+#[derive(Debug, thiserror::Error)]
+pub enum TotalsError {
+    /// This guarantee keeps no group-wide record of them.
+    #[error("{0}")]
+    NotKept(&'static str),
+    /// They are kept, but could not be read now.
+    #[error("could not read the group's committed totals: {0}")]
+    Unavailable(String),
+}
+
+/// The group's committed totals, read when asked.
+pub trait GroupTotals: Send + Sync {
+    /// Every orders partition as the group has committed it. Blocking: call it off the async
+    /// threads.
+    fn committed(&self) -> Result<Vec<CommittedPartition>, TotalsError>;
+
+    /// The same, merged into one report.
+    fn report(&self) -> Result<StatsReport, TotalsError> {
+        let committed = self.committed()?;
+        Ok(StatsReport::new(committed.iter().filter_map(|c| {
+            c.state.as_ref().map(|s| (c.partition, s))
+        })))
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransactionOutcome {
+    outcome: &'static str,
+}
+
+/// `processor_transactions_total{outcome}`: exactly-once transactions committed and aborted
+/// (an abort replays the transaction's outcomes in a new one). At-least-once has none.
+#[derive(Clone, Debug)]
+pub struct Transactions {
+    family: Family<TransactionOutcome, Counter>,
+    pub committed: Counter,
+    pub aborted: Counter,
+}
+
+impl Default for Transactions {
+    fn default() -> Self {
+        let family = Family::<TransactionOutcome, Counter>::default();
+        let outcome = |outcome| {
+            family
+                .get_or_create(&TransactionOutcome { outcome })
+                .clone()
+        };
+        let (committed, aborted) = (outcome("committed"), outcome("aborted"));
+        Transactions {
+            family,
+            committed,
+            aborted,
+        }
+    }
+}
+
+impl Transactions {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "processor_transactions",
+            "Exactly-once transactions, by outcome (committed, aborted)",
+            self.family.clone(),
+        );
+    }
+}

@@ -1,0 +1,73 @@
+//! The processor's web face: the shared `/healthz`, `/readyz` and `/metrics`, this replica's
+//! `/stats`, the group's `/stats/global`, the status page on `/` ([`status`]) and the pause
+//! switch ([`pause`]).
+
+pub mod pause;
+pub mod status;
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use order_runtime::http::Probe;
+use prometheus_client::registry::Registry;
+
+use crate::config::Config;
+use crate::durability::{Durability, GroupTotals, TotalsError};
+use crate::partition::worker::Processing;
+
+/// The routes: shared health and metrics, `/stats`, `/stats/global` and the status page.
+pub fn router<D: Durability>(
+    processing: Arc<Processing<D>>,
+    totals: Arc<dyn GroupTotals>,
+    config: &Config,
+    probe: Arc<Probe>,
+    registry: Registry,
+) -> Router {
+    let stats = Router::new()
+        .route(
+            "/stats",
+            get(|State(p): State<Arc<Processing<D>>>| async move {
+                // this replica's share, plus its end-to-end latency since start-up
+                let mut doc = serde_json::to_value(p.durability.report()).unwrap_or_default();
+                if let (Some(map), Ok(latency)) = (
+                    doc.as_object_mut(),
+                    serde_json::to_value(p.metrics.end_to_end_summary()),
+                ) {
+                    map.insert("end_to_end_latency_ms".to_owned(), latency);
+                }
+                Json(doc)
+            }),
+        )
+        .with_state(processing.clone());
+    let global = Router::new()
+        .route("/stats/global", get(global_stats))
+        .with_state(totals.clone());
+    let page = Router::new()
+        .route("/", get(status::page))
+        .route("/status.json", get(status::status))
+        .with_state(Arc::new(status::StatusPage::new(config.clone(), totals)));
+    let pause = pause::router(processing.pause.clone());
+    order_runtime::http::router(probe, registry)
+        .merge(pause)
+        .merge(stats)
+        .merge(global)
+        .merge(page)
+}
+
+/// `GET /stats/global`: the whole group's committed totals (exactly-once only).
+async fn global_stats(State(totals): State<Arc<dyn GroupTotals>>) -> axum::response::Response {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    match tokio::task::spawn_blocking(move || totals.report()).await {
+        Ok(Ok(report)) => Json(report).into_response(),
+        Ok(Err(e @ TotalsError::NotKept(_))) => {
+            (StatusCode::CONFLICT, e.to_string()).into_response()
+        }
+        Ok(Err(e @ TotalsError::Unavailable(_))) => {
+            (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response()
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}

@@ -1,0 +1,3 @@
+//! kafka-batch against a real broker, in one binary.
+
+mod queue;

@@ -1,0 +1,3 @@
+//! order-schema against a real schema registry, in one binary.
+
+mod registry;
