@@ -43,10 +43,11 @@ stack-env: ## export lines for the running stack: eval "$$(make -s stack-env)"
 build: ## debug build of the workspace
 	cargo build --workspace --all-targets
 
-lint: ## formatting, clippy (warnings are errors), no import circle in any crate
+lint: ## formatting, clippy (warnings are errors), no import circle in any crate, every docs link resolves
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 	python3 scripts/check-modules.py
+	python3 scripts/check-links.py
 
 test-rust: stack-up ## unit and integration tests (against the running native stack)
 	@mkdir -p $(LOGS)

@@ -2,7 +2,7 @@
 user would write, and no secret of theirs ever shown.
 
 Kafka: the stack's secured listener (stack/stack.sh: TLS with the stack's CA, SASL/SCRAM-SHA-512,
-ACLs enforced). Each service gets a SCRAM user of its own that may do only what the README's
+ACLs enforced). Each service gets a SCRAM user of its own that may do only what docs/security.md's
 "Kafka ACLs" table grants (ACLS below, created here with the Admin API over the plaintext
 listener, as an operator or Strimzi's KafkaUser would), and the settings of `stack.sh
 secure-env`: `RDKAFKA_SECURITY_PROTOCOL=SASL_SSL`, `RDKAFKA_SASL_MECHANISM=SCRAM-SHA-512`,
@@ -62,7 +62,7 @@ R, W, D, C = AclOperation.READ, AclOperation.WRITE, AclOperation.DESCRIBE, AclOp
 
 
 def acls(n):
-    """What each service may do, for the names in `n` (README, "Kafka ACLs"; the defaults there)."""
+    """What each service may do, for the names in `n` (docs/security.md, "Kafka ACLs"; the defaults there)."""
     return {
         "generator": [(T, n["orders"], LIT, (W, D))],
         "processor": [(T, n["orders"], LIT, (R, D)), (T, n["dlq"], LIT, (W, D)),
