@@ -85,7 +85,11 @@ render_manifests() {
     echo "# Generated from the Helm chart by 'make k8s-manifests' (scripts/check-deploy.sh manifests)."
     echo "# Do not edit: change helm/order-pipeline and regenerate. Apply with:"
     echo "#   kubectl create namespace order-pipeline && kubectl apply -n order-pipeline -f k8s/order-pipeline.yaml"
-    "$helm" template order-pipeline "$chart" --namespace order-pipeline
+    echo "# Pause, resume and redrive need a token in the Secret order-pipeline-operations (without it"
+    echo "# they are refused), e.g.:"
+    echo "#   kubectl -n order-pipeline create secret generic order-pipeline-operations --from-literal=token=\$(openssl rand -hex 24)"
+    "$helm" template order-pipeline "$chart" --namespace order-pipeline \
+      --set operations.existingSecret=order-pipeline-operations
   }
 }
 
@@ -286,6 +290,7 @@ bad=(
   "topics.replicationFactor=0"
   "topics.ordersConfig.Retention=1"
   "dlqAnalyzer.staticMembership=yes"
+  "operations.token=short"
 )
 for b in "${bad[@]}"; do
   if "$helm" template op "$chart" --set "$b" >/dev/null 2>"$work/err"; then fail "--set $b was accepted"; fi

@@ -53,8 +53,10 @@ SERVICES = ("generator", "processor", "analyzer")
 KAFKA_USERS = {name: (unique(f"op-{name}"), f"scram-{uuid.uuid4().hex}") for name in SERVICES}
 # a key password as a user with client certificates would pass it: never to be shown either
 KEY_PASSWORD = f"key-{uuid.uuid4().hex}"
+# the operations credential (pause, resume, redrive) the processor and the analyzer take
+OPERATIONS_TOKEN = f"ops-{uuid.uuid4().hex}"
 SECRETS = [PASSWORD, TOKEN, base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode(), KEY_PASSWORD,
-           *(pw for _, pw in KAFKA_USERS.values())]
+           OPERATIONS_TOKEN, *(pw for _, pw in KAFKA_USERS.values())]
 
 T, G, X = ResourceType.TOPIC, ResourceType.GROUP, ResourceType.TRANSACTIONAL_ID
 LIT, PRE = ResourcePatternType.LITERAL, ResourcePatternType.PREFIXED
@@ -222,7 +224,8 @@ def run_pipeline(registry, auth, guarantee, kafka):
     ports = {name: free_port() for name in SERVICES}
     logs = {}
     procs = {}
-    common = {**auth, "PROCESSING_GUARANTEE": guarantee, "RETRY_INITIAL_BACKOFF_MS": 50}
+    common = {**auth, "PROCESSING_GUARANTEE": guarantee, "RETRY_INITIAL_BACKOFF_MS": 50,
+              "OPERATIONS_TOKEN": OPERATIONS_TOKEN}
     try:
         for name, binary, extra in (
             ("processor", "order-processor", {"CONSUMER_GROUP": names["processor_group"], "TRANSIENT_FAILURE_RATE": "0.2",
@@ -240,13 +243,30 @@ def run_pipeline(registry, auth, guarantee, kafka):
         assert processed > 200 and dead > 0, (processed, dead)
         if guarantee == "exactly_once":
             # a redrive through the analyzer's user: its group and transactional id, and the orders topic
-            redrive = subprocess.run([BIN / "dlq-analyzer", "redrive", "--limit", "5"],
+            redrive = subprocess.run([BIN / "dlq-analyzer", "redrive", "--all", "--limit", "5"],
                                      env=env_for(orders, dlq, registry, **common, **kafka_settings(listener, "analyzer"),
                                                  CONSUMER_GROUP=names["analyzer_group"]),
                                      capture_output=True, text=True, timeout=120)
             assert redrive.returncode == 0, redrive.stdout[-2000:] + redrive.stderr[-2000:]
             assert "redriven   5" in redrive.stdout, redrive.stdout
             assert_no_secret("the redrive's output", redrive.stdout + redrive.stderr)
+        # operations: refused without the credential, with a wrong one or from another site, done with
+        # it; no answer (refusal or not) shows the token
+        for headers, status in (({}, 401), ({"Authorization": "Bearer wrong-token-0123456789"}, 403),
+                                ({"Authorization": f"Bearer {OPERATIONS_TOKEN}", "Origin": "http://evil.example"}, 403),
+                                ({"Authorization": f"Bearer {OPERATIONS_TOKEN}"}, 200)):
+            for name, path in (("processor", "/pause?partition=0"), ("processor", "/resume?partition=0"),
+                               ("analyzer", "/redrive")):
+                body = b'{"kind": "no_such_kind", "dry_run": true}' if name == "analyzer" else None
+                request = urllib.request.Request(f"http://127.0.0.1:{ports[name]}{path}", data=body, method="POST",
+                                                 headers={**headers, **({"Content-Type": "application/json"} if body else {})})
+                try:
+                    with urllib.request.urlopen(request, timeout=30) as r:
+                        got, text = r.status, r.read().decode()
+                except urllib.error.HTTPError as e:
+                    got, text = e.code, e.read().decode()
+                assert got == status, (name, path, headers.keys(), got, text)
+                assert_no_secret(f"the {name}'s answer to POST {path}", text)
         # what an operator can read, while they run
         for name, paths in (("processor", ["/metrics", "/stats", totals, "/status.json"]),
                             ("analyzer", ["/metrics", "/report"])):

@@ -9,6 +9,7 @@ use order_schema::OrderCodec;
 use crate::app::Application;
 use crate::config::Config;
 use crate::redrive;
+use crate::waterfall::TraceError;
 
 /// Reads the dead-letter topic and reports what failed, why, and what it was worth; redrives
 /// dead letters once their cause is fixed. Configured by environment variables
@@ -46,7 +47,10 @@ impl Cli {
                     let config = Config::from_vars(&vars)?;
                     crate::waterfall::command(&config.analyzer.jaeger_query_url, &id)
                         .await
-                        .map_err(|e| CommandError::Failed(e.to_string()))
+                        .map_err(|e| match e {
+                            TraceError::BadId(_) => CommandError::Usage(e.to_string()),
+                            other => CommandError::Failed(other.to_string()),
+                        })
                 })
             }
         })
@@ -56,6 +60,10 @@ impl Cli {
 /// `dlq-analyzer redrive ...`: one request with the analyzer's environment and telemetry (its
 /// sends are spans); prints what it did, exits 0 when it ran to the end.
 fn redrive_command(options: redrive::Options) -> anyhow::Result<ExitCode> {
+    if let Err(e) = redrive::check(&options) {
+        eprintln!("dlq-analyzer redrive: {e}");
+        return Ok(ExitCode::from(2));
+    }
     let vars = order_runtime::config::process_env();
     let config = Config::from_vars(&vars)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -4,8 +4,10 @@
 use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
+use order_runtime::operations::{self, JsonBody};
 use order_schema::OrderCodec;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -109,17 +111,29 @@ impl Redrives {
         (StatusCode::ACCEPTED, Json(snapshot(&run))).into_response()
     }
 
+    /// `POST /redrive` (an operation: it needs the credential) and `GET /redrive`. A request
+    /// is checked whole before any run is made of it: a bad one is refused with 400, the field
+    /// and the reason.
     fn router(self: Arc<Self>) -> Router {
-        Router::new()
-            .route(
-                "/redrive",
-                axum::routing::post(
-                    |State(r): State<Arc<Self>>, Json(options): Json<redrive::Options>| async move {
-                        r.start(options).await
-                    },
+        let credential = self.config.common.operations.clone();
+        let routes =
+            Router::new()
+                .route(
+                    "/redrive",
+                    axum::routing::post(
+                        |State(r): State<Arc<Self>>,
+                         JsonBody(options): JsonBody<redrive::Options>| async move {
+                            match redrive::check(&options) {
+                                Err(e) => {
+                                    operations::refused(StatusCode::BAD_REQUEST, e.to_string())
+                                }
+                                Ok(_) => r.start(options).await,
+                            }
+                        },
+                    )
+                    .get(|State(r): State<Arc<Self>>| async move { Json(r.list()) }),
                 )
-                .get(|State(r): State<Arc<Self>>| async move { Json(r.list()) }),
-            )
-            .with_state(self)
+                .with_state(self);
+        operations::guarded(routes, credential)
     }
 }

@@ -225,7 +225,10 @@ impl<D: Durability> Pipeline<D> {
             shutdown.clone(),
         ));
         let topic = &config.common.orders_topic;
-        if wait_until_ready(&consumer, topic, durability.as_ref(), &shutdown).await {
+        if let Some(partitions) =
+            wait_until_ready(&consumer, topic, durability.as_ref(), &shutdown).await
+        {
+            processing.pause.topic_has(partitions);
             topic_exists.store(true, std::sync::atomic::Ordering::Release);
             consumer.subscribe(&[topic.as_str()])?;
             info!(
@@ -262,13 +265,13 @@ impl<D: Durability> Pipeline<D> {
 }
 
 /// Waits, not ready, until the orders topic exists and the guarantee has what it needs in the
-/// cluster, saying what it waits for. `false` when shut down first.
+/// cluster, saying what it waits for: the topic's partitions, or `None` when shut down first.
 async fn wait_until_ready<D: Durability>(
     consumer: &Arc<ProcessorConsumer<D>>,
     topic: &str,
     durability: &D,
     shutdown: &CancellationToken,
-) -> bool {
+) -> Option<usize> {
     let mut wait = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
     loop {
         let (c, t) = (consumer.clone(), topic.to_owned());
@@ -281,7 +284,7 @@ async fn wait_until_ready<D: Durability>(
                 warn!(%topic, retry_in_ms = wait.upcoming_ms(), "waiting for the orders topic to be created");
             }
             Ok(Ok(partitions)) => match durability.prepare(partitions).await {
-                Ok(()) => return true,
+                Ok(()) => return Some(partitions),
                 Err(e) => {
                     warn!(error = %e, retry_in_ms = wait.upcoming_ms(), "waiting for what the processing guarantee needs in the cluster (exactly-once: the changelog topic and the transactional producer)");
                 }
@@ -292,7 +295,7 @@ async fn wait_until_ready<D: Durability>(
             Err(e) => warn!(error = %e, "topic check failed"),
         }
         if !wait.wait(shutdown).await {
-            return false;
+            return None;
         }
     }
 }

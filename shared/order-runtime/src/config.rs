@@ -119,6 +119,15 @@ pub struct CommonConfig {
     /// [`CommonConfig::from_vars`]).
     #[serde(skip)]
     pub kafka_properties: BTreeMap<String, String>,
+    /// `OPERATIONS_TOKEN`: the bearer token that state-changing endpoints (pause, resume,
+    /// redrive) ask for. Unset (and no file): those endpoints refuse every request.
+    #[serde(skip_serializing)]
+    operations_token: Option<String>,
+    /// `OPERATIONS_TOKEN_FILE`: a file holding that token instead (a mounted Secret).
+    pub operations_token_file: Option<std::path::PathBuf>,
+    /// The operations credential, from the two settings above.
+    #[serde(skip)]
+    pub operations: crate::operations::Credential,
 }
 
 impl Default for CommonConfig {
@@ -136,6 +145,9 @@ impl Default for CommonConfig {
             registry: order_schema::RegistryAccess::default(),
             group_instance_id: None,
             kafka_properties: BTreeMap::new(),
+            operations_token: None,
+            operations_token_file: None,
+            operations: crate::operations::Credential::default(),
         }
     }
 }
@@ -190,6 +202,7 @@ impl std::fmt::Debug for CommonConfig {
             .field("http_port_file", &self.http_port_file)
             .field("group_instance_id", &self.group_instance_id)
             .field("kafka_properties", &kafka)
+            .field("operations", &self.operations)
             .finish()
     }
 }
@@ -210,6 +223,11 @@ impl CommonConfig {
         }
         config.validate()?;
         config.registry = config.registry_access()?;
+        config.operations = crate::operations::Credential::load(
+            config.operations_token.as_deref(),
+            config.operations_token_file.as_deref(),
+        )
+        .map_err(ConfigError)?;
         Ok(config)
     }
 
@@ -341,11 +359,19 @@ mod tests {
             ("RDKAFKA_SSL_KEY_PASSWORD", "key-secret"),
             ("RDKAFKA_SASL_JAAS_CONFIG", "jaas-secret"),
             ("RDKAFKA_SASL_USERNAME", "bob"),
+            ("OPERATIONS_TOKEN", "ops-secret-of-some-length"),
         ]))
         .unwrap();
         assert_eq!(c.registry.url(), "https://registry.example/ccompat");
+        assert!(c.operations.configured());
         let shown = format!("{c:?} {}", serde_json::to_string(&c).unwrap());
-        for secret in ["url-secret", "sasl-secret", "key-secret", "jaas-secret"] {
+        for secret in [
+            "url-secret",
+            "sasl-secret",
+            "key-secret",
+            "jaas-secret",
+            "ops-secret",
+        ] {
             assert!(!shown.contains(secret), "{secret} in {shown}");
         }
         assert!(shown.contains("bob") && shown.contains("alice"), "{shown}");

@@ -17,6 +17,8 @@
 //! - [`export_queue`]: the count of spans waiting for export, so that none is made without
 //!   room.
 //! - [`histogram`]: a lock-free Prometheus histogram for per-record observations.
+//! - [`operations`]: the credential and cross-site guard in front of every state-changing
+//!   endpoint, and how those endpoints read a request.
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`, the server loop, and an HTTP client builder
 //!   for the services' own calls.
 //! - [`shutdown`]: SIGTERM and Ctrl-C as a cancellation token.
@@ -30,6 +32,7 @@ pub mod export_queue;
 pub mod histogram;
 pub mod http;
 pub mod kafka;
+pub mod operations;
 pub mod service;
 pub mod shutdown;
 pub mod sync;

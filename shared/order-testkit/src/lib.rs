@@ -22,6 +22,16 @@ use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
+/// The operations credential the services of [`Stack::vars`] take.
+pub const OPERATIONS_TOKEN: &str = "operations-token-of-the-tests";
+
+/// `POST url` with the operations credential.
+pub fn operation(url: &str) -> reqwest::RequestBuilder {
+    reqwest::Client::new()
+        .post(url)
+        .bearer_auth(OPERATIONS_TOKEN)
+}
+
 /// Logs from the code under test, only when `TEST_LOG` is set.
 pub fn init_test_logging() {
     if std::env::var_os("TEST_LOG").is_some() {
@@ -61,6 +71,8 @@ impl Stack {
     }
 
     /// Variables that point a service at this stack, with its own topics.
+    /// A service's variables for these topics on the stack, with operations allowed by
+    /// [`OPERATIONS_TOKEN`].
     pub fn vars(&self, orders: &str, dlq: &str) -> Vec<(String, String)> {
         vec![
             ("KAFKA_BOOTSTRAP_SERVERS".into(), self.bootstrap.clone()),
@@ -68,6 +80,7 @@ impl Stack {
             ("ORDERS_TOPIC".into(), orders.into()),
             ("DLQ_TOPIC".into(), dlq.into()),
             ("HTTP_PORT".into(), "0".into()),
+            ("OPERATIONS_TOKEN".into(), OPERATIONS_TOKEN.into()),
         ]
     }
 

@@ -66,17 +66,80 @@ impl Compiled {
     }
 }
 
-/// Checks a request before anything starts: its filter and its rate. The filter, ready.
+/// The most records per second a request may ask for (`REDRIVE_RATE`'s range).
+const MAX_RATE: f64 = 10_000_000.0;
+
+/// Checks a whole request before anything starts, so that a bad one is refused at once with
+/// the field and the reason, and no run is made of it: the filter (category, times, offsets,
+/// partition), the limit, the rate, the id, and that a request selecting every dead letter
+/// says so (`all`, unless it is a dry run). The filter, ready.
 pub fn check(options: &Options) -> Result<Compiled, RedriveError> {
-    let filter = Compiled::new(&options.filter)?;
-    if let Some(r) = options.rate
-        && !(r.is_finite() && r >= 0.0)
-    {
-        return Err(RedriveError::BadRequest(format!(
-            "rate {r} is not a number of records per second"
-        )));
+    let bad = |why: String| Err(RedriveError::BadRequest(why));
+    let f = &options.filter;
+    for (field, value) in [("kind", &f.kind), ("product", &f.product)] {
+        if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+            return bad(format!("{field}: empty; leave it out to match any"));
+        }
     }
-    Ok(filter)
+    if let Some(p) = f.partition
+        && p < 0
+    {
+        return bad(format!(
+            "partition: {p} is not a partition number (0 or more)"
+        ));
+    }
+    for (field, value) in [("from_offset", f.from_offset), ("to_offset", f.to_offset)] {
+        if let Some(o) = value
+            && o < 0
+        {
+            return bad(format!("{field}: {o} is not an offset (0 or more)"));
+        }
+    }
+    if let (Some(from), Some(to)) = (f.from_offset, f.to_offset)
+        && from > to
+    {
+        return bad(format!(
+            "from_offset {from} is past to_offset {to}: nothing could match"
+        ));
+    }
+    let compiled = Compiled::new(f)?;
+    if let (Some(since), Some(until)) = (compiled.since, compiled.until)
+        && since >= until
+    {
+        return bad("since is not before until: nothing could match".to_owned());
+    }
+    if options.limit == Some(0) {
+        return bad("limit: 0 would take nothing; leave it out for no limit".to_owned());
+    }
+    if let Some(r) = options.rate
+        && !(r.is_finite() && (0.0..=MAX_RATE).contains(&r))
+    {
+        return bad(format!(
+            "rate: {r} is not a number of records per second from 0 (no limit) to {MAX_RATE}"
+        ));
+    }
+    if let Some(id) = &options.id {
+        let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        if id.is_empty() || id.len() > 200 || !id.chars().all(legal) {
+            return bad(format!(
+                "id: {id:?} must be 1 to 200 characters of a-z, A-Z, 0-9, '.', '_' and '-' (it \
+                 names a consumer group and a transactional id)"
+            ));
+        }
+    }
+    let everything = *f == Filter::default();
+    if everything && !options.all && !options.dry_run {
+        return bad(
+            "this request names no filter, so it would send every dead letter back: give a \
+             filter (category, kind, product, since, until, partition, from_offset, to_offset), \
+             or say \"all\": true (--all) if every one is meant"
+                .to_owned(),
+        );
+    }
+    if options.all && !everything {
+        return bad("all: true selects every dead letter; give it without a filter".to_owned());
+    }
+    Ok(compiled)
 }
 
 #[cfg(test)]

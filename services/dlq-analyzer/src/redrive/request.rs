@@ -28,37 +28,86 @@ pub struct Filter {
     #[arg(long, value_name = "TIME")]
     pub until: Option<String>,
     /// dlq.original.partition
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub partition: Option<i32>,
     /// dlq.original.offset at least this
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub from_offset: Option<i64>,
     /// dlq.original.offset at most this
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub to_offset: Option<i64>,
 }
 
-/// How a request runs.
+/// How a request runs. Read from JSON through [`Body`], one flat object, so that an error
+/// names its field (a flattened struct's errors lose the path).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
-#[serde(deny_unknown_fields)]
+#[serde(from = "Body")]
 pub struct Options {
     #[serde(flatten)]
     #[command(flatten)]
     pub filter: Filter,
     /// At most this many records redriven (or parked) by this run
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub limit: Option<u64>,
     /// Records per second at most (default REDRIVE_RATE)
-    #[arg(long, value_name = "PER_SECOND")]
+    #[arg(long, value_name = "PER_SECOND", allow_negative_numbers = true)]
     pub rate: Option<f64>,
     /// List what would be resent; send nothing
     #[serde(default)]
     #[arg(long)]
     pub dry_run: bool,
+    /// Send every dead letter back: a request with no filter is refused without this
+    #[serde(default)]
+    #[arg(long)]
+    pub all: bool,
     /// The request's id; runs with the same id continue one another (default: derived from
     /// the filter)
     #[arg(long)]
     pub id: Option<String>,
+}
+
+/// The JSON of a request (`POST /redrive`): [`Options`] with its filter's fields beside the
+/// others; unknown fields are refused.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Body {
+    category: Option<String>,
+    kind: Option<String>,
+    product: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    partition: Option<i32>,
+    from_offset: Option<i64>,
+    to_offset: Option<i64>,
+    limit: Option<u64>,
+    rate: Option<f64>,
+    #[serde(default)]
+    dry_run: bool,
+    #[serde(default)]
+    all: bool,
+    id: Option<String>,
+}
+
+impl From<Body> for Options {
+    fn from(b: Body) -> Self {
+        Options {
+            filter: Filter {
+                category: b.category,
+                kind: b.kind,
+                product: b.product,
+                since: b.since,
+                until: b.until,
+                partition: b.partition,
+                from_offset: b.from_offset,
+                to_offset: b.to_offset,
+            },
+            limit: b.limit,
+            rate: b.rate,
+            dry_run: b.dry_run,
+            all: b.all,
+            id: b.id,
+        }
+    }
 }
 
 /// A record a run matched (dry runs list them).

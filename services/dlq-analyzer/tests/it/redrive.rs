@@ -305,8 +305,7 @@ async fn a_record_redriven_too_often_is_parked() {
     // the same request by HTTP, as a dry run: listed in /report's redrives
     let mut analyzer = Service::start(BIN, &vars);
     analyzer.wait_for("/readyz", Duration::from_secs(30)).await;
-    let dry: serde_json::Value = reqwest::Client::new()
-        .post(analyzer.url("/redrive"))
+    let dry: serde_json::Value = order_testkit::operation(&analyzer.url("/redrive"))
         .json(&serde_json::json!({"category": "retries_exhausted", "dry_run": true}))
         .send()
         .await
@@ -316,8 +315,7 @@ async fn a_record_redriven_too_often_is_parked() {
         .unwrap();
     assert_eq!(dry["matched"], 2, "{dry}");
     assert_eq!(dry["records"][0]["parked"], true, "{dry}");
-    let bad = reqwest::Client::new()
-        .post(analyzer.url("/redrive"))
+    let bad = order_testkit::operation(&analyzer.url("/redrive"))
         .json(&serde_json::json!({"category": "nonsense", "dry_run": true}))
         .send()
         .await

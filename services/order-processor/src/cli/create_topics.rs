@@ -23,10 +23,10 @@ pub struct TopicSpec {
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct Args {
     /// Partitions of the orders topic
-    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..), allow_negative_numbers = true)]
     pub orders_partitions: u32,
     /// Partitions of the dead-letter topic
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..), allow_negative_numbers = true)]
     pub dlq_partitions: u32,
     /// Replicas of each partition; -1: the broker's default.replication.factor
     #[arg(long, default_value_t = -1, allow_negative_numbers = true, value_parser = replication)]
@@ -38,7 +38,7 @@ pub struct Args {
     #[arg(long = "dlq-config", value_name = "KEY=VALUE", value_parser = key_value)]
     pub dlq_configs: Vec<(String, String)>,
     /// Seconds to wait for the cluster to answer
-    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true)]
     pub wait_s: u64,
 }
 

@@ -14,7 +14,7 @@ use crate::durability::exactly_once::reset::{Target, reset};
 pub struct Args {
     /// Where the group goes: `earliest`, an RFC 3339 time (the first record at or after it) or
     /// an offset (in every partition)
-    #[arg(long, value_name = "TARGET", value_parser = Target::parse)]
+    #[arg(long, value_name = "TARGET", value_parser = Target::parse, allow_hyphen_values = true)]
     pub to: Target,
 }
 

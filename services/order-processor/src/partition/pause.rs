@@ -8,9 +8,11 @@
 //! assigned for the first time while everything is paused, starts paused.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use order_runtime::http::Probe;
+use order_runtime::sync::Locked;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -39,8 +41,10 @@ impl Paused {
         } else if self.partitions.is_empty() {
             None
         } else {
-            let list: Vec<String> = self.partitions.iter().map(i32::to_string).collect();
-            Some(format!("consumption paused: partitions {}", list.join(",")))
+            Some(format!(
+                "consumption paused: partitions {}",
+                list(&self.partitions)
+            ))
         }
     }
 }
@@ -57,6 +61,27 @@ pub struct PauseControl {
     probe: Arc<Probe>,
     /// `processor_paused{partition}`: 1 while paused ("all", or a partition once named).
     gauge: Family<PausedLabel, Gauge>,
+    /// The orders topic's partitions, once known; -1 before.
+    topic_partitions: AtomicI64,
+    /// The partitions assigned to this replica now.
+    assigned: Mutex<BTreeSet<i32>>,
+}
+
+/// Why a change was refused: the partition is not one of the topic's, or it is not this
+/// replica's to change (or not paused, for a resume).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    NoSuchPartition(String),
+    NotHere(String),
+}
+
+/// The answer to a change: what is paused now, and what this replica holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PauseState {
+    #[serde(flatten)]
+    pub paused: Paused,
+    /// The partitions assigned to this replica now.
+    pub assigned: BTreeSet<i32>,
 }
 
 impl PauseControl {
@@ -72,6 +97,8 @@ impl PauseControl {
             state: watch::Sender::new(Paused::default()),
             probe,
             gauge,
+            topic_partitions: AtomicI64::new(-1),
+            assigned: Mutex::default(),
         }
     }
 
@@ -80,16 +107,72 @@ impl PauseControl {
         self.state.subscribe()
     }
 
-    /// What is paused now.
-    pub fn state(&self) -> Paused {
-        self.state.borrow().clone()
+    /// What is paused now, and what this replica holds.
+    pub fn state(&self) -> PauseState {
+        PauseState {
+            paused: self.state.borrow().clone(),
+            assigned: self.assigned.locked().clone(),
+        }
+    }
+
+    /// The orders topic has `n` partitions.
+    pub fn topic_has(&self, n: usize) {
+        self.topic_partitions
+            .store(i64::try_from(n).unwrap_or(i64::MAX), Ordering::Relaxed);
+    }
+
+    /// Partitions the group gave this replica (a partition added to the topic since start-up
+    /// makes the topic's count grow here).
+    pub fn assigned(&self, partitions: &[i32]) {
+        if let Some(top) = partitions.iter().max() {
+            self.topic_partitions
+                .fetch_max(i64::from(*top) + 1, Ordering::Relaxed);
+        }
+        self.assigned.locked().extend(partitions);
+    }
+
+    /// Partitions the group took back.
+    pub fn revoked(&self, partitions: &[i32]) {
+        let mut held = self.assigned.locked();
+        for p in partitions {
+            held.remove(p);
+        }
+    }
+
+    /// Whether `partition` is one this replica may pause: one of the topic's, and assigned
+    /// here (a pause of one partition is for the replica that processes it).
+    fn check(&self, partition: i32) -> Result<(), Refusal> {
+        let count = self.topic_partitions.load(Ordering::Relaxed);
+        let held = self.assigned.locked();
+        if count < 0 {
+            return Err(Refusal::NotHere(
+                "the orders topic is not known here yet: pause all partitions (POST /pause \
+                 without ?partition), or ask again once this replica is ready"
+                    .to_owned(),
+            ));
+        }
+        if partition < 0 || i64::from(partition) >= count {
+            return Err(Refusal::NoSuchPartition(format!(
+                "partition {partition} is not a partition of the orders topic: it has \
+                 partitions 0 to {}",
+                count - 1
+            )));
+        }
+        if !held.contains(&partition) {
+            return Err(Refusal::NotHere(format!(
+                "partition {partition} is not assigned to this replica (it has {}): send the \
+                 request to the replica that holds it, or pause all partitions",
+                list(&held)
+            )));
+        }
+        Ok(())
     }
 
     /// Applies `f` to the state. Answers the new state, or why `f` refused.
     fn change(
         &self,
-        f: impl FnOnce(&mut Paused) -> Result<(), &'static str>,
-    ) -> Result<Paused, &'static str> {
+        f: impl FnOnce(&mut Paused) -> Result<(), Refusal>,
+    ) -> Result<PauseState, Refusal> {
         let mut refused = None;
         let mut named = None;
         self.state.send_if_modified(|p| {
@@ -114,22 +197,26 @@ impl PauseControl {
         if let Some(why) = refused {
             return Err(why);
         }
-        let now = self.state.borrow().clone();
-        self.probe.set_note(now.describe());
+        let now = self.state();
+        self.probe.set_note(now.paused.describe());
         self.gauge
             .get_or_create(&label("all"))
-            .set(i64::from(now.all));
+            .set(i64::from(now.paused.all));
         for p in named.unwrap_or_default() {
             self.gauge
                 .get_or_create(&label(&p.to_string()))
-                .set(i64::from(now.partitions.contains(&p)));
+                .set(i64::from(now.paused.partitions.contains(&p)));
         }
-        info!(all = now.all, partitions = ?now.partitions, "pause state");
+        info!(all = now.paused.all, partitions = ?now.paused.partitions, "pause state");
         Ok(now)
     }
 
-    /// Pauses `partition`, or every partition (present and future) when `None`.
-    pub fn pause(&self, partition: Option<i32>) -> Result<Paused, &'static str> {
+    /// Pauses `partition` (one of the topic's, assigned here), or every partition (present
+    /// and future) when `None`.
+    pub fn pause(&self, partition: Option<i32>) -> Result<PauseState, Refusal> {
+        if let Some(p) = partition {
+            self.check(p)?;
+        }
         self.change(|state| {
             match partition {
                 None => state.all = true,
@@ -141,23 +228,39 @@ impl PauseControl {
         })
     }
 
-    /// Resumes `partition`, or everything when `None`. One partition cannot be resumed out
-    /// of an `all` pause.
-    pub fn resume(&self, partition: Option<i32>) -> Result<Paused, &'static str> {
+    /// Resumes `partition`, or everything when `None`. A partition paused here is resumed
+    /// even if it has moved to another replica since; any other must be one this replica may
+    /// pause. One partition cannot be resumed out of an `all` pause.
+    pub fn resume(&self, partition: Option<i32>) -> Result<PauseState, Refusal> {
+        if let Some(p) = partition
+            && !self.state.borrow().partitions.contains(&p)
+        {
+            self.check(p)?;
+        }
         self.change(|state| match partition {
             None => {
                 *state = Paused::default();
                 Ok(())
             }
-            Some(_) if state.all => Err(
-                "all partitions are paused: resume them all (POST /resume), then pause the ones to hold",
-            ),
+            Some(_) if state.all => Err(Refusal::NotHere(
+                "all partitions are paused: resume them all (POST /resume), then pause the \
+                 ones to hold"
+                    .to_owned(),
+            )),
             Some(p) => {
                 state.partitions.remove(&p);
                 Ok(())
             }
         })
     }
+}
+
+fn list(partitions: &BTreeSet<i32>) -> String {
+    if partitions.is_empty() {
+        return "none".to_owned();
+    }
+    let names: Vec<String> = partitions.iter().map(i32::to_string).collect();
+    names.join(", ")
 }
 
 fn label(partition: &str) -> PausedLabel {

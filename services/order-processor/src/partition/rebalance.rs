@@ -207,6 +207,7 @@ impl<D: Durability> ConsumerContext for ProcessorContext<D> {
                 let revoked = partitions(tpl);
                 let numbers: Vec<i32> = revoked.iter().map(|p| p.1).collect();
                 info!(partitions = ?numbers, "partitions revoked");
+                self.processing.pause.revoked(&numbers);
                 self.stop_workers(Some(&revoked));
                 kafka::blocking(|| {
                     self.processing.durability.on_revoked(base, &numbers);
@@ -224,7 +225,9 @@ impl<D: Durability> ConsumerContext for ProcessorContext<D> {
                     return;
                 };
                 let assigned = partitions(tpl);
-                info!(partitions = ?assigned.iter().map(|p| p.1).collect::<Vec<_>>(), "partitions assigned");
+                let numbers: Vec<i32> = assigned.iter().map(|p| p.1).collect();
+                info!(partitions = ?numbers, "partitions assigned");
+                self.processing.pause.assigned(&numbers);
                 for key in assigned {
                     self.start_worker(&consumer, key);
                 }

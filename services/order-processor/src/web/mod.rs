@@ -48,7 +48,7 @@ pub fn router<D: Durability>(
         .route("/", get(status::page))
         .route("/status.json", get(status::status))
         .with_state(Arc::new(status::StatusPage::new(config.clone(), totals)));
-    let pause = pause::router(processing.pause.clone());
+    let pause = pause::router(processing.pause.clone(), config.common.operations.clone());
     order_runtime::http::router(probe, registry)
         .merge(pause)
         .merge(stats)

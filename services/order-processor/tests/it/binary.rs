@@ -238,3 +238,67 @@ async fn started_before_their_topics_exist_they_wait_then_work() {
     }
     analyzer.terminate(Duration::from_secs(20));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_command_lines_are_refused_before_anything_starts_naming_the_flag() {
+    let stack = Stack::from_env();
+    let (orders, dlq) = (unique("orders"), unique("dlq"));
+    let vars = stack.vars(&orders, &dlq);
+    let table: [(&[&str], &str); 12] = [
+        (&["reset"], "--to"),
+        (&["reset", "--to", "yesterday"], "RFC 3339"),
+        (&["reset", "--to", "-5"], "negative"),
+        (&["reset", "--to", "earliest", "--force"], "--force"),
+        (
+            &["create-topics", "--orders-partitions", "0"],
+            "--orders-partitions",
+        ),
+        (
+            &["create-topics", "--orders-partitions", "-3"],
+            "--orders-partitions",
+        ),
+        (
+            &["create-topics", "--dlq-partitions", "many"],
+            "--dlq-partitions",
+        ),
+        (
+            &["create-topics", "--replication-factor", "0"],
+            "-1 for the broker's default",
+        ),
+        (
+            &["create-topics", "--orders-config", "retention.ms"],
+            "KEY=VALUE",
+        ),
+        (&["create-topics", "--wait-s", "0"], "--wait-s"),
+        (&["create-topics", "--partitions", "3"], "--partitions"),
+        (&["explode"], "explode"),
+    ];
+    for (args, says) in table {
+        let out = std::process::Command::new(BIN)
+            .args(args)
+            .env_clear()
+            .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {text}");
+        assert!(text.contains(says), "{args:?}: {text}");
+    }
+    // nothing was created by the refused commands
+    let c: rdkafka::consumer::BaseConsumer = stack.client().create().unwrap();
+    let md =
+        rdkafka::consumer::Consumer::fetch_metadata(&c, None, Duration::from_secs(10)).unwrap();
+    assert!(
+        md.topics()
+            .iter()
+            .all(|t| t.name() != orders && t.name() != dlq)
+    );
+    let help = std::process::Command::new(BIN)
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for sub in ["healthcheck", "create-topics", "reset"] {
+        assert!(help.contains(sub), "--help lists {sub}: {help}");
+    }
+}

@@ -9,11 +9,7 @@ use order_schema::{Order, OrderCodec};
 use order_testkit::{Service, Stack, eventually, unique};
 
 async fn post(s: &Service, path: &str) -> (u16, String) {
-    let r = reqwest::Client::new()
-        .post(s.url(path))
-        .send()
-        .await
-        .unwrap();
+    let r = order_testkit::operation(&s.url(path)).send().await.unwrap();
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
@@ -247,5 +243,257 @@ async fn the_product_catalogue_is_a_setting() {
             "{catalogue}: counted under {product}: {stats}"
         );
         p.terminate(Duration::from_secs(30));
+    }
+}
+
+/// A state change as a client sends it: `headers`, and a body when there is one.
+async fn send(
+    s: &Service,
+    method: reqwest::Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<(&str, Vec<u8>)>,
+) -> (u16, reqwest::header::HeaderMap, String) {
+    let mut r = reqwest::Client::new().request(method, s.url(path));
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    if let Some((content_type, bytes)) = body {
+        r = r.header("content-type", content_type).body(bytes);
+    }
+    let r = r.send().await.unwrap();
+    let (status, headers) = (r.status().as_u16(), r.headers().clone());
+    (status, headers, r.text().await.unwrap())
+}
+
+/// A request's path, query and body, and the status and the words of its refusal.
+type Case<'a> = (&'a str, &'a str, Option<(&'a str, Vec<u8>)>, u16, &'a str);
+
+/// A request's headers, and the status and the words of its refusal.
+type Refusal<'a> = (&'a [(&'a str, &'a str)], u16, &'a str);
+
+/// What is paused, as `GET /pause` says (no credential needed).
+async fn paused(p: &Service) -> serde_json::Value {
+    let mut state = p.get_json("/pause").await.unwrap();
+    state.as_object_mut().unwrap().remove("assigned");
+    state
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pause_needs_the_credential_from_the_same_site_and_the_token_is_never_shown() {
+    let stack = Stack::from_env();
+    let w = Workload::new(&stack, 900).await;
+    let mut p = w.replica(&stack).await;
+    p.wait_for("/readyz", Duration::from_secs(60)).await;
+    let nothing = serde_json::json!({"all": false, "partitions": []});
+    let right = format!("Bearer {}", order_testkit::OPERATIONS_TOKEN);
+    let refusals: [Refusal<'_>; 5] = [
+        (&[], 401, "needs the credential"),
+        (
+            &[("authorization", "Bearer a-wrong-token-of-length")],
+            403,
+            "not this service's operations token",
+        ),
+        (&[("authorization", "Basic dXNlcjpwYXNz")], 401, "Bearer"),
+        (
+            &[("authorization", &right), ("origin", "http://evil.example")],
+            403,
+            "cross-site",
+        ),
+        (
+            &[("authorization", &right), ("sec-fetch-site", "cross-site")],
+            403,
+            "cross-site",
+        ),
+    ];
+    // refused while orders flow: nothing is paused, and the lag keeps falling to nothing
+    w.feed(&stack, 600).await;
+    for (headers, status, says) in refusals {
+        let (got, answer_headers, body) =
+            send(&p, reqwest::Method::POST, "/pause", headers, None).await;
+        assert_eq!(got, status, "{headers:?}: {body}");
+        assert!(body.contains(says), "{headers:?}: {body}");
+        assert!(!body.contains(order_testkit::OPERATIONS_TOKEN), "{body}");
+        assert!(
+            answer_headers.get("access-control-allow-origin").is_none(),
+            "{answer_headers:?}"
+        );
+        assert_eq!(paused(&p).await, nothing);
+    }
+    // a preflight gets no CORS permission
+    let (got, answer_headers, _) = send(
+        &p,
+        reqwest::Method::OPTIONS,
+        "/pause",
+        &[
+            ("origin", "http://evil.example"),
+            ("access-control-request-method", "POST"),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(got, 405);
+    assert!(answer_headers.get("access-control-allow-origin").is_none());
+    w.assert_totals_exact(&stack, &p, Duration::from_secs(120))
+        .await;
+    assert_eq!(lag(&p).await, 0, "the refused pauses held nothing");
+
+    // with the credential, from the same origin, it works
+    let (got, _, body) = send(
+        &p,
+        reqwest::Method::POST,
+        "/pause",
+        &[
+            ("authorization", &right),
+            ("origin", &p.url("")),
+            ("sec-fetch-site", "same-origin"),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(got, 200, "{body}");
+    assert_eq!(paused(&p).await["all"], true);
+    assert_eq!(post(&p, "/resume").await.0, 200);
+    let metrics = p.get("/metrics").await.unwrap().1;
+    let (status, output) = p.terminate(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "{output}");
+    for (what, text) in [("log", &output), ("/metrics", &metrics)] {
+        assert!(
+            !text.contains(order_testkit::OPERATIONS_TOKEN),
+            "the token is in the {what}"
+        );
+    }
+    assert!(
+        output.contains("operation refused"),
+        "refusals are logged: {output}"
+    );
+
+    // a replica with no credential configured refuses every change, naming the setting
+    let vars: Vec<(String, String)> = w
+        .replica_vars(&stack)
+        .into_iter()
+        .filter(|(k, _)| k != "OPERATIONS_TOKEN")
+        .collect();
+    let mut closed = Service::start(BIN, &vars);
+    closed.wait_for("/healthz", Duration::from_secs(30)).await;
+    let (got, _, body) = send(
+        &closed,
+        reqwest::Method::POST,
+        "/pause",
+        &[("authorization", &right)],
+        None,
+    )
+    .await;
+    assert_eq!(got, 403, "{body}");
+    assert!(body.contains("OPERATIONS_TOKEN"), "{body}");
+    assert_eq!(paused(&closed).await, nothing);
+    closed.terminate(Duration::from_secs(30));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_pause_requests_are_refused_at_once_with_what_is_wrong() {
+    let stack = Stack::from_env();
+    let w = Workload::new(&stack, 300).await;
+    let mut a = w.replica(&stack).await;
+    a.wait_for("/readyz", Duration::from_secs(60)).await;
+    let right = format!("Bearer {}", order_testkit::OPERATIONS_TOKEN);
+    let auth = [("authorization", right.as_str())];
+    let big = vec![b'x'; 5 * 1024 * 1024];
+    let table: Vec<Case<'_>> = vec![
+        ("/pause", "?partition=-1", None, 400, "partitions 0 to 5"),
+        ("/pause", "?partition=6", None, 400, "partitions 0 to 5"),
+        ("/pause", "?partition=99999999999", None, 400, "partition"),
+        ("/pause", "?partition=three", None, 400, "partition"),
+        ("/pause", "?partition=", None, 400, "partition"),
+        ("/pause", "?partitoin=1", None, 400, "partitoin"),
+        (
+            "/pause",
+            "",
+            Some(("application/json", br#"{"partition": 1}"#.to_vec())),
+            400,
+            "takes no body",
+        ),
+        (
+            "/pause",
+            "",
+            Some(("text/plain", b"1".to_vec())),
+            400,
+            "takes no body",
+        ),
+        (
+            "/pause",
+            "",
+            Some(("application/json", big.clone())),
+            413,
+            "",
+        ),
+        ("/resume", "?partition=-7", None, 400, "partitions 0 to 5"),
+        ("/resume", "?partition=x", None, 400, "partition"),
+        (
+            "/resume",
+            "",
+            Some(("application/json", b"{}".to_vec())),
+            400,
+            "takes no body",
+        ),
+    ];
+    for (path, query, body, status, says) in table {
+        let target = format!("{path}{query}");
+        let (got, _, answer) = send(&a, reqwest::Method::POST, &target, &auth, body).await;
+        assert_eq!(got, status, "{target}: {answer}");
+        assert!(answer.contains(says), "{target}: {answer}");
+        assert_eq!(
+            paused(&a).await,
+            serde_json::json!({"all": false, "partitions": []}),
+            "{target} changed something"
+        );
+        assert_eq!(a.get("/healthz").await.unwrap().0, 200);
+    }
+    // a partition of the topic that another replica holds: 409, with the ones this one has
+    let b = w.replica(&stack).await;
+    let held = |s: serde_json::Value| -> Option<Vec<i64>> {
+        s["assigned"]
+            .as_array()
+            .map(|a| a.iter().filter_map(serde_json::Value::as_i64).collect())
+    };
+    let (mine, theirs) = eventually(
+        "both replicas to hold partitions",
+        Duration::from_secs(60),
+        || async {
+            let (x, y) = (
+                held(a.get_json("/pause").await.ok()?)?,
+                held(b.get_json("/pause").await.ok()?)?,
+            );
+            (!x.is_empty() && !y.is_empty() && x.len() + y.len() == 6).then_some((x, y))
+        },
+    )
+    .await;
+    let (got, _, answer) = send(
+        &a,
+        reqwest::Method::POST,
+        &format!("/pause?partition={}", theirs[0]),
+        &auth,
+        None,
+    )
+    .await;
+    assert_eq!(got, 409, "{answer}");
+    assert!(answer.contains("not assigned to this replica"), "{answer}");
+    assert!(answer.contains(&mine[0].to_string()), "{answer}");
+    // one of its own works, and the answer is the state after it
+    let (got, _, answer) = send(
+        &a,
+        reqwest::Method::POST,
+        &format!("/pause?partition={}", mine[0]),
+        &auth,
+        None,
+    )
+    .await;
+    assert_eq!(got, 200, "{answer}");
+    let state: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(state["partitions"], serde_json::json!([mine[0]]), "{state}");
+    assert_eq!(state["assigned"], serde_json::json!(mine), "{state}");
+    for s in [a, b] {
+        let (status, output) = s.terminate(Duration::from_secs(30));
+        assert_eq!(status.code(), Some(0), "{output}");
     }
 }

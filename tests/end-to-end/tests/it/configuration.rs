@@ -13,6 +13,7 @@ fn the_shared_settings_are_documented_with_their_defaults() {
         // secrets: read like the others, never serialized
         "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO",
         "SCHEMA_REGISTRY_BEARER_AUTH_TOKEN",
+        "OPERATIONS_TOKEN",
         // read by the logging and tracing set-up and by the librdkafka pass-through
         "RUST_LOG",
         "OTEL_TRACES_SAMPLER",
