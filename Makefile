@@ -49,9 +49,10 @@ lint: ## formatting, clippy (warnings are errors), no import circle in any crate
 	python3 scripts/check-modules.py
 	python3 scripts/check-links.py
 
-test-rust: stack-up ## unit and integration tests (against the running native stack)
+test-rust: stack-up ## unit and integration tests (against the running native stack); then, alone, the one that restarts the broker
 	@mkdir -p $(LOGS)
 	cargo test --workspace --all-targets --locked 2>&1 | tee $(LOGS)/cargo.log
+	cargo test --locked -p order-processor --test it -- --ignored 2>&1 | tee -a $(LOGS)/cargo.log
 
 python-env: $(VENV)/.installed
 $(VENV)/.installed: $(PY_REQS)

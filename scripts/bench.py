@@ -13,6 +13,11 @@ same run, interleaving the contestants and repeating each (medians and min-max s
   processor, at fixed rates, next to `EndToEndLatency` (one record in flight at a time);
 - tracing: the processor with default settings (no OTLP endpoint), exporting every record's
   span to the stack's Jaeger, and exporting with 1 % sampled upstream, each against spans off;
+- temporary failures (5 %, seeded, the default backoff of 1 s, 2 s, 4 s): the drain of a
+  100,000-order backlog in key order, both guarantees, and of a 6,000-order one in partition
+  order (which takes over a minute: 100,000 would take a quarter of an hour); a sustained run at
+  a fixed rate in both orders: the lag (orders sent and not final) over time, the end-to-end
+  p99 of the orders that needed no retry, and peak RSS;
 - dlq-analyzer: records/s over real dead letters vs `ConsumerPerformance` on the same topic;
 - memory: peak RSS of each service at full load, and RSS when idle;
 - start-up: process start to `/healthz`, and to `/readyz` (which includes joining the group);
@@ -69,6 +74,16 @@ PRODUCER = {"acks": "all", "linger.ms": "5", "batch.size": "262144", "compressio
 # what EndToEndLatency's producer uses (acks=all, no linger, no compression), for our generator
 # in the like-for-like latency runs
 LATENCY_PRODUCER = {"RDKAFKA_LINGER_MS": "0", "COMPRESSION_TYPE": "none"}
+# temporary failures: the share of attempts that fail, decided by the seed rule (the same
+# orders fail in every contestant), with the default backoff
+FAILURES = {"TRANSIENT_FAILURE_RATE": "0.05", "TRANSIENT_FAILURE_SEED": "bench"}
+FAILING_BACKLOG = int(os.environ.get("BENCH_FAILING_BACKLOG", "100000"))
+# in partition order every failing record holds its partition for 1 s at least: 6,000 orders
+# (50 failing per partition) take over a minute
+FAILING_BACKLOG_PARTITION_ORDER = int(os.environ.get("BENCH_FAILING_BACKLOG_PARTITION_ORDER", "6000"))
+SUSTAINED_RATE = int(os.environ.get("BENCH_SUSTAINED_RATE", "5000"))
+SUSTAINED_SECONDS = int(os.environ.get("BENCH_SUSTAINED_SECONDS", "20"))
+FAILURE_REPEATS = int(os.environ.get("BENCH_FAILURE_REPEATS", "3"))
 
 
 def log(msg):
@@ -227,10 +242,11 @@ def run_processor(topic, n, guarantee, **extra):
             "jaeger_cpu_s": None if jaeger_before is None or jaeger_after is None else jaeger_after - jaeger_before}
 
 
-def start_ready_processor(topic, group, guarantee):
+def start_ready_processor(topic, group, guarantee, **extra):
     port = free_port()
     proc = subprocess.Popen([BIN / "order-processor"], env=env(topic, HTTP_PORT=port, CONSUMER_GROUP=group,
-                            PROCESSING_GUARANTEE=guarantee), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            PROCESSING_GUARANTEE=guarantee, **extra), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while status(port, "/readyz") != 200:
         if time.monotonic() > deadline:
@@ -274,6 +290,94 @@ def run_latency(rate, seconds, guarantee, producer):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def final(stats):
+    return stats["processed"] + stats["dead_lettered"]
+
+
+def run_failing_drain(topic, n, guarantee, order):
+    """Our processor draining n orders of which 5 % of attempts fail (FAILURES): seconds from
+    ready (group joined) to the first /stats that shows every order final, processed or
+    dead-lettered, and peak RSS MB."""
+    proc, port = start_ready_processor(topic, "drain-" + uuid.uuid4().hex[:8], guarantee,
+                                       PROCESSING_ORDER=order, **FAILURES)
+    try:
+        ready = time.monotonic()
+        deadline = ready + 1800
+        while final(get_json(port, "/stats")) < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{n} orders with failures not drained in 1800 s")
+            time.sleep(0.01)
+        return {"seconds": time.monotonic() - ready, "peak_rss_mb": rss_kb(proc.pid, "VmHWM") / 1024}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def run_sustained(guarantee, order):
+    """The generator at SUSTAINED_RATE orders/s for SUSTAINED_SECONDS into a new topic that a
+    ready processor with 5 % failing attempts drains (after a warm-up without failures, as in
+    run_latency). Every 0.25 s: the lag, orders the generator has had acknowledged and the
+    processor has not made final. Returns the peak lag in each half of the sending, the lag when
+    sending ended, the first-attempt orders' end-to-end percentiles, and peak RSS MB. In key order
+    it then waits until every order is final; in partition order it does not (it would take
+    minutes), so its percentiles count only what was final by then."""
+    topic = f"bench-sus-{uuid.uuid4().hex[:8]}"
+    group = "sus-" + uuid.uuid4().hex[:8]
+    create_topic(topic, 6)
+    proc, port = start_ready_processor(topic, group, guarantee)
+    try:
+        run_generator(topic, 1000, ORDER_RATE=1000)
+        wait_processed(port, 1000)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    # exactly-once /stats include the warm-up orders restored from the changelog
+    restored = 1000 if guarantee == "exactly_once" else 0
+    proc, port = start_ready_processor(topic, group, guarantee, PROCESSING_ORDER=order, **FAILURES)
+    n = SUSTAINED_RATE * SUSTAINED_SECONDS
+    gen_port = free_port()
+    gen = subprocess.Popen([BIN / "order-generator"], env=env(topic, ORDER_COUNT=n, ORDER_RATE=SUSTAINED_RATE,
+                           HTTP_PORT=gen_port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        started, samples = time.monotonic(), []
+        while gen.poll() is None:
+            if time.monotonic() - started > SUSTAINED_SECONDS + 60:
+                raise RuntimeError("the generator did not finish its sustained run")
+            try:
+                produced = get_json(gen_port, "/stats")["produced"]
+            except (OSError, ValueError):
+                time.sleep(0.05)
+                continue
+            samples.append((time.monotonic() - started, produced - (final(get_json(port, "/stats")) - restored)))
+            time.sleep(0.25)
+        if gen.returncode != 0:
+            raise RuntimeError("the generator failed in a sustained run")
+        ended = final(get_json(port, "/stats")) - restored
+        if order == "key":
+            stats = wait_processed_or_dead(port, n + restored, timeout=60)
+        else:
+            stats = get_json(port, "/stats")
+        half = samples[-1][0] / 2
+        first, second = [l for t, l in samples if t <= half], [l for t, l in samples if t > half]
+        return {"lag_peak_first_half": max(first), "lag_peak_second_half": max(second), "lag_at_end": n - ended,
+                "first_attempt": stats["end_to_end_latency_first_attempt_ms"],
+                "peak_rss_mb": rss_kb(proc.pid, "VmHWM") / 1024}
+    finally:
+        for p in (gen, proc):
+            if p.poll() is None:
+                p.terminate()
+                p.wait(timeout=60)
+
+
+def wait_processed_or_dead(port, n, timeout):
+    deadline = time.monotonic() + timeout
+    while final(stats := get_json(port, "/stats")) < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processor made {final(stats)} of {n} final in time")
+        time.sleep(0.05)
+    return stats
 
 
 def run_end_to_end_latency_tool(n):
@@ -462,6 +566,24 @@ def main():
         for rate, g, kind, producer in latency_cases:
             latency[f"{rate}_per_s_{g}_{kind}"].append(run_latency(rate, LATENCY_SECONDS, g, producer))
 
+    # temporary failures: a backlog's drain and a sustained run, key order against partition order
+    log("temporary failures")
+    backlog, small = f"bench-{run_id}-failing", f"bench-{run_id}-failing-small"
+    for topic, n in ((backlog, FAILING_BACKLOG), (small, FAILING_BACKLOG_PARTITION_ORDER)):
+        create_topic(topic, 6)
+        run_generator(topic, n)
+    guarantees = ("at_least_once", "exactly_once")
+    drains = {g: [] for g in guarantees}
+    sustained = {g: [] for g in guarantees}
+    for i in range(FAILURE_REPEATS):
+        log(f"failures round {i + 1}/{FAILURE_REPEATS}")
+        for g in guarantees:
+            drains[g].append(run_failing_drain(backlog, FAILING_BACKLOG, g, "key"))
+            sustained[g].append(run_sustained(g, "key"))
+    log("failures in partition order (once each)")
+    partition_drains = {g: run_failing_drain(small, FAILING_BACKLOG_PARTITION_ORDER, g, "partition") for g in guarantees}
+    partition_sustained = {g: run_sustained(g, "partition") for g in guarantees}
+
     log("memory at rest")
     idle_topic = f"bench-{run_id}-idle"
     create_topic(idle_topic, 6)
@@ -510,6 +632,23 @@ def main():
             **{case: {k: pct(runs, k) for k in ("p50", "p99", "p999", "max")} for case, runs in latency.items()},
         },
     }
+    lag_ratio = lambda r: r["lag_peak_second_half"] / max(r["lag_peak_first_half"], 1)
+    sustained_row = lambda r: {"lag_peak_first_half": r["lag_peak_first_half"], "lag_peak_second_half": r["lag_peak_second_half"],
+                               "lag_at_end": r["lag_at_end"], "first_attempt_p99_ms": r["first_attempt"]["p99"],
+                               "first_attempt_max_ms": r["first_attempt"]["max"], "peak_rss_mb": r["peak_rss_mb"]}
+    results["temporary_failures"] = {
+        "failing_attempts": float(FAILURES["TRANSIENT_FAILURE_RATE"]), "backoff_s": [1, 2, 4],
+        "backlog": FAILING_BACKLOG, "backlog_partition_order": FAILING_BACKLOG_PARTITION_ORDER,
+        "sustained_rate_per_s": SUSTAINED_RATE, "sustained_seconds": SUSTAINED_SECONDS, "repeats": FAILURE_REPEATS,
+        **{f"drain_key_order_{g}_s": summary([r["seconds"] for r in drains[g]]) for g in guarantees},
+        **{f"drain_key_order_{g}_orders_per_s": summary([FAILING_BACKLOG / r["seconds"] for r in drains[g]]) for g in guarantees},
+        **{f"drain_partition_order_{g}_s": partition_drains[g]["seconds"] for g in guarantees},
+        **{f"drain_partition_order_{g}_orders_per_s": FAILING_BACKLOG_PARTITION_ORDER / partition_drains[g]["seconds"]
+           for g in guarantees},
+        **{f"sustained_key_order_{g}": {k: summary([sustained_row(r)[k] for r in sustained[g]])
+                                        for k in sustained_row(sustained[g][0])} for g in guarantees},
+        **{f"sustained_partition_order_{g}": sustained_row(partition_sustained[g]) for g in guarantees},
+    }
     if images is not None:
         results["images"] = images
     med = lambda k: results[k]["median"]
@@ -539,6 +678,16 @@ def main():
         "generator_peak_rss_mb": (gen_rss, "<", 32.0),
         "processor_vs_consumer_perf": (per(rate(alo), perf_cons), ">=", 1.0),
         "generator_vs_producer_perf": (per(gen, perf_prod), ">=", 1.0),
+        # temporary failures, key order: the longest retry chain is 7 s
+        "failing_backlog_drain_at_least_once_s": ([r["seconds"] for r in drains["at_least_once"]], "<=", 10.0),
+        "failing_backlog_drain_exactly_once_s": ([r["seconds"] for r in drains["exactly_once"]], "<=", 10.0),
+        "sustained_with_failures_first_attempt_p99_ms": ([max(a["first_attempt"]["p99"], e["first_attempt"]["p99"])
+                                                          for a, e in zip(*sustained.values())], "<=", 100.0),
+        "sustained_with_failures_peak_rss_mb": ([max(a["peak_rss_mb"], e["peak_rss_mb"]) for a, e in zip(*sustained.values())],
+                                                "<", 64.0),
+        # bounded: the lag's peak in the second half of the run no higher than in the first, noise aside
+        "sustained_with_failures_lag_second_half_vs_first_half": ([max(lag_ratio(a), lag_ratio(e))
+                                                                   for a, e in zip(*sustained.values())], "<=", 1.5),
     }
     # the processor's own share of the 1 % figure, paired by round as the figure is (Jaeger's
     # share is its CPU above, taken from the same two CPUs)
@@ -594,6 +743,21 @@ def main():
         if case == "seconds_per_run":
             continue
         print(f"| {case:<52} | {cell(r['p50']):>16} | {cell(r['p99']):>16} | {cell(r['p999']):>16} |")
+    tf = results["temporary_failures"]
+    print(f"\ntemporary failures: {tf['failing_attempts']:.0%} of attempts fail, backoff 1 s, 2 s, 4 s "
+          f"(key order: median of {FAILURE_REPEATS} runs [min-max]; partition order: one run)\n")
+    print(f"| {'case':<58} | {'key order':>22} | {'partition order':>16} |")
+    print(f"|{'-' * 60}|{'-' * 24}|{'-' * 18}|")
+    for g in guarantees:
+        k = tf[f"drain_key_order_{g}_s"]
+        print(f"| {f'drain, {g} (s; key {FAILING_BACKLOG}, partition {FAILING_BACKLOG_PARTITION_ORDER} orders)':<58} | "
+              f"{cell(k):>22} | {tf[f'drain_partition_order_{g}_s']:>16.1f} |")
+        print(f"| {f'drain, {g} (orders/s)':<58} | {tf[f'drain_key_order_{g}_orders_per_s']['median']:>22.0f} | "
+              f"{tf[f'drain_partition_order_{g}_orders_per_s']:>16.0f} |")
+        for m in ("lag_peak_first_half", "lag_peak_second_half", "lag_at_end", "first_attempt_p99_ms", "peak_rss_mb"):
+            label = f"{SUSTAINED_RATE}/s for {SUSTAINED_SECONDS} s, {g}: {m}"
+            print(f"| {label:<58} | {cell(tf[f'sustained_key_order_{g}'][m]):>22} | "
+                  f"{tf[f'sustained_partition_order_{g}'][m]:>16.1f} |")
     print()
     for key in ["generator_vs_producer_perf", "processor_vs_consumer_perf", "processor_exactly_once_vs_consumer_perf",
                 "exactly_once_vs_at_least_once", "end_to_end_p99_vs_end_to_end_latency_tool",

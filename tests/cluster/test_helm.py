@@ -31,7 +31,7 @@ import urllib.request
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 from support import get_json, unique, wait_for  # noqa: E402
-from truth import BOOTSTRAP, check_totals, read_all  # noqa: E402
+from truth import BOOTSTRAP, Failures, check_totals, read_all  # noqa: E402
 from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType  # noqa: E402
 
 CLUSTER = ROOT / "cluster" / "cluster.sh"
@@ -157,9 +157,11 @@ def test_helm_install_scale_trace_upgrade_uninstall():
         # the Prometheus Operator's objects and the dashboard (their CRDs applied below)
         "serviceMonitor.enabled": "true", "prometheusRule.enabled": "true", "grafanaDashboard.enabled": "true",
     }
+    failures = Failures(unique("seed"), 0.1)  # the chart's rate
     env = {
         "orderGenerator.env.ORDER_RATE": "40",
         "orderProcessor.env.RETRY_INITIAL_BACKOFF_MS": "100",
+        "orderProcessor.env.TRANSIENT_FAILURE_SEED": failures.seed,
     }
     # settings from Secrets, the way credentials are given: the processor's group through
     # extraEnv (secretKeyRef), the analyzer's through existingSecret (every key a variable; its
@@ -336,7 +338,8 @@ def test_helm_install_scale_trace_upgrade_uninstall():
         # --- the generator stops (SIGTERM: it flushes); then the totals must be exact
         kubectl("scale", generator, "-n", namespace, "--replicas=0")
         wait_for("the generator gone", lambda: not objects(namespace, "pods", "app.kubernetes.io/component=order-generator"), 90)
-        processed, dead = check_totals(orders, dlq, address(namespace, "order-processor"), address(namespace, "dlq-analyzer"))
+        processed, dead = check_totals(orders, dlq, address(namespace, "order-processor"), address(namespace, "dlq-analyzer"),
+                                       failures)
         assert processed > 100 and dead > 0, (processed, dead)
         print(f"exact: {processed} processed, {dead} dead-lettered; timings (s): "
               + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))

@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from support import free_port, get_json, unique, wait_for  # noqa: E402
-from truth import BOOTSTRAP, REGISTRY, check_totals, create_topics, send_garbage  # noqa: E402
+from truth import BOOTSTRAP, REGISTRY, Failures, check_totals, create_topics, send_garbage  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ENGINE = ROOT / "scripts" / "engine.sh"
@@ -72,10 +72,11 @@ def test_images_process_a_known_mix_exactly_and_survive_docker_stop():
               "ORDERS_TOPIC": orders, "DLQ_TOPIC": dlq, "RUST_LOG": "info,rdkafka=warn"}
     ports = {s: free_port() for s in ("generator", "processor", "analyzer")}
     names = {s: f"{run}-{s}" for s in ports}
+    failures = Failures(unique("seed"), 0.2)
     try:
         run_service(names["processor"], "order-processor", {
             **common, "HTTP_PORT": ports["processor"], "CONSUMER_GROUP": f"{run}-processor",
-            "TRANSIENT_FAILURE_RATE": "0.2", "RETRY_INITIAL_BACKOFF_MS": "20", "RETRY_MAX_BACKOFF_MS": "100"})
+            **failures.env(), "RETRY_INITIAL_BACKOFF_MS": "20", "RETRY_MAX_BACKOFF_MS": "100"})
         run_service(names["analyzer"], "dlq-analyzer", {
             **common, "HTTP_PORT": ports["analyzer"], "CONSUMER_GROUP": f"{run}-analyzer"})
         for s in ("processor", "analyzer"):
@@ -96,7 +97,7 @@ def test_images_process_a_known_mix_exactly_and_survive_docker_stop():
         wait_for("the processor healthy again", lambda: health(names["processor"]) == "healthy", 60)
 
         assert docker("wait", names["generator"], timeout=120) == "0"
-        processed, dead = check_totals(orders, dlq, ports["processor"], ports["analyzer"])
+        processed, dead = check_totals(orders, dlq, ports["processor"], ports["analyzer"], failures)
         assert processed > 400 and dead >= 3 + 30  # the garbage and about 10 % invalid orders
         print(f"images: {processed} processed, {dead} dead-lettered, exact; stopped and restarted mid-stream")
         for s in ("processor", "analyzer"):
@@ -124,7 +125,9 @@ def test_compose_services_scale_to_three_replicas_with_exact_totals():
     orders, dlq = f"{run}-orders", f"{run}-orders-dlq"
     create_topics(orders, dlq)
     ports = {"generator": free_port(), "analyzer": free_port()}
+    failures = Failures(unique("seed"), 0.1)  # the Compose file's rate
     env = {**ENV, "COMPOSE_PROJECT_NAME": run, "IMAGE_TAG": TAG, "KAFKA_BOOTSTRAP_SERVERS": BOOTSTRAP,
+           "TRANSIENT_FAILURE_SEED": failures.seed,
            "SCHEMA_REGISTRY_URL": REGISTRY, "ORDERS_TOPIC": orders, "DLQ_TOPIC": dlq,
            "GENERATOR_PORT": str(ports["generator"]), "ANALYZER_PORT": str(ports["analyzer"]),
            "CONSUMER_GROUP_PREFIX": run}
@@ -151,7 +154,7 @@ def test_compose_services_scale_to_three_replicas_with_exact_totals():
         send_garbage(orders)
         # any replica answers for the whole group
         replica_ports = [listening_port(r) for r in replicas]
-        processed, dead = check_totals(orders, dlq, replica_ports[0], ports["analyzer"])
+        processed, dead = check_totals(orders, dlq, replica_ports[0], ports["analyzer"], failures)
         assert processed > 200 and dead >= 3
         # all three replicas took part: each owns one of the three partitions
         shares = [get_json(p, "/stats") for p in replica_ports]

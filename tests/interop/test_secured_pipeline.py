@@ -42,7 +42,7 @@ from confluent_kafka.admin import (AclBinding, AclBindingFilter, AclOperation, A
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 from support import free_port, get_json, unique, wait_for  # noqa: E402
-from truth import BOOTSTRAP, REGISTRY, check_totals, create_topics  # noqa: E402
+from truth import BOOTSTRAP, REGISTRY, Failures, check_totals, create_topics  # noqa: E402
 
 BIN = ROOT / "target" / "debug"
 USER = "orders-app"
@@ -224,11 +224,12 @@ def run_pipeline(registry, auth, guarantee, kafka):
     ports = {name: free_port() for name in SERVICES}
     logs = {}
     procs = {}
+    failures = Failures(unique("seed"), 0.2)
     common = {**auth, "PROCESSING_GUARANTEE": guarantee, "RETRY_INITIAL_BACKOFF_MS": 50,
               "OPERATIONS_TOKEN": OPERATIONS_TOKEN}
     try:
         for name, binary, extra in (
-            ("processor", "order-processor", {"CONSUMER_GROUP": names["processor_group"], "TRANSIENT_FAILURE_RATE": "0.2",
+            ("processor", "order-processor", {"CONSUMER_GROUP": names["processor_group"], **failures.env(),
                                               "ANALYZER_URL": f"http://127.0.0.1:{ports['analyzer']}"}),
             ("analyzer", "dlq-analyzer", {"CONSUMER_GROUP": names["analyzer_group"]}),
             ("generator", "order-generator", {"ORDER_COUNT": 300, "ORDER_RATE": 0, "INVALID_ORDER_RATIO": "0.1"}),
@@ -239,7 +240,7 @@ def run_pipeline(registry, auth, guarantee, kafka):
             procs[name] = subprocess.Popen([BIN / binary], env=env, stdout=logs[name], stderr=subprocess.STDOUT)
         assert procs["generator"].wait(120) == 0, "the generator failed"
         totals = "/stats/global" if guarantee == "exactly_once" else "/stats"
-        processed, dead = check_totals(orders, dlq, ports["processor"], ports["analyzer"], totals)
+        processed, dead = check_totals(orders, dlq, ports["processor"], ports["analyzer"], failures, totals)
         assert processed > 200 and dead > 0, (processed, dead)
         if guarantee == "exactly_once":
             # a redrive through the analyzer's user: its group and transactional id, and the orders topic

@@ -7,6 +7,8 @@ use order_runtime::dead_letter::Category;
 use order_schema::Cents;
 use serde::{Deserialize, Serialize};
 
+use crate::position::Position;
+
 /// Count, revenue, min and max of a set of orders.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Aggregate {
@@ -48,19 +50,49 @@ impl Aggregate {
 }
 
 /// Everything known about one partition of the orders topic: what its orders add up to, what
-/// was dead-lettered and retried, and the offset of the next record to take. In exactly-once
-/// mode this is what the changelog topic stores, keyed by partition.
+/// was dead-lettered and retried, and where the partition stands (its [`Position`]: the lowest
+/// offset not final, and the offsets not final above it, every other one being in the figures).
+/// In exactly-once mode this is what the changelog topic stores, keyed by partition.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionState {
     pub total: Aggregate,
     pub by_product: BTreeMap<String, Aggregate>,
     pub dead_lettered: BTreeMap<Category, u64>,
     pub retries: u64,
-    /// Offset of the next record of the partition (the offset committed with this state).
+    /// Offset of the next record of the partition (the offset committed with this state): the
+    /// lowest one not final.
     pub next_offset: i64,
+    /// One past the newest offset taken when records above `next_offset` were final already;
+    /// 0 when none were.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub taken_to: i64,
+    /// The offsets in `[next_offset, taken_to)` that were not final; every other one below
+    /// `taken_to` is counted above.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub incomplete: Vec<i64>,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
 }
 
 impl PartitionState {
+    /// Where the partition stands with this state.
+    pub fn position(&self) -> Position {
+        Position {
+            next: self.next_offset,
+            end: self.taken_to.max(self.next_offset),
+            incomplete: self.incomplete.clone(),
+        }
+    }
+
+    /// This state is where `p` says.
+    pub fn set_position(&mut self, p: &Position) {
+        self.next_offset = p.next;
+        self.taken_to = if p.end > p.next { p.end } else { 0 };
+        self.incomplete.clone_from(&p.incomplete);
+    }
+
     pub fn add(&mut self, product: &str, price: Cents) {
         self.total.add(price);
         match self.by_product.get_mut(product) {

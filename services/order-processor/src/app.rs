@@ -31,7 +31,7 @@ use crate::partition::rebalance::{ProcessorConsumer, ProcessorContext};
 use crate::partition::worker::Processing;
 use crate::record::Records;
 use crate::record::decision::RetryPolicy;
-use crate::record::failures::{FailureInjector, RandomFailures};
+use crate::record::failures::{FailureInjector, RandomFailures, SeededFailures};
 
 /// A built processor, ready to run.
 pub struct Application {
@@ -40,9 +40,17 @@ pub struct Application {
 }
 
 impl Application {
-    /// Builds the processor with the configured simulated failure rate.
+    /// Builds the processor with the configured simulated failures: seeded when
+    /// `TRANSIENT_FAILURE_SEED` is set, random otherwise.
     pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Self, StartError> {
-        let failures = Arc::new(RandomFailures(config.processor.transient_failure_rate));
+        let rate = config.processor.transient_failure_rate;
+        let failures: Arc<dyn FailureInjector> = match &config.processor.transient_failure_seed {
+            Some(seed) => Arc::new(SeededFailures {
+                seed: seed.clone(),
+                rate,
+            }),
+            None => Arc::new(RandomFailures(rate)),
+        };
         Self::build_with_failures(config, failures, shutdown).await
     }
 
@@ -70,7 +78,12 @@ impl Application {
                     kafka::producer_config(&config.common, &format!("{client_id}-dlq"), "none")
                         .create()
                         .map_err(kafka_error("dead-letter producer"))?;
-                let durability = AtLeastOnce::new(dlq, &config.common.dlq_topic);
+                let durability = AtLeastOnce::new(
+                    dlq,
+                    &config.common.dlq_topic,
+                    &config.common.orders_topic,
+                    Duration::from_millis(config.processor.commit_interval_ms),
+                );
                 Pipeline::build(durability, config, failures, listener, &client_id, shutdown)?.run()
             }
         };
@@ -156,6 +169,9 @@ impl<D: Durability> Pipeline<D> {
                 &common.orders_topic,
             ),
             pause,
+            key_rule: config.processor.processing_order.key_rule(),
+            max_in_flight: config.processor.max_in_flight_records,
+            max_span: config.processor.max_in_flight_span,
         });
         let joined = probe.condition("joined consumer group");
         let context = ProcessorContext::new(processing.clone(), shutdown.child_token(), joined);

@@ -19,6 +19,29 @@ pub enum Guarantee {
 /// The service's name in logs, traces and dead letters' `dlq.failed.service`.
 pub const SERVICE_NAME: &str = "order-processor";
 
+/// `PROCESSING_ORDER`: which records of a partition are decided one after another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcessingOrder {
+    /// The records of one key in offset order, the partition's other keys concurrently: a
+    /// record waiting for a retry holds back only the later records of its key.
+    Key,
+    /// One record at a time per partition: a record waiting for a retry holds back its whole
+    /// partition.
+    Partition,
+}
+
+impl ProcessingOrder {
+    /// The rule picked once, for the workers: which key a record waits behind (its own, or the
+    /// partition's one key; `None`, a record without a key, waits behind nothing).
+    pub fn key_rule(self) -> fn(Option<&[u8]>) -> Option<&[u8]> {
+        match self {
+            ProcessingOrder::Key => |key| key,
+            ProcessingOrder::Partition => |_| Some(&[]),
+        }
+    }
+}
+
 /// The processor's own block; see [`Config`] for the whole. Every field has its default in
 /// the [`Default`] impl below, and only there; `docs/configuration.md` lists them, and a test
 /// holds the two together.
@@ -41,6 +64,19 @@ pub struct ProcessorSettings {
     /// `TRANSIENT_FAILURE_RATE`: the simulated chance that one processing attempt fails
     /// temporarily, 0 to 1.
     pub transient_failure_rate: f64,
+    /// `TRANSIENT_FAILURE_SEED`: when set, whether attempt N of an order fails is a function
+    /// of (seed, orderId, N) and the rate (see [`crate::record::failures::SeededFailures`]);
+    /// unset, a random draw.
+    pub transient_failure_seed: Option<String>,
+    /// `PROCESSING_ORDER`: `key` or `partition`.
+    pub processing_order: ProcessingOrder,
+    /// `MAX_IN_FLIGHT_RECORDS`: per partition, the records taken and not final (waiting for a
+    /// retry, or behind one of their key) at most; at the bound the partition takes no more
+    /// until the oldest finish.
+    pub max_in_flight_records: usize,
+    /// `MAX_IN_FLIGHT_SPAN`: per partition, the offsets from the lowest record not final to
+    /// the newest taken, at most.
+    pub max_in_flight_span: i64,
     /// `STATS_LOG_INTERVAL_MS`: how often the running average is logged while it moves.
     pub stats_log_interval_ms: u64,
     /// `PROCESSING_GUARANTEE`: `exactly_once` or `at_least_once`.
@@ -48,9 +84,10 @@ pub struct ProcessorSettings {
     /// `STATE_TOPIC`: the compacted changelog of per-partition state (exactly-once); unset:
     /// `<CONSUMER_GROUP>-aggregates-changelog`.
     pub state_topic: Option<String>,
-    /// `COMMIT_INTERVAL_MS`: how often a transaction commits (exactly-once). A commit takes
-    /// about one broker transaction-marker round; processed records go on meanwhile, into the
-    /// next transaction, but a dead letter waits for it.
+    /// `COMMIT_INTERVAL_MS`: how often the positions commit (at-least-once), or a transaction
+    /// (exactly-once). A transaction's commit takes about one broker transaction-marker round;
+    /// processed records go on meanwhile, into the next transaction, but a dead letter waits
+    /// for it.
     pub commit_interval_ms: u64,
     /// `TRANSACTION_TIMEOUT_MS`: the broker aborts a transaction left open this long (a
     /// crashed replica's).
@@ -77,6 +114,10 @@ impl Default for ProcessorSettings {
             retry_backoff_multiplier: 2.0,
             retry_max_backoff_ms: 30_000,
             transient_failure_rate: 0.0,
+            transient_failure_seed: None,
+            processing_order: ProcessingOrder::Key,
+            max_in_flight_records: 1000,
+            max_in_flight_span: 100_000,
             stats_log_interval_ms: 5000,
             processing_guarantee: Guarantee::ExactlyOnce,
             state_topic: None,
@@ -101,7 +142,7 @@ impl Config {
     /// Reads and checks the configuration from `vars` (the process env in `main`).
     pub fn from_vars(vars: &[(String, String)]) -> Result<Self, ConfigError> {
         let common = CommonConfig::from_vars(vars)?;
-        let processor: ProcessorSettings = load(vars.iter().cloned())?;
+        let mut processor: ProcessorSettings = load(vars.iter().cloned())?;
         let p = &processor;
         check_range("MAX_RETRIES", p.max_retries, 0, 100)?;
         check_range(
@@ -123,6 +164,21 @@ impl Config {
             600_000,
         )?;
         check_range("TRANSIENT_FAILURE_RATE", p.transient_failure_rate, 0.0, 1.0)?;
+        check_range("MAX_IN_FLIGHT_RECORDS", p.max_in_flight_records, 1, 100_000)?;
+        check_range(
+            "MAX_IN_FLIGHT_SPAN",
+            p.max_in_flight_span,
+            i64::try_from(p.max_in_flight_records).unwrap_or(i64::MAX),
+            10_000_000,
+        )?;
+        if p.transient_failure_seed
+            .as_deref()
+            .is_some_and(|s| s.trim().is_empty())
+        {
+            return Err(ConfigError(
+                "TRANSIENT_FAILURE_SEED must not be empty".into(),
+            ));
+        }
         check_range(
             "STATS_LOG_INTERVAL_MS",
             p.stats_log_interval_ms,
@@ -157,6 +213,15 @@ impl Config {
         {
             return Err(ConfigError("STATE_TOPIC must not be empty".into()));
         }
+        // an empty seed (Compose's `${TRANSIENT_FAILURE_SEED:-}`) is no seed
+        if processor
+            .transient_failure_seed
+            .as_deref()
+            .is_some_and(|s| s.trim().is_empty())
+        {
+            processor.transient_failure_seed = None;
+        }
+        let p = &processor;
         let catalogue = match &p.product_catalogue {
             None => Catalogue::default(),
             Some(text) => Catalogue::parse(text)
@@ -208,6 +273,9 @@ mod tests {
                 ("COMMIT_INTERVAL_MS", "5"),
                 ("ANALYZER_URL", "localhost:8103"),
                 ("PRODUCT_CATALOGUE", ","),
+                ("PROCESSING_ORDER", "random"),
+                ("MAX_IN_FLIGHT_RECORDS", "0"),
+                ("MAX_IN_FLIGHT_SPAN", "10"),
             ],
         );
     }

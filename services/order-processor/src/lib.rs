@@ -19,6 +19,9 @@
 //!   before an assignment takes effect, workers stopped and committed before a revocation
 //!   completes), the worker (batches, outcome, settle, metrics), the pause switch.
 //! - [`aggregate`]: per-partition count, revenue, min, max in integer cents, mergeable.
+//! - [`position`]: where a partition stands when records finish out of offset order: the
+//!   position made durable (the lowest offset not final, and those not final above it) and
+//!   the window a worker keeps to know it.
 //! - [`config`]: the environment (SPEC), each default written once.
 //! - [`web`]: `/stats`, `/stats/global`, the status page on `/`, `POST /pause` and `/resume`.
 //! - [`cli`]: the command line: the service, `create-topics` (the chart's topics Job),
@@ -33,6 +36,7 @@ pub mod cli;
 pub mod config;
 pub mod durability;
 pub mod partition;
+pub mod position;
 pub mod record;
 pub mod web;
 

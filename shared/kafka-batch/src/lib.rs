@@ -28,7 +28,7 @@ use std::sync::{Arc, OnceLock};
 use rdkafka::bindings as rd;
 use rdkafka::consumer::{Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Headers, Message, Timestamp};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage, Timestamp};
 use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::Notify;
 
@@ -149,14 +149,24 @@ impl PartitionBatches {
     /// Takes up to [`MAX_BATCH`] messages that are queued now, without waiting, in order.
     /// A message can carry a consumer error instead of a record ([`RawMessage::error`]).
     pub fn pop<'q>(&'q self, out: &mut Vec<RawMessage<'q>>) {
+        self.pop_at_most(out, MAX_BATCH);
+    }
+
+    /// Takes up to `max` (at most [`MAX_BATCH`]) messages that are queued now, without
+    /// waiting, in order: [`PartitionBatches::pop`] for a worker with room for fewer.
+    pub fn pop_at_most<'q>(&'q self, out: &mut Vec<RawMessage<'q>>, max: usize) {
+        let max = max.min(MAX_BATCH);
+        if max == 0 {
+            return;
+        }
         let mut batch: [*mut rd::rd_kafka_message_t; MAX_BATCH] = [ptr::null_mut(); MAX_BATCH];
-        // SAFETY: the queue is live; librdkafka writes at most MAX_BATCH message pointers
-        // into `batch` and returns how many (or -1 on error, when it writes none). Timeout 0:
-        // it does not block.
+        // SAFETY: the queue is live; librdkafka writes at most `max` (<= MAX_BATCH) message
+        // pointers into `batch` and returns how many (or -1 on error, when it writes none).
+        // Timeout 0: it does not block.
         let n = unsafe {
-            rd::rd_kafka_consume_batch_queue(self.queue.as_ptr(), 0, batch.as_mut_ptr(), MAX_BATCH)
+            rd::rd_kafka_consume_batch_queue(self.queue.as_ptr(), 0, batch.as_mut_ptr(), max)
         };
-        let n = usize::try_from(n).unwrap_or(0).min(MAX_BATCH);
+        let n = usize::try_from(n).unwrap_or(0).min(max);
         out.extend(
             batch
                 .iter()
@@ -412,4 +422,25 @@ impl Headers for RawHeaders {
             .then(|| unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) });
         Some(Header { key, value })
     }
+}
+
+/// A copy of the message that owns its bytes and headers, for a record kept longer than a
+/// batch: a popped librdkafka message keeps its whole fetch buffer alive.
+pub fn detach(m: &RawMessage<'_>) -> OwnedMessage {
+    let headers = m.headers().map(|h| {
+        let mut owned = OwnedHeaders::new_with_capacity(h.count());
+        for header in h.iter() {
+            owned = owned.insert(header);
+        }
+        owned
+    });
+    OwnedMessage::new(
+        m.payload().map(<[u8]>::to_vec),
+        m.key().map(<[u8]>::to_vec),
+        m.topic().to_owned(),
+        m.timestamp(),
+        m.partition(),
+        m.offset(),
+        headers,
+    )
 }

@@ -1,26 +1,31 @@
-//! At-least-once, the way Vector's Kafka source does it: auto-commit on, automatic offset
-//! *store* off (the shared consumer defaults). A record's offset is stored once its outcome is
-//! durable (counted here, or its dead letter acknowledged by the broker), and stored offsets are
-//! committed synchronously when partitions are revoked and at shutdown. A crash can make the
-//! group process records again, never skip one. Totals are this replica's own.
+//! At-least-once: a record's outcome is made durable first (counted here, or its dead letter
+//! acknowledged by the broker), and only then can the group's committed offset pass it. As
+//! records of different keys finish out of offset order, what is committed is the partition's
+//! [`Position`]: the offset is the lowest record not final, and the offsets not final above it
+//! go in the commit's metadata (as Confluent's Parallel Consumer does), so that the partition's
+//! next owner skips the records that were final and a crash redoes only the ones that were not.
+//! Commits are explicit (auto-commit is off: librdkafka's only commits a stored offset that
+//! moved, never metadata that changed), every `COMMIT_INTERVAL_MS` from a thread of their own,
+//! synchronously when partitions are revoked and at shutdown. Totals are this replica's own.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kafka_batch::RawMessage;
 use order_runtime::backoff::Backoff;
 use order_runtime::kafka::is_retriable_produce_error;
 use order_runtime::sync::Locked;
-use rdkafka::ClientConfig;
-use rdkafka::error::KafkaError;
+use rdkafka::consumer::CommitMode;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
 
 use super::{CommittedPartition, Durability, GroupTotals, Offsets, TotalsError};
 use crate::aggregate::{PartitionState, StatsReport};
+use crate::position::{Position, Window};
 use crate::record::{DeadLetter, Outcome};
 
 /// The at-least-once guarantee of one replica.
@@ -29,36 +34,48 @@ pub struct AtLeastOnce {
     /// replica processed). A lock per partition, taken by its worker and by `/stats` only: the
     /// workers never wait for one another.
     totals: Mutex<BTreeMap<i32, Arc<Mutex<PartitionState>>>>,
+    /// Each held partition's position as its worker last made it visible, and whether it
+    /// changed since it was last committed.
+    positions: Mutex<BTreeMap<i32, (Position, bool)>>,
     /// Writes dead letters; each send is awaited until the broker acknowledges it.
     dlq: FutureProducer,
     dlq_topic: String,
+    orders_topic: String,
+    /// `COMMIT_INTERVAL_MS`.
+    commit_interval: Duration,
+    /// The committer thread, joined at shutdown.
+    committer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-/// A worker's share: its partition's totals and the last durable offset not yet stored.
+/// A worker's share: its partition and that partition's totals.
 pub struct Partition {
-    offsets: Arc<dyn Offsets>,
-    topic: String,
-    partition: i32,
+    number: i32,
     totals: Arc<Mutex<PartitionState>>,
-    /// Stored with the metrics (every few records, before waiting, on stopping): a store
-    /// takes librdkafka's locks, too dear once a record.
-    unstored: Option<i64>,
 }
 
 impl AtLeastOnce {
-    pub fn new(dlq: FutureProducer, dlq_topic: &str) -> Self {
+    pub fn new(
+        dlq: FutureProducer,
+        dlq_topic: &str,
+        orders_topic: &str,
+        commit_interval: Duration,
+    ) -> Self {
         AtLeastOnce {
             totals: Mutex::default(),
+            positions: Mutex::default(),
             dlq,
             dlq_topic: dlq_topic.to_owned(),
+            orders_topic: orders_topic.to_owned(),
+            commit_interval,
+            committer: Mutex::new(None),
         }
     }
 
     /// Writes the dead letter and waits for the broker's acknowledgement; failures are retried
     /// until they succeed or `cancel` fires (never dropped). `false`: stopped first.
-    async fn send(
+    async fn send<M: Message>(
         &self,
-        msg: &RawMessage<'_>,
+        msg: &M,
         dead: &DeadLetter,
         cancel: &CancellationToken,
     ) -> bool {
@@ -100,13 +117,88 @@ impl AtLeastOnce {
             }
         }
     }
+
+    /// Commits the positions of `partitions` (all held, when `None`) that changed since their
+    /// last commit: each partition's lowest offset not final, with the offsets not final
+    /// above it as the commit's metadata.
+    fn commit(&self, offsets: &dyn Offsets, partitions: Option<&[i32]>, mode: CommitMode) {
+        let mut tpl = TopicPartitionList::new();
+        let mut committing = Vec::new();
+        {
+            let mut positions = self.positions.locked();
+            for (p, (position, changed)) in positions.iter_mut() {
+                if !*changed || partitions.is_some_and(|list| !list.contains(p)) {
+                    continue;
+                }
+                if tpl
+                    .add_partition_offset(&self.orders_topic, *p, Offset::Offset(position.next))
+                    .is_err()
+                {
+                    continue;
+                }
+                let metadata = position.to_metadata().unwrap_or_else(|| {
+                    warn!(partition = *p, not_final = position.incomplete.len(),
+                        "the records not final do not fit the commit's metadata; committing the offset alone (a restart redoes what was final above it)");
+                    String::new()
+                });
+                if !metadata.is_empty()
+                    && let Some(mut elem) = tpl.find_partition(&self.orders_topic, *p)
+                {
+                    elem.set_metadata(metadata);
+                }
+                *changed = false;
+                committing.push(*p);
+            }
+        }
+        if committing.is_empty() {
+            return;
+        }
+        match offsets.commit(&tpl, mode) {
+            Ok(()) => {
+                if matches!(mode, CommitMode::Sync) {
+                    info!(partitions = ?committing, "offsets committed");
+                }
+            }
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => {
+                warn!(error = %e, partitions = ?committing, "offset commit failed; the next one tries again");
+                let mut positions = self.positions.locked();
+                for p in committing {
+                    if let Some((_, changed)) = positions.get_mut(&p) {
+                        *changed = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The position the group committed for `partition` of `topic`: its offset, and the records
+/// not final above it from its metadata. `None` when it could not be read (the worker then
+/// starts from the committed offset as librdkafka positions it, redoing what the metadata
+/// would have skipped).
+fn committed_position(offsets: &dyn Offsets, topic: &str, partition: i32) -> Option<Position> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    let committed = offsets
+        .group_committed(tpl, Duration::from_secs(30))
+        .map_err(|e| warn!(partition, error = %e, "could not read the committed position"))
+        .ok()?;
+    let elem = committed.find_partition(topic, partition)?;
+    match elem.offset() {
+        Offset::Offset(next) => Some(Position::from_metadata(next, elem.metadata())),
+        // no commit yet: the group starts where `auto.offset.reset` says, and nothing above it
+        // is final
+        _ => Some(Position::at(0)),
+    }
 }
 
 impl Durability for AtLeastOnce {
     type Partition = Partition;
 
-    fn configure_consumer(&self, _: &mut ClientConfig) {
-        // the shared consumer defaults are this guarantee's: auto-commit, manual store
+    fn configure_consumer(&self, client: &mut ClientConfig) {
+        // positions are committed by this guarantee, offset and metadata together
+        client.set("enable.auto.commit", "false");
     }
 
     async fn prepare(&self, _: usize) -> Result<(), KafkaError> {
@@ -119,15 +211,23 @@ impl Durability for AtLeastOnce {
         topic: &str,
         partition: i32,
         _: &CancellationToken,
-    ) -> Option<Partition> {
+    ) -> Option<(Partition, Position)> {
         let totals = self.totals.locked().entry(partition).or_default().clone();
-        Some(Partition {
-            offsets: offsets.clone(),
-            topic: topic.to_owned(),
-            partition,
+        let (o, t) = (offsets.clone(), topic.to_owned());
+        let position =
+            tokio::task::spawn_blocking(move || committed_position(o.as_ref(), &t, partition))
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| Position::at(0));
+        self.positions
+            .locked()
+            .insert(partition, (position.clone(), false));
+        let part = Partition {
+            number: partition,
             totals,
-            unstored: None,
-        })
+        };
+        Some((part, position))
     }
 
     fn holds(&self, _: &Partition) -> bool {
@@ -135,11 +235,12 @@ impl Durability for AtLeastOnce {
         true
     }
 
-    async fn settle(
+    async fn settle<M: Message + Sync>(
         &self,
         part: &mut Partition,
-        msg: &RawMessage<'_>,
+        msg: &M,
         outcome: &Outcome,
+        _: &Window,
         cancel: &CancellationToken,
     ) -> bool {
         if let Outcome::DeadLetter(dead) = outcome
@@ -153,30 +254,59 @@ impl Durability for AtLeastOnce {
             Outcome::DeadLetter(dead) => st.dead_letter(dead.category),
         }
         st.retries += u64::from(outcome.retries());
-        part.unstored = Some(msg.offset());
         true
     }
 
-    async fn checkpoint(&self, part: &mut Partition) {
-        if let Some(offset) = part.unstored.take()
-            && let Err(e) = part.offsets.store_next(&part.topic, part.partition, offset)
-        {
-            // the partition was revoked meanwhile: its new owner redoes the records
-            warn!(error = %e, partition = part.partition, offset, "could not store offset");
+    /// Keeps where the partition stands for the next commit (a position is kept, not
+    /// committed, per checkpoint: a commit per few records would be a broker request each).
+    async fn checkpoint(&self, part: &mut Partition, window: &Window) {
+        let mut positions = self.positions.locked();
+        let Some((kept, changed)) = positions.get_mut(&part.number) else {
+            return;
+        };
+        let moved = if window.in_flight() == 0 {
+            // the common case, without building the list of records not final
+            kept.next != window.next() || kept.end != window.end() || !kept.incomplete.is_empty()
+        } else {
+            *kept != window.position()
+        };
+        if moved {
+            *kept = window.position();
+            *changed = true;
         }
     }
 
-    fn on_revoked(&self, offsets: &dyn Offsets, _: &[i32]) {
-        commit_stored(offsets);
+    fn on_revoked(&self, offsets: &dyn Offsets, partitions: &[i32]) {
+        self.commit(offsets, Some(partitions), CommitMode::Sync);
+        let mut positions = self.positions.locked();
+        for p in partitions {
+            positions.remove(p);
+        }
     }
 
-    fn start(self: &Arc<Self>, _: &Arc<dyn Offsets>, _: &CancellationToken) -> std::io::Result<()> {
+    /// Commits the changed positions every `COMMIT_INTERVAL_MS` until shutdown, on a thread of
+    /// its own (a commit is asynchronous, but asking for one takes librdkafka's locks).
+    fn start(
+        self: &Arc<Self>,
+        offsets: &Arc<dyn Offsets>,
+        shutdown: &CancellationToken,
+    ) -> std::io::Result<()> {
+        let (this, offsets) = (self.clone(), offsets.clone());
+        let handle = super::every(self.commit_interval, shutdown, "alo-committer", move || {
+            this.commit(offsets.as_ref(), None, CommitMode::Async);
+        })?;
+        *self.committer.locked() = Some(handle);
         Ok(())
     }
 
     fn shutdown(&self, offsets: &dyn Offsets) {
-        commit_stored(offsets);
-        // every dead letter was acknowledged before its offset was stored; this only waits
+        if let Some(c) = self.committer.locked().take()
+            && c.join().is_err()
+        {
+            warn!("the committer thread panicked");
+        }
+        self.commit(offsets, None, CommitMode::Sync);
+        // every dead letter was acknowledged before its record was final; this only waits
         // for anything librdkafka still holds
         if let Err(e) = self.dlq.flush(Duration::from_secs(10)) {
             warn!(error = %e, "dead-letter producer did not flush");
@@ -213,14 +343,5 @@ impl GroupTotals for NotKept {
         Err(TotalsError::NotKept(
             "the group's totals come from the exactly-once changelog; this processor runs PROCESSING_GUARANTEE=at_least_once (its own share is on /stats)",
         ))
-    }
-}
-
-/// Commits the stored offsets now.
-fn commit_stored(offsets: &dyn Offsets) {
-    match offsets.commit_stored() {
-        Ok(()) => info!("offsets committed"),
-        Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
-        Err(e) => warn!(error = %e, "synchronous offset commit failed"),
     }
 }

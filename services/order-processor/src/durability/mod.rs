@@ -16,17 +16,18 @@ pub mod offsets;
 use std::future::Future;
 use std::sync::Arc;
 
-use kafka_batch::RawMessage;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use rdkafka::ClientConfig;
 use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
 use tokio_util::sync::CancellationToken;
 
 pub use self::offsets::Offsets;
 use crate::aggregate::{PartitionState, StatsReport};
+use crate::position::{Position, Window};
 use crate::record::Outcome;
 
 /// A processing guarantee.
@@ -52,34 +53,42 @@ pub trait Durability: Send + Sync + Sized + 'static {
         orders_partitions: usize,
     ) -> impl Future<Output = Result<(), KafkaError>> + Send;
 
-    /// A partition was assigned and its queue split: makes it ready to process (exactly-once
-    /// restores its state and position first). `None` when `cancel` fired before it was.
+    /// A partition was assigned and its queue split: makes it ready to process, and says
+    /// where it stands (exactly-once restores its state and position; at-least-once reads the
+    /// group's committed offset and the position kept with it). `None` when `cancel` fired
+    /// before it was.
     fn on_assigned(
         self: &Arc<Self>,
         offsets: &Arc<dyn Offsets>,
         topic: &str,
         partition: i32,
         cancel: &CancellationToken,
-    ) -> impl Future<Output = Option<Self::Partition>> + Send;
+    ) -> impl Future<Output = Option<(Self::Partition, Position)>> + Send;
 
     /// Whether the partition's records may still be processed here.
     fn holds(&self, part: &Self::Partition) -> bool;
 
-    /// Makes one record's outcome durable. `false` when it did not become so (stopped, or the
-    /// partition is no longer this replica's): the record will be processed again, here or by
-    /// the partition's next owner.
-    fn settle(
+    /// Makes one record's outcome durable; `window` already counts it final. `false` when it
+    /// did not become so (stopped, or the partition is no longer this replica's): the record
+    /// will be processed again, here or by the partition's next owner.
+    fn settle<M: Message + Sync>(
         &self,
         part: &mut Self::Partition,
-        msg: &RawMessage<'_>,
+        msg: &M,
         outcome: &Outcome,
+        window: &Window,
         cancel: &CancellationToken,
     ) -> impl Future<Output = bool> + Send;
 
-    /// Makes what was settled visible to the next commit (at-least-once stores the offset;
-    /// exactly-once hands the processed records gathered since to the core). The worker calls
-    /// it every few records, before it waits, and when it stops.
-    fn checkpoint(&self, part: &mut Self::Partition) -> impl Future<Output = ()> + Send;
+    /// Makes what was settled, and where the partition stands (`window`), visible to the next
+    /// commit (at-least-once keeps the position for its committer; exactly-once hands the
+    /// processed records gathered since to the core). The worker calls it every few records,
+    /// before it waits, and when it stops.
+    fn checkpoint(
+        &self,
+        part: &mut Self::Partition,
+        window: &Window,
+    ) -> impl Future<Output = ()> + Send;
 
     /// Partitions are being revoked and their workers have stopped: commit what they did and
     /// forget them. Blocking (a rebalance callback).
@@ -102,6 +111,45 @@ pub trait Durability: Send + Sync + Sized + 'static {
 
     /// The whole group's committed totals, for `/stats/global` and the status page.
     fn group_totals(&self) -> Arc<dyn GroupTotals>;
+}
+
+/// Runs `f` every `interval` on a thread of its own, named `name`, until `shutdown` (a run
+/// in progress finishes first; joining the handle waits for it). A run that overran the
+/// interval pushes the next one back a whole interval. The committers use it: a commit blocks
+/// for a broker round trip or more, and given to tokio's blocking pool every second it kept a
+/// rotating set of pool threads from ever idling out, each holding its allocator cache.
+pub fn every(
+    interval: std::time::Duration,
+    shutdown: &CancellationToken,
+    name: &str,
+    f: impl Fn() + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    use std::sync::mpsc::{RecvTimeoutError, channel};
+    use std::time::Instant;
+    let (stop, stopped) = channel::<()>();
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        drop(stop);
+    });
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            let mut due = Instant::now() + interval;
+            loop {
+                let wait = due.saturating_duration_since(Instant::now());
+                match stopped.recv_timeout(wait) {
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
+                }
+                f();
+                let now = Instant::now();
+                due += interval;
+                if due < now {
+                    due = now + interval;
+                }
+            }
+        })
 }
 
 /// One partition of the orders topic as the whole group has committed it.

@@ -1,6 +1,6 @@
-//! What a guarantee may do with the consumer's offsets, as a narrow handle: store one, commit
-//! what was stored, seek, read the group's committed offsets, and the group's metadata for a
-//! transaction. The guarantees never hold the consumer itself, whose context holds them.
+//! What a guarantee may do with the consumer's offsets, as a narrow handle: commit positions,
+//! seek, read the group's committed offsets, and the group's metadata for a transaction. The
+//! guarantees never hold the consumer itself, whose context holds them.
 
 use std::time::Duration;
 
@@ -12,12 +12,9 @@ use rdkafka::{Offset, TopicPartitionList};
 
 /// The consumer's offsets, as a guarantee sees them.
 pub trait Offsets: Send + Sync {
-    /// Stores `offset` as the partition's next offset to commit (at-least-once: librdkafka's
-    /// auto-commit sends what is stored).
-    fn store_next(&self, topic: &str, partition: i32, offset: i64) -> KafkaResult<()>;
-
-    /// Commits the stored offsets now and waits for the broker's answer.
-    fn commit_stored(&self) -> KafkaResult<()>;
+    /// Commits these offsets (with their metadata) for the group; `Sync` waits for the
+    /// broker's answer.
+    fn commit(&self, offsets: &TopicPartitionList, mode: CommitMode) -> KafkaResult<()>;
 
     /// Moves the partition's position: its next record will be `offset`.
     fn seek_to(
@@ -44,12 +41,8 @@ pub trait Offsets: Send + Sync {
 macro_rules! offsets_of {
     ($consumer:ident) => {
         impl<C: ConsumerContext + 'static> Offsets for $consumer<C> {
-            fn store_next(&self, topic: &str, partition: i32, offset: i64) -> KafkaResult<()> {
-                self.store_offset(topic, partition, offset)
-            }
-
-            fn commit_stored(&self) -> KafkaResult<()> {
-                self.commit_consumer_state(CommitMode::Sync)
+            fn commit(&self, offsets: &TopicPartitionList, mode: CommitMode) -> KafkaResult<()> {
+                Consumer::commit(self, offsets, mode)
             }
 
             fn seek_to(

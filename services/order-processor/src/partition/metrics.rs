@@ -1,5 +1,9 @@
 //! Prometheus metrics, named after the OpenTelemetry messaging conventions where one exists.
 
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
 use order_runtime::dead_letter::Category;
 use order_runtime::histogram::{AtomicHistogram, LocalHistogram};
 use order_runtime::sync::Locked;
@@ -10,8 +14,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::exponential_buckets;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+
+use crate::position::Window;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CategoryLabel {
@@ -37,6 +41,14 @@ fn exact() -> hdrhistogram::Histogram<u64> {
         .expect("constant bounds are valid")
 }
 
+/// End-to-end latencies to 1% at microsecond resolution: of every order, and of the orders
+/// whose first attempt succeeded (the healthy ones, which a retry elsewhere must not delay).
+#[derive(Debug)]
+pub struct Exact {
+    all: hdrhistogram::Histogram<u64>,
+    first_attempt: hdrhistogram::Histogram<u64>,
+}
+
 /// The processor's metrics; clones share the same series.
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -54,7 +66,7 @@ pub struct Metrics {
     /// The same, to 1% at microsecond resolution, for `/stats` percentiles. A worker's values
     /// wait in its [`Tally`] and are recorded here under one lock at each flush, not a lock
     /// per record.
-    pub end_to_end_exact: Arc<Mutex<hdrhistogram::Histogram<u64>>>,
+    pub end_to_end_exact: Arc<Mutex<Exact>>,
     /// Retries of temporary failures.
     pub retries: Counter,
     /// Dead letters written, by category.
@@ -66,6 +78,35 @@ pub struct Metrics {
     pub unsplit_records: Counter,
     /// Records behind the partition's end, from librdkafka's statistics (every 5 s).
     pub consumer_lag: Family<PartitionLabel, Gauge>,
+    /// Records taken and not final (waiting for a retry, or behind one of their key).
+    pub in_flight: Family<PartitionLabel, Gauge>,
+    /// Seconds since the oldest record not final was taken (0 with none).
+    pub oldest_in_flight: Family<PartitionLabel, Gauge<f64, AtomicU64>>,
+}
+
+/// One partition's in-flight gauges, set by its worker at each flush, removed when it stops.
+pub struct PartitionGauges {
+    label: PartitionLabel,
+    in_flight: Family<PartitionLabel, Gauge>,
+    oldest: Family<PartitionLabel, Gauge<f64, AtomicU64>>,
+}
+
+impl PartitionGauges {
+    pub fn show(&self, window: &Window, now: Instant) {
+        self.in_flight
+            .get_or_create(&self.label)
+            .set(i64::try_from(window.in_flight()).unwrap_or(i64::MAX));
+        let age = window
+            .oldest()
+            .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64());
+        self.oldest.get_or_create(&self.label).set(age);
+    }
+
+    /// The partition is not this replica's any more: its series go.
+    pub fn remove(&self) {
+        self.in_flight.remove(&self.label);
+        self.oldest.remove(&self.label);
+    }
 }
 
 impl Metrics {
@@ -79,12 +120,17 @@ impl Metrics {
             dead_lettered,
             process_duration: AtomicHistogram::new(exponential_buckets(0.000_05, 4.0, 12)),
             end_to_end: AtomicHistogram::new(exponential_buckets(0.000_5, 2.0, 16)),
-            end_to_end_exact: Arc::new(Mutex::new(exact())),
+            end_to_end_exact: Arc::new(Mutex::new(Exact {
+                all: exact(),
+                first_attempt: exact(),
+            })),
             retries: Counter::default(),
             unsplit_records: Counter::default(),
             dead_letters: Family::default(),
             revenue_cents: Counter::default(),
             consumer_lag: Family::default(),
+            in_flight: Family::default(),
+            oldest_in_flight: Family::default(),
         };
         registry.register(
             "messaging_client_consumed_messages",
@@ -126,12 +172,34 @@ impl Metrics {
             "Records between this consumer's position and the end (last stable offset) of each partition it has, from librdkafka's statistics",
             m.consumer_lag.clone(),
         );
+        registry.register(
+            "processor_records_in_flight",
+            "Records of a partition taken and not final: waiting for a retry, or behind one of their key",
+            m.in_flight.clone(),
+        );
+        registry.register(
+            "processor_oldest_in_flight_seconds",
+            "Seconds since the oldest record of a partition that is not final was taken (0 with none)",
+            m.oldest_in_flight.clone(),
+        );
         for c in Category::ALL {
             let _ = m.dead_letters.get_or_create(&CategoryLabel {
                 category: c.as_str(),
             });
         }
         m
+    }
+
+    /// A partition's in-flight gauges.
+    pub fn partition_gauges(&self, topic: &str, partition: i32) -> PartitionGauges {
+        PartitionGauges {
+            label: PartitionLabel {
+                topic: topic.to_owned(),
+                partition,
+            },
+            in_flight: self.in_flight.clone(),
+            oldest: self.oldest_in_flight.clone(),
+        }
     }
 
     /// A partition task's private tally of per-record metrics.
@@ -159,46 +227,52 @@ impl Metrics {
 
     /// Records the end-to-end latencies (µs) a tally holds in the exact histogram, under one
     /// lock, and empties the list.
-    fn record_exact(&self, us: &mut Vec<u64>) {
+    fn record_exact(&self, us: &mut Vec<(u64, bool)>) {
         if us.is_empty() {
             return;
         }
         let mut h = self.end_to_end_exact.locked();
-        for v in us.drain(..) {
-            h.saturating_record(v);
+        for (v, first_attempt) in us.drain(..) {
+            h.all.saturating_record(v);
+            if first_attempt {
+                h.first_attempt.saturating_record(v);
+            }
         }
     }
 
     /// Records one order's end-to-end latency: from `timestamp_ms` (the record's timestamp,
     /// milliseconds since the epoch) to `now`, the instant its outcome became durable (the
-    /// worker reads the clock once per record, for this and its process duration). Clock skew
-    /// that makes it negative counts as 0.
-    pub fn observe_end_to_end(&self, tally: &mut Tally, timestamp_ms: i64, now: Instant) {
+    /// worker reads the clock once per record, for this and its process duration).
+    /// `first_attempt`: the order needed no retry. Clock skew that makes it negative counts
+    /// as 0.
+    pub fn observe_end_to_end(
+        &self,
+        tally: &mut Tally,
+        timestamp_ms: i64,
+        now: Instant,
+        first_attempt: bool,
+    ) {
         let now_us = tally.wall.unix_us_at(now);
         let us =
             u64::try_from(now_us.saturating_sub(timestamp_ms.saturating_mul(1000))).unwrap_or(0);
         #[allow(clippy::cast_precision_loss)]
         tally.end_to_end.observe(us as f64 / 1e6);
         // the exact histogram's lowest value is 1 µs
-        tally.end_to_end_us.push(us.max(1));
+        tally.end_to_end_us.push((us.max(1), first_attempt));
         // a tally's owner flushes every FLUSH_EVERY records; this bounds the list all the same
         if tally.end_to_end_us.len() >= Tally::EXACT_BATCH {
             self.record_exact(&mut tally.end_to_end_us);
         }
     }
 
-    /// Percentiles of the end-to-end latency since start-up, for `/stats`.
-    pub fn end_to_end_summary(&self) -> LatencySummary {
+    /// Percentiles of the end-to-end latency since start-up, for `/stats`: of every order, and
+    /// of the orders whose first attempt succeeded.
+    pub fn end_to_end_summary(&self) -> (LatencySummary, LatencySummary) {
         let h = self.end_to_end_exact.locked();
-        #[allow(clippy::cast_precision_loss)]
-        let ms = |us: u64| us as f64 / 1000.0;
-        LatencySummary {
-            count: h.len(),
-            p50: ms(h.value_at_quantile(0.5)),
-            p99: ms(h.value_at_quantile(0.99)),
-            p999: ms(h.value_at_quantile(0.999)),
-            max: ms(h.max()),
-        }
+        (
+            LatencySummary::of(&h.all),
+            LatencySummary::of(&h.first_attempt),
+        )
     }
 }
 
@@ -213,8 +287,9 @@ pub struct Tally {
     revenue_cents: u64,
     process_duration: LocalHistogram,
     end_to_end: LocalHistogram,
-    /// End-to-end latencies (µs) for the exact histogram, recorded there at the next flush.
-    end_to_end_us: Vec<u64>,
+    /// End-to-end latencies (µs) for the exact histograms, recorded there at the next flush,
+    /// each with whether the order's first attempt succeeded.
+    end_to_end_us: Vec<(u64, bool)>,
     /// The wall clock as of the last flush, so that a record's end-to-end latency needs no
     /// reading of it: the monotonic instant the worker reads anyway is added to it.
     wall: WallClock,
@@ -245,6 +320,20 @@ impl WallClock {
         let since =
             i64::try_from(t.saturating_duration_since(self.at).as_micros()).unwrap_or(i64::MAX);
         self.unix_us.saturating_add(since)
+    }
+}
+
+impl LatencySummary {
+    fn of(h: &hdrhistogram::Histogram<u64>) -> Self {
+        #[allow(clippy::cast_precision_loss)]
+        let ms = |us: u64| us as f64 / 1000.0;
+        LatencySummary {
+            count: h.len(),
+            p50: ms(h.value_at_quantile(0.5)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p999: ms(h.value_at_quantile(0.999)),
+            max: ms(h.max()),
+        }
     }
 }
 
@@ -302,16 +391,19 @@ mod tests {
         let now_ms = unix_ms();
         let mut tally = m.tally();
         for _ in 0..99 {
-            m.observe_end_to_end(&mut tally, now_ms - 20, Instant::now());
+            m.observe_end_to_end(&mut tally, now_ms - 20, Instant::now(), true);
         }
-        m.observe_end_to_end(&mut tally, now_ms - 2_000, Instant::now());
+        m.observe_end_to_end(&mut tally, now_ms - 2_000, Instant::now(), false);
         // a clock ahead of ours: 0, not a panic
-        m.observe_end_to_end(&mut tally, now_ms + 60_000, Instant::now());
+        m.observe_end_to_end(&mut tally, now_ms + 60_000, Instant::now(), true);
         m.flush(&mut tally);
-        let s = m.end_to_end_summary();
+        let (s, first) = m.end_to_end_summary();
         assert_eq!(s.count, 101);
         assert!((20.0..22.0).contains(&s.p50), "{s:?}");
         assert!((2_000.0..2_010.0).contains(&s.max), "{s:?}");
+        // the retried order counts in all, not among the first attempts
+        assert_eq!(first.count, 100);
+        assert!(first.max < 22.0, "{first:?}");
     }
 
     #[test]
@@ -320,14 +412,14 @@ mod tests {
         let now_ms = unix_ms();
         let mut tally = m.tally();
         for _ in 0..Tally::EXACT_BATCH + 10 {
-            m.observe_end_to_end(&mut tally, now_ms, Instant::now());
+            m.observe_end_to_end(&mut tally, now_ms, Instant::now(), true);
         }
         let batch = u64::try_from(Tally::EXACT_BATCH).unwrap();
         // the first batch went over when it filled; the rest wait for the flush
-        assert_eq!(m.end_to_end_summary().count, batch);
+        assert_eq!(m.end_to_end_summary().0.count, batch);
         assert_eq!(tally.end_to_end_us.len(), 10);
         m.flush(&mut tally);
-        assert_eq!(m.end_to_end_summary().count, batch + 10);
+        assert_eq!(m.end_to_end_summary().0.count, batch + 10);
     }
 
     #[test]
@@ -338,9 +430,9 @@ mod tests {
         let now_ms = unix_ms();
         // the wall clock is read at the flush; a record seen 50 ms later is 50 ms old, not 0
         std::thread::sleep(std::time::Duration::from_millis(50));
-        m.observe_end_to_end(&mut tally, now_ms, Instant::now());
+        m.observe_end_to_end(&mut tally, now_ms, Instant::now(), true);
         m.flush(&mut tally);
-        let s = m.end_to_end_summary();
+        let (s, _) = m.end_to_end_summary();
         assert_eq!(s.count, 1);
         assert!(s.max >= 49.0, "{s:?}");
     }

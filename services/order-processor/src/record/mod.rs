@@ -1,8 +1,10 @@
 //! A record's fate. [`decision`] is the pure rule (what is known about a record in, a verdict
-//! out); this module is the shell around it: it takes one record to its [`Outcome`] (decode,
-//! validate, attempts with their backoff waits), with spans and logs, and prepares a dead
-//! letter's headers and span. [`failures`] simulates temporary failures. Nothing here is
-//! durable yet: the chosen guarantee makes the outcome so.
+//! out); this module is the shell around it: it takes one record a [`Step`] at a time to its
+//! [`Outcome`] (decode and validate, then one attempt; a temporary failure comes back as a
+//! [`Retry`] due later, which the partition's worker holds while its other keys go on), with
+//! spans and logs, and prepares a dead letter's headers and span. [`failures`] simulates
+//! temporary failures. Nothing here waits out a backoff and nothing is durable yet: the worker
+//! keeps the time, and the chosen guarantee makes the outcome so.
 
 pub mod decision;
 pub mod failures;
@@ -10,7 +12,6 @@ pub mod failures;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kafka_batch::RawMessage;
 use order_runtime::backoff::Backoff;
 use order_runtime::dead_letter::{self, Category};
 use order_runtime::trace;
@@ -19,7 +20,7 @@ use prometheus_client::metrics::counter::Counter;
 use rdkafka::Timestamp;
 use rdkafka::message::{Message, OwnedHeaders};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, Span, field, info, info_span, warn};
+use tracing::{Span, field, info, info_span, warn};
 
 use self::decision::{Known, RetryPolicy, Verdict, decide};
 use self::failures::FailureInjector;
@@ -58,6 +59,35 @@ pub struct DeadLetter {
     pub span: Span,
 }
 
+/// Where a record stands after a step.
+#[derive(Debug)]
+pub enum Step {
+    /// Its final outcome, to be made durable.
+    Final(Outcome),
+    /// A temporary failure: the next attempt is due at [`Retry::at`].
+    Retry(Retry),
+}
+
+/// A valid order between two attempts. Its backoff span is open until the next attempt.
+#[derive(Debug)]
+pub struct Retry {
+    order: Order,
+    price: Cents,
+    /// The attempt to make at `at` (1-based).
+    attempt: u32,
+    /// When it is due.
+    pub at: tokio::time::Instant,
+    /// The wait, a span of its own (ended when the attempt runs).
+    backoff: Span,
+}
+
+impl Retry {
+    /// The attempt to make when due.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+}
+
 /// What evaluating records needs; shared by the partition workers.
 #[derive(Debug)]
 pub struct Records {
@@ -72,13 +102,10 @@ pub struct Records {
 }
 
 impl Records {
-    /// Decode, validate, attempts with retries: the record's outcome, or `None` when `cancel`
-    /// fired first (the record will be seen again). No side effects but metrics and logs.
-    pub async fn evaluate(
-        &self,
-        msg: &RawMessage<'_>,
-        cancel: &CancellationToken,
-    ) -> Option<Outcome> {
+    /// A record's first step: decode, validate, the first attempt. `None` when `cancel` fired
+    /// while the registry could not be asked (the record will be seen again). No side effects
+    /// but metrics and logs.
+    pub async fn start<M: Message>(&self, msg: &M, cancel: &CancellationToken) -> Option<Step> {
         let (verdict, message) = match self.decode(msg, cancel).await? {
             Err(e) => {
                 let kind = match &e {
@@ -95,57 +122,116 @@ impl Records {
                 trace::set_attribute("order.id", &order.order_id);
                 match order.validate_in(&self.catalogue) {
                     Err(e) => (decide(Known::Invalid(&e), &self.policy), e.to_string()),
-                    Ok(price) => {
-                        let verdict = attempts(
-                            &order,
-                            msg.partition(),
-                            &self.policy,
-                            self.failures.as_ref(),
-                            &self.retries,
-                            cancel,
-                        )
-                        .await?;
-                        let message = match verdict {
-                            Verdict::Processed { retries } => {
-                                return Some(Outcome::Processed {
-                                    order,
-                                    price,
-                                    retries,
-                                });
-                            }
-                            Verdict::DeadLetter { attempts, .. } => {
-                                format!("temporary failure persisted through {attempts} attempts")
-                            }
-                            Verdict::Retry { .. } => String::new(),
-                        };
-                        (verdict, message)
-                    }
+                    Ok(price) => return Some(self.attempt(msg, order, price, 1)),
                 }
             }
         };
+        Some(self.conclude(msg, verdict, &message))
+    }
+
+    /// A waiting record's next attempt, now that it is due.
+    pub fn resume<M: Message>(&self, msg: &M, retry: Retry) -> Step {
+        let Retry {
+            order,
+            price,
+            attempt,
+            backoff,
+            ..
+        } = retry;
+        drop(backoff);
+        self.attempt(msg, order, price, attempt)
+    }
+
+    /// Processing attempt `attempt` of a valid order, and what follows from it.
+    fn attempt<M: Message>(&self, msg: &M, order: Order, price: Cents, attempt: u32) -> Step {
+        let failed = self.failures.fails(&order, msg.partition(), attempt);
+        let traced = trace::recording();
+        // an attempt is instant (the failure is simulated), so its span is made after it; only
+        // a record that needed more than one gets attempt spans: for the others the processing
+        // span says it all, and a second span a record nearly halved the traced rate
+        if traced && (failed || attempt > 1) {
+            let span = info_span!(
+                "attempt",
+                otel.name = format!("process attempt {attempt}"),
+                otel.kind = "internal",
+                messaging.kafka.attempt = attempt,
+                error.type = field::Empty,
+                otel.status_code = field::Empty,
+            );
+            if failed {
+                span.record("error.type", "transient_failure");
+                span.record("otel.status_code", "ERROR");
+            }
+        }
+        match decide(Known::Attempted { attempt, failed }, &self.policy) {
+            Verdict::Processed { retries } => Step::Final(Outcome::Processed {
+                order,
+                price,
+                retries,
+            }),
+            Verdict::Retry {
+                attempt: next,
+                after,
+            } => {
+                let wait_ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+                self.retries.inc();
+                info!(
+                    order_id = %order.order_id, attempt, retry_in_ms = wait_ms,
+                    trace_id = trace::current_trace_id().unwrap_or_default(),
+                    "temporary failure, will retry"
+                );
+                let backoff = if traced {
+                    info_span!("backoff", otel.kind = "internal", backoff.ms = wait_ms)
+                } else {
+                    Span::none()
+                };
+                Step::Retry(Retry {
+                    order,
+                    price,
+                    attempt: next,
+                    at: tokio::time::Instant::now() + after,
+                    backoff,
+                })
+            }
+            verdict @ Verdict::DeadLetter { attempts, .. } => {
+                let message = format!("temporary failure persisted through {attempts} attempts");
+                self.conclude(msg, verdict, &message)
+            }
+        }
+    }
+
+    /// A final verdict that is not "processed": the dead letter.
+    fn conclude<M: Message>(&self, msg: &M, verdict: Verdict, message: &str) -> Step {
         match verdict {
             Verdict::DeadLetter {
                 category,
                 kind,
                 attempts,
-            } => Some(self.dead_letter(msg, category, kind, attempts, &message)),
-            // `decide` processes or retries only a valid order, and `attempts` returns only
-            // final verdicts: not reached
-            Verdict::Processed { .. } | Verdict::Retry { .. } => {
+            } => Step::Final(self.dead_letter(msg, category, kind, attempts, message)),
+            // `decide` processes or retries only a valid order, which `attempt` handles: a
+            // malformed or invalid record always gets a dead letter. Should that ever change,
+            // the record is dead-lettered rather than lost.
+            other => {
                 tracing::error!(
-                    ?verdict,
-                    "no final verdict for the record; it is not settled"
+                    ?other,
+                    "an unexpected verdict for an invalid record; dead-lettering it"
                 );
-                None
+                Step::Final(self.dead_letter(
+                    msg,
+                    Category::Unknown,
+                    "unexpected_verdict",
+                    1,
+                    message,
+                ))
             }
         }
     }
 
     /// The Order in the record, or why it is not one. A registry that cannot be asked is
     /// waited out, never a reason to dead-letter: `None` when `cancel` fired meanwhile.
-    async fn decode(
+    async fn decode<M: Message>(
         &self,
-        msg: &RawMessage<'_>,
+        msg: &M,
         cancel: &CancellationToken,
     ) -> Option<Result<Order, CodecError>> {
         let mut wait = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
@@ -164,9 +250,9 @@ impl Records {
 
     /// Prepares a dead letter: logs it, marks the processing span as failed, opens the send
     /// span and writes the headers.
-    fn dead_letter(
+    fn dead_letter<M: Message>(
         &self,
-        msg: &RawMessage<'_>,
+        msg: &M,
         category: Category,
         kind: &str,
         attempts: u32,
@@ -220,78 +306,12 @@ impl Records {
     }
 }
 
-/// Runs processing attempts of a valid `order` until the policy gives a final verdict
-/// (processed or dead letter), sleeping the waits it names. `None` when `cancel` fired during
-/// a wait. Each attempt and each wait is a span of its own.
-pub async fn attempts(
-    order: &Order,
-    partition: i32,
-    policy: &RetryPolicy,
-    failures: &dyn FailureInjector,
-    retries: &Counter,
-    cancel: &CancellationToken,
-) -> Option<Verdict> {
-    let mut attempt = 1;
-    loop {
-        let traced = trace::recording();
-        let failed = failures.fails(order, partition, attempt);
-        // an attempt is instant (the failure is simulated), so its span is made after it; only
-        // a record that needed more than one gets attempt spans: for the others the processing
-        // span says it all, and a second span a record nearly halved the traced rate
-        if traced && (failed || attempt > 1) {
-            let span = info_span!(
-                "attempt",
-                otel.name = format!("process attempt {attempt}"),
-                otel.kind = "internal",
-                messaging.kafka.attempt = attempt,
-                error.type = field::Empty,
-                otel.status_code = field::Empty,
-            );
-            if failed {
-                span.record("error.type", "transient_failure");
-                span.record("otel.status_code", "ERROR");
-            }
-        }
-        match decide(Known::Attempted { attempt, failed }, policy) {
-            Verdict::Retry {
-                attempt: next,
-                after,
-            } => {
-                let wait_ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
-                retries.inc();
-                info!(
-                    order_id = %order.order_id, attempt, retry_in_ms = wait_ms,
-                    trace_id = trace::current_trace_id().unwrap_or_default(),
-                    "temporary failure, will retry"
-                );
-                let backoff = if traced {
-                    info_span!("backoff", otel.kind = "internal", backoff.ms = wait_ms)
-                } else {
-                    Span::none()
-                };
-                let waited = async {
-                    tokio::select! {
-                        () = cancel.cancelled() => false,
-                        () = tokio::time::sleep(after) => true,
-                    }
-                }
-                .instrument(backoff)
-                .await;
-                if !waited {
-                    return None;
-                }
-                attempt = next;
-            }
-            verdict => return Some(verdict),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use std::sync::Mutex;
 
+    use rdkafka::message::OwnedMessage;
     use tokio::time::Instant;
 
     use super::*;
@@ -319,31 +339,65 @@ mod tests {
         }
     }
 
-    fn seed_policy() -> RetryPolicy {
-        RetryPolicy {
-            max_retries: 3,
-            backoff: Backoff::with_factor(Duration::from_secs(1), 2.0, Duration::from_secs(30)),
-        }
-    }
-
-    async fn run(
-        failures: u32,
-        cancel: &CancellationToken,
-    ) -> (Option<Verdict>, Vec<Duration>, u64) {
-        let injector = FailFirst {
+    fn records(failures: u32) -> (Records, Arc<FailFirst>) {
+        let injector = Arc::new(FailFirst {
             failures,
             started: Instant::now(),
             at: Mutex::default(),
+        });
+        let records = Records {
+            // never asked: the attempts below start from a decoded order
+            codec: OrderCodec::new("http://127.0.0.1:1", "orders").unwrap(),
+            failures: injector.clone(),
+            policy: RetryPolicy {
+                max_retries: 3,
+                backoff: Backoff::with_factor(Duration::from_secs(1), 2.0, Duration::from_secs(30)),
+            },
+            catalogue: Catalogue::default(),
+            dlq_topic: "orders-dlq".into(),
+            retries: Counter::default(),
         };
-        let retries = Counter::default();
-        let verdict = attempts(&order(), 0, &seed_policy(), &injector, &retries, cancel).await;
-        (verdict, injector.at.into_inner().unwrap(), retries.get())
+        (records, injector)
+    }
+
+    fn message() -> OwnedMessage {
+        OwnedMessage::new(
+            Some(b"bytes".to_vec()),
+            Some(b"o-1".to_vec()),
+            "orders".into(),
+            Timestamp::CreateTime(1),
+            0,
+            7,
+            None,
+        )
+    }
+
+    /// Takes a valid order's attempts to their end as a worker does, sleeping until each
+    /// retry is due: its outcome, when each attempt ran, the retries counted.
+    async fn run(failures: u32) -> (Outcome, Vec<Duration>, u64) {
+        let (records, injector) = records(failures);
+        let msg = message();
+        let mut step = records.attempt(&msg, order(), Cents(1_000), 1);
+        let outcome = loop {
+            match step {
+                Step::Final(outcome) => break outcome,
+                Step::Retry(retry) => {
+                    tokio::time::sleep_until(retry.at).await;
+                    step = records.resume(&msg, retry);
+                }
+            }
+        };
+        let at = injector.at.lock().unwrap().clone();
+        (outcome, at, records.retries.get())
     }
 
     #[tokio::test(start_paused = true)]
-    async fn retries_run_after_one_two_and_four_seconds() {
-        let (verdict, at, retries) = run(2, &CancellationToken::new()).await;
-        assert_eq!(verdict, Some(Verdict::Processed { retries: 2 }));
+    async fn retries_are_due_after_one_two_and_four_seconds() {
+        let (outcome, at, retries) = run(2).await;
+        assert!(
+            matches!(outcome, Outcome::Processed { retries: 2, .. }),
+            "{outcome:?}"
+        );
         assert_eq!(
             at,
             [
@@ -357,14 +411,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_failure_that_outlives_three_retries_is_dead_lettered_after_seven_seconds() {
-        let (verdict, at, retries) = run(u32::MAX, &CancellationToken::new()).await;
+        let (outcome, at, retries) = run(u32::MAX).await;
+        let Outcome::DeadLetter(dead) = outcome else {
+            panic!("{outcome:?}");
+        };
         assert_eq!(
-            verdict,
-            Some(Verdict::DeadLetter {
-                category: Category::RetriesExhausted,
-                kind: "transient_failure",
-                attempts: 4
-            })
+            (dead.category, dead.retries),
+            (Category::RetriesExhausted, 3)
         );
         let secs: Vec<u64> = at.iter().map(Duration::as_secs).collect();
         assert_eq!(secs, [0, 1, 3, 7]);
@@ -372,15 +425,15 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_stop_during_a_wait_leaves_the_record_undecided() {
-        let cancel = CancellationToken::new();
-        let stopper = cancel.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(1500)).await;
-            stopper.cancel();
-        });
-        let (verdict, at, _) = run(u32::MAX, &cancel).await;
-        assert_eq!(verdict, None);
-        assert_eq!(at.len(), 2, "attempts at 0 s and 1 s, none after the stop");
+    async fn a_step_waits_for_nothing_and_says_when_the_next_attempt_is_due() {
+        let (records, _) = records(u32::MAX);
+        let msg = message();
+        let before = Instant::now();
+        let Step::Retry(retry) = records.attempt(&msg, order(), Cents(1_000), 1) else {
+            panic!("the first attempt fails");
+        };
+        assert_eq!(Instant::now(), before, "no time passed in the step");
+        assert_eq!(retry.at - before, Duration::from_secs(1));
+        assert_eq!(retry.attempt(), 2);
     }
 }

@@ -18,7 +18,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use serde::Serialize;
 
-use crate::aggregate::StatsReport;
+use crate::aggregate::{PartitionState, StatsReport};
 use crate::config::{Config, Guarantee};
 use crate::durability::{CommittedPartition, GroupTotals};
 
@@ -34,8 +34,12 @@ pub struct PartitionRow {
     /// The next offset the group will process (committed with the state).
     pub committed_offset: Option<i64>,
     pub end_offset: i64,
-    /// Records on the partition that the group has not committed yet.
+    /// Records on the partition that the group has not committed yet (those above the
+    /// committed offset that were final at the commit do not count).
     pub lag: i64,
+    /// Records taken and not final at the last commit (waiting for a retry, or behind one of
+    /// their key).
+    pub in_flight: usize,
     pub processed: u64,
     pub retries: u64,
     pub dead_lettered: u64,
@@ -142,11 +146,17 @@ fn rows(committed: &[CommittedPartition]) -> Vec<PartitionRow> {
         .iter()
         .map(|c| {
             let committed_offset = c.state.as_ref().map(|s| s.next_offset).filter(|o| *o >= 0);
+            let position = c.state.as_ref().map(PartitionState::position);
+            let (taken_to, in_flight) = position
+                .as_ref()
+                .map_or((0, 0), |p| (p.end.max(0), p.incomplete.len()));
             PartitionRow {
                 partition: c.partition,
                 committed_offset,
                 end_offset: c.end_offset,
-                lag: (c.end_offset - committed_offset.unwrap_or(0)).max(0),
+                lag: (c.end_offset - taken_to.max(committed_offset.unwrap_or(0))).max(0)
+                    + i64::try_from(in_flight).unwrap_or(0),
+                in_flight,
                 processed: c.state.as_ref().map_or(0, |s| s.total.count),
                 retries: c.state.as_ref().map_or(0, |s| s.retries),
                 dead_lettered: c

@@ -1,19 +1,23 @@
-//! Exactly-once across a broker restart. Its own test binary, so that no other test runs while
-//! the broker is down.
+//! Exactly-once across a broker restart, with seeded temporary failures (records waiting for
+//! retries while the broker goes). Ignored in a plain `cargo test`: it stops the broker every
+//! other test of the binary uses, so `make test-rust` runs it on its own afterwards
+//! (`cargo test -p order-processor --test it -- --ignored`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::Duration;
 
+use crate::exactly_once::failures;
 use crate::workload::{Workload, committed};
 use order_testkit::{Stack, eventually, init_test_logging};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "stops the shared broker: run alone, with --ignored (make test-rust does)"]
 async fn the_broker_stopped_and_restarted_mid_stream_changes_no_total() {
     init_test_logging();
     let stack = Stack::from_env();
-    let w = std::sync::Arc::new(Workload::new(&stack, 20_000).await);
+    let w = std::sync::Arc::new(Workload::with_failures(&stack, 20_000, failures()).await);
     let a = w.replica(&stack).await;
     let b = w.replica(&stack).await;
     let feeder = {

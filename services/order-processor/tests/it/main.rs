@@ -6,4 +6,5 @@ mod binary;
 mod broker_restart;
 mod exactly_once;
 mod operations;
+mod ordering;
 mod workload;

@@ -18,15 +18,66 @@ pub struct Workload {
     pub dlq: String,
     pub group: String,
     records: Vec<(Vec<u8>, Option<Vec<u8>>, bool)>,
+    /// The valid orders that are processed (not those whose failures outlive their retries).
     pub valid_cents: Vec<i64>,
     pub validation: u64,
     pub deserialization: u64,
+    /// Valid orders whose seeded failures outlive their retries: dead-lettered as
+    /// `retries_exhausted`.
+    pub exhausted: u64,
+    /// Seeded temporary failures, when the workload has them.
+    pub failures: Option<Seeded>,
+}
+
+/// Temporary failures by `TRANSIENT_FAILURE_SEED`, and the retries they get.
+#[derive(Debug, Clone)]
+pub struct Seeded {
+    pub seed: String,
+    pub rate: f64,
+    pub max_retries: u32,
+    pub initial_backoff_ms: u64,
+}
+
+/// FNV-1a, 64 bits, then MurmurHash3's `fmix64`: the test's own, for the rule
+/// docs/processing.md gives.
+fn draw(text: &str) -> u64 {
+    let mut h = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    for (shift, factor) in [(33, 0xff51_afd7_ed55_8ccd_u64), (33, 0xc4ce_b9fe_1a85_ec53)] {
+        h = (h ^ (h >> shift)).wrapping_mul(factor);
+    }
+    h ^ (h >> 33)
+}
+
+impl Seeded {
+    /// Whether attempt `n` of order `id` fails, by the documented rule.
+    pub fn fails(&self, id: &str, n: u32) -> bool {
+        #[allow(clippy::cast_precision_loss)]
+        let drawn = draw(&format!("{}:{id}:{n}", self.seed)) as f64;
+        drawn < self.rate * 2f64.powi(64)
+    }
+
+    /// Whether every attempt of order `id` fails: its retries run out.
+    pub fn exhausts(&self, id: &str) -> bool {
+        (1..=self.max_retries + 1).all(|n| self.fails(id, n))
+    }
 }
 
 impl Workload {
     /// `n` records on a 6-partition topic: about 95 % valid orders, 3 % invalid ones, 2 %
     /// garbage.
     pub async fn new(stack: &Stack, n: usize) -> Self {
+        Self::build(stack, n, None).await
+    }
+
+    /// The same mix with seeded temporary failures: the orders whose failures outlive their
+    /// retries are known from the seed alone.
+    pub async fn with_failures(stack: &Stack, n: usize, failures: Seeded) -> Self {
+        Self::build(stack, n, Some(failures)).await
+    }
+
+    async fn build(stack: &Stack, n: usize, failures: Option<Seeded>) -> Self {
         let (orders, dlq, group) = (
             unique("eos-orders"),
             unique("eos-dlq"),
@@ -44,6 +95,8 @@ impl Workload {
             valid_cents: Vec::new(),
             validation: 0,
             deserialization: 0,
+            exhausted: 0,
+            failures,
         };
         for i in 0..n {
             let id = uuid::Uuid::new_v4().to_string();
@@ -70,6 +123,7 @@ impl Workload {
                 }
                 _ => {
                     let cents = rng.random_range(1_000..=100_000i64);
+                    let exhausts = w.failures.as_ref().is_some_and(|f| f.exhausts(&id));
                     #[allow(clippy::cast_precision_loss)]
                     let o = Order {
                         order_id: id,
@@ -77,8 +131,12 @@ impl Workload {
                         price: cents as f64 / 100.0,
                     };
                     w.records
-                        .push((key, Some(codec.encode(&o).await.unwrap()), false));
-                    w.valid_cents.push(cents);
+                        .push((key, Some(codec.encode(&o).await.unwrap()), exhausts));
+                    if exhausts {
+                        w.exhausted += 1;
+                    } else {
+                        w.valid_cents.push(cents);
+                    }
                 }
             }
         }
@@ -90,7 +148,7 @@ impl Workload {
     }
 
     pub fn dead(&self) -> u64 {
-        self.validation + self.deserialization
+        self.validation + self.deserialization + self.exhausted
     }
 
     /// Sends every record, `per_second` at most, and returns where each failing one landed.
@@ -136,19 +194,35 @@ impl Workload {
     /// The environment of one replica.
     pub fn replica_vars(&self, stack: &Stack) -> Vec<(String, String)> {
         let mut v = stack.vars(&self.orders, &self.dlq);
-        v.extend(
-            [
-                ("CONSUMER_GROUP", self.group.as_str()),
-                ("PROCESSING_GUARANTEE", "exactly_once"),
+        let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+            list.iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        v.extend(pairs(&[
+            ("CONSUMER_GROUP", self.group.as_str()),
+            ("PROCESSING_GUARANTEE", "exactly_once"),
+            ("TRANSACTION_TIMEOUT_MS", "5000"),
+            ("RUST_LOG", "warn,order_processor=info"),
+        ]));
+        match &self.failures {
+            None => v.extend(pairs(&[
                 ("TRANSIENT_FAILURE_RATE", "0.02"),
                 ("MAX_RETRIES", "10"),
                 ("RETRY_INITIAL_BACKOFF_MS", "1"),
                 ("RETRY_BACKOFF_MULTIPLIER", "1.5"),
-                ("TRANSACTION_TIMEOUT_MS", "5000"),
-                ("RUST_LOG", "warn,order_processor=info"),
-            ]
-            .map(|(k, v)| (k.to_owned(), v.to_owned())),
-        );
+            ])),
+            Some(f) => v.extend(pairs(&[
+                ("TRANSIENT_FAILURE_SEED", &f.seed),
+                ("TRANSIENT_FAILURE_RATE", &f.rate.to_string()),
+                ("MAX_RETRIES", &f.max_retries.to_string()),
+                (
+                    "RETRY_INITIAL_BACKOFF_MS",
+                    &f.initial_backoff_ms.to_string(),
+                ),
+                ("RETRY_BACKOFF_MULTIPLIER", "2"),
+            ])),
+        }
         v
     }
 
@@ -245,6 +319,13 @@ impl Workload {
         assert_eq!(
             global["dead_lettered_by_category"]["deserialization"].as_u64(),
             Some(self.deserialization)
+        );
+        assert_eq!(
+            global["dead_lettered_by_category"]["retries_exhausted"]
+                .as_u64()
+                .unwrap_or(0),
+            self.exhausted,
+            "the orders the seed says outlive their retries, and only those: {global}"
         );
         assert_eq!(
             global["partitions"].as_array().map(Vec::len),

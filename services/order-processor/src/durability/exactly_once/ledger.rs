@@ -9,6 +9,7 @@ use rdkafka::message::OwnedHeaders;
 
 use super::error::EosError;
 use crate::aggregate::{PartitionState, StatsReport};
+use crate::position::Position;
 
 /// A dead letter produced since the last commit, kept to produce it again if the
 /// transaction aborts.
@@ -47,20 +48,17 @@ impl Part {
 /// moving between the CPUs, and the wake-ups of the workers that found it taken).
 #[derive(Debug, Default)]
 pub struct Pending {
-    /// What the records add up to (`next_offset` unused: see `next_offset` below).
+    /// What the records add up to (its position unused: the worker's window gives it).
     state: PartitionState,
     outcomes: u64,
-    /// One past the last record gathered; 0 with none.
-    next_offset: i64,
 }
 
 impl Pending {
     /// Gathers a processed record.
-    pub fn add(&mut self, offset: i64, product: &str, price: order_schema::Cents, retries: u32) {
+    pub fn add(&mut self, product: &str, price: order_schema::Cents, retries: u32) {
         self.state.add(product, price);
         self.state.retries += u64::from(retries);
         self.outcomes += 1;
-        self.next_offset = offset + 1;
     }
 
     pub fn is_empty(&self) -> bool {
@@ -75,6 +73,8 @@ impl Pending {
             dead_lettered,
             retries,
             next_offset: _,
+            taken_to: _,
+            incomplete: _,
         } = &mut self.state;
         *total = crate::aggregate::Aggregate::default();
         by_product
@@ -83,7 +83,6 @@ impl Pending {
         dead_lettered.clear();
         *retries = 0;
         self.outcomes = 0;
-        self.next_offset = 0;
     }
 }
 
@@ -96,7 +95,7 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// A partition restored with `state` (its next offset included) is held from now on.
+    /// A partition restored with `state` (its position included) is held from now on.
     pub fn restored(&mut self, partition: i32, state: PartitionState) {
         self.parts.insert(partition, Part::new(state));
     }
@@ -105,27 +104,28 @@ impl Ledger {
         self.parts.contains_key(&partition)
     }
 
-    /// The offset of `partition`'s next record as applied (0 when not held).
-    pub fn next_offset(&self, partition: i32) -> i64 {
+    /// Where `partition` stands as applied (offset 0 when not held).
+    pub fn position(&self, partition: i32) -> Position {
         self.parts
             .get(&partition)
-            .map_or(0, |p| p.working.next_offset)
+            .map_or_else(|| Position::at(0), |p| p.working.position())
     }
 
-    /// Whether the record at `offset` of `partition` is still to be applied here: the
-    /// partition is held and the record is not behind what was applied (a record seen again
-    /// after a rewind is stale).
+    /// Whether the record at `offset` of `partition` may still be applied here: the
+    /// partition is held and the record is not behind its lowest offset not final (which
+    /// worker's window keeps records final already from coming back).
     pub fn accepts(&self, partition: i32, offset: i64) -> bool {
         self.parts
             .get(&partition)
             .is_some_and(|p| offset >= p.working.next_offset)
     }
 
-    /// Applies an accepted record's dead letter to `working` and keeps it for a replay.
+    /// Applies an accepted record's dead letter to `working` and keeps it for a replay; the
+    /// partition is now at `position` (which counts the record final).
     pub fn dead_lettered(
         &mut self,
         partition: i32,
-        offset: i64,
+        position: &Position,
         category: Category,
         retries: u32,
         dead: DeadLetter,
@@ -133,23 +133,24 @@ impl Ledger {
         if let Some(part) = self.parts.get_mut(&partition) {
             part.working.dead_letter(category);
             part.working.retries += u64::from(retries);
-            part.working.next_offset = offset + 1;
+            part.working.set_position(position);
             part.uncommitted += 1;
             part.dead_letters.push(dead);
         }
     }
 
-    /// Moves `pending`'s records into `working` and empties it. Nothing moves if the
-    /// partition is not held any more (its records go to the next owner).
-    pub fn absorb(&mut self, partition: i32, pending: &mut Pending) {
+    /// Moves `pending`'s records into `working`, which is then at `position` (the worker's,
+    /// counting them final), and empties it. Nothing moves if the partition is not held any
+    /// more (its records go to the next owner), or for a position behind the one applied.
+    pub fn absorb(&mut self, partition: i32, pending: &mut Pending, position: &Position) {
         if pending.is_empty() {
             return;
         }
         if let Some(part) = self.parts.get_mut(&partition)
-            && pending.next_offset > part.working.next_offset
+            && position.next >= part.working.next_offset
         {
             part.working.merge(&pending.state);
-            part.working.next_offset = pending.next_offset;
+            part.working.set_position(position);
             part.uncommitted += pending.outcomes;
         }
         pending.clear();
@@ -270,8 +271,8 @@ mod tests {
     fn sold(l: &mut Ledger, partition: i32, offset: i64, cents: i64) {
         assert!(l.accepts(partition, offset));
         let mut pending = Pending::default();
-        pending.add(offset, "laptop", Cents(cents), 0);
-        l.absorb(partition, &mut pending);
+        pending.add("laptop", Cents(cents), 0);
+        l.absorb(partition, &mut pending, &Position::at(offset + 1));
         assert!(pending.is_empty());
     }
 
@@ -284,7 +285,13 @@ mod tests {
     }
 
     fn dead_lettered(l: &mut Ledger, partition: i32, offset: i64, n: u8) {
-        l.dead_lettered(partition, offset, Category::Validation, 2, letter(n));
+        l.dead_lettered(
+            partition,
+            &Position::at(offset + 1),
+            Category::Validation,
+            2,
+            letter(n),
+        );
     }
 
     /// Records gathered without the lock land in `working` as if applied one by one, and the
@@ -293,10 +300,10 @@ mod tests {
     fn gathered_records_are_absorbed_in_one_go_and_the_pending_is_reused() {
         let mut l = restored(3, 100);
         let mut pending = Pending::default();
-        pending.add(100, "laptop", Cents(1_000), 1);
-        pending.add(101, "phone", Cents(250), 0);
-        pending.add(102, "laptop", Cents(3_000), 0);
-        l.absorb(3, &mut pending);
+        pending.add("laptop", Cents(1_000), 1);
+        pending.add("phone", Cents(250), 0);
+        pending.add("laptop", Cents(3_000), 0);
+        l.absorb(3, &mut pending, &Position::at(103));
         assert!(pending.is_empty());
         let change = &l.changes().unwrap()[0];
         assert_eq!(change.next_offset(), 103);
@@ -309,16 +316,16 @@ mod tests {
         assert_eq!(state.by_product["laptop"].count, 2);
         assert_eq!(state.retries, 1);
         // reused: the product zeroed in it adds nothing, the new record its own figures
-        pending.add(103, "phone", Cents(500), 0);
-        l.absorb(3, &mut pending);
+        pending.add("phone", Cents(500), 0);
+        l.absorb(3, &mut pending, &Position::at(104));
         let state = &l.changes().unwrap()[0].state;
         assert_eq!(state.by_product["laptop"].count, 2);
         assert_eq!(state.by_product["laptop"].min_cents, Some(1_000));
         assert_eq!(state.by_product["phone"].count, 2);
         assert_eq!((state.total.count, state.next_offset), (4, 104));
         // a dead letter after gathered records: Core::dead_letter absorbs them first
-        pending.add(104, "phone", Cents(1), 0);
-        l.absorb(3, &mut pending);
+        pending.add("phone", Cents(1), 0);
+        l.absorb(3, &mut pending, &Position::at(105));
         dead_lettered(&mut l, 3, 105, 9);
         assert_eq!(l.changes().unwrap()[0].next_offset(), 106);
         assert_eq!(l.uncommitted(), 6);
@@ -382,18 +389,56 @@ mod tests {
         let mut l = restored(0, 10);
         assert!(!l.accepts(0, 9), "before the restored offset");
         sold(&mut l, 0, 10, 100);
-        assert!(!l.accepts(0, 10), "seen again after a rewind");
+        assert!(!l.accepts(0, 10), "behind the lowest offset not final");
         assert!(l.accepts(0, 11));
         assert!(!l.accepts(1, 0), "never assigned here");
         // records of a partition not held, or behind what was applied, change nothing
         let mut pending = Pending::default();
-        pending.add(0, "laptop", Cents(1), 0);
-        l.absorb(1, &mut pending);
+        pending.add("laptop", Cents(1), 0);
+        l.absorb(1, &mut pending, &Position::at(1));
         assert!(pending.is_empty(), "dropped, for the partition's owner");
-        pending.add(9, "laptop", Cents(1), 0);
-        l.absorb(0, &mut pending);
+        pending.add("laptop", Cents(1), 0);
+        l.absorb(0, &mut pending, &Position::at(10));
         assert_eq!(l.report().processed, 1);
         assert_eq!(l.uncommitted(), 1);
+    }
+
+    /// Records final out of offset order: the state written to the changelog says which
+    /// offsets above its next offset were not final, and reads back the same.
+    #[test]
+    fn a_position_with_records_not_final_goes_into_the_state_and_back() {
+        let mut l = restored(2, 100);
+        let mut pending = Pending::default();
+        pending.add("laptop", Cents(1_000), 0);
+        pending.add("phone", Cents(500), 0);
+        pending.add("phone", Cents(700), 2);
+        let position = Position {
+            next: 100,
+            end: 105,
+            incomplete: vec![100, 103],
+        };
+        l.absorb(2, &mut pending, &position);
+        let change = &l.changes().unwrap()[0];
+        assert_eq!(
+            change.next_offset(),
+            100,
+            "the offset committed is the lowest not final"
+        );
+        let state: PartitionState = serde_json::from_slice(&change.value).unwrap();
+        assert_eq!(state.position(), position);
+        assert_eq!(state.total.count, 3);
+        // a state written before positions had more than one offset reads as one
+        let old: PartitionState = serde_json::from_str(
+            r#"{"total":{"count":0,"revenue_cents":0,"min_cents":null,"max_cents":null},"by_product":{},"dead_lettered":{},"retries":0,"next_offset":42}"#,
+        )
+        .unwrap();
+        assert_eq!(old.position(), Position::at(42));
+        assert!(
+            !String::from_utf8(serde_json::to_vec(&old).unwrap())
+                .unwrap()
+                .contains("incomplete"),
+            "a contiguous position is written as before"
+        );
     }
 
     #[test]

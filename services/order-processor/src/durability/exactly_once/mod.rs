@@ -45,7 +45,6 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
-use kafka_batch::RawMessage;
 use order_runtime::backoff::Backoff;
 use order_runtime::sync::Locked;
 use rdkafka::ClientConfig;
@@ -62,6 +61,7 @@ use self::transaction::{Applied, Core};
 use super::{CommittedPartition, Durability, GroupTotals, Offsets, TotalsError, Transactions};
 use crate::aggregate::StatsReport;
 use crate::config::Config;
+use crate::position::{Position, Window};
 use crate::record::Outcome;
 
 /// The exactly-once guarantee of one replica.
@@ -86,14 +86,12 @@ pub struct ExactlyOnce {
 type Answer = tokio::sync::oneshot::Sender<Result<(), String>>;
 
 /// A worker's share: the partition it processes, the processed records it has not handed to
-/// the core yet, and when it last found the partition held ([`Core::holds`]).
+/// the core yet, and when it last found the partition held ([`Core::holds`]). Which records
+/// are stale (final already, or behind a rewind) is the worker's window's to say.
 pub struct Partition {
     number: i32,
     pending: Pending,
     checked: AtomicU64,
-    /// One past the last record taken: a record behind it (seen again after a rewind) is
-    /// stale. Starts at the restored offset.
-    next_offset: i64,
 }
 
 impl ExactlyOnce {
@@ -245,19 +243,22 @@ impl Durability for ExactlyOnce {
         _: &str,
         partition: i32,
         cancel: &CancellationToken,
-    ) -> Option<Partition> {
+    ) -> Option<(Partition, Position)> {
         // a failure at a start is mostly a broker a moment behind (a leader not known yet):
         // try again soon, then less and less often
         let mut wait = Backoff::new(Duration::from_millis(20), Duration::from_secs(5));
         loop {
             match self.restore(offsets, partition).await {
                 Ok(()) => {
-                    return Some(Partition {
+                    let position = self
+                        .core()
+                        .map_or_else(|| Position::at(0), |c| c.position(partition));
+                    let part = Partition {
                         number: partition,
                         pending: Pending::default(),
                         checked: AtomicU64::new(u64::MAX),
-                        next_offset: self.core().map_or(0, |c| c.next_offset(partition)),
-                    });
+                    };
+                    return Some((part, position));
                 }
                 Err(e) => {
                     warn!(partition, error = %e, retry_in_ms = wait.upcoming_ms(),
@@ -275,30 +276,26 @@ impl Durability for ExactlyOnce {
             .is_some_and(|c| c.holds(part.number, &part.checked))
     }
 
-    async fn settle(
+    async fn settle<M: Message + Sync>(
         &self,
         part: &mut Partition,
-        msg: &RawMessage<'_>,
+        msg: &M,
         outcome: &Outcome,
+        window: &Window,
         _: &CancellationToken,
     ) -> bool {
         let Some(core) = self.core() else {
             return false;
         };
-        let offset = msg.offset();
-        if offset < part.next_offset {
-            return false;
-        }
         let dead = match outcome {
             // gathered here, handed to the core at the next checkpoint
             Outcome::Processed { order, price, .. } => {
-                part.pending
-                    .add(offset, &order.product, *price, outcome.retries());
-                part.next_offset = offset + 1;
+                part.pending.add(&order.product, *price, outcome.retries());
                 return true;
             }
             Outcome::DeadLetter(dead) => dead,
         };
+        let position = window.position();
         loop {
             let applied = dead.span.in_scope(|| {
                 core.dead_letter(
@@ -307,13 +304,11 @@ impl Durability for ExactlyOnce {
                     &dead.headers,
                     outcome.retries(),
                     &mut part.pending,
+                    &position,
                 )
             });
             match applied {
-                Applied::Yes => {
-                    part.next_offset = offset + 1;
-                    return true;
-                }
+                Applied::Yes => return true,
                 Applied::Stale => return false,
                 // someone holds the core for a moment (an abort: broker round trips): wait for
                 // its release rather than block a runtime thread (blocking on the lock made
@@ -328,13 +323,18 @@ impl Durability for ExactlyOnce {
         }
     }
 
-    /// Hands the records gathered since the last checkpoint to the core, for the next commit;
-    /// waits (without blocking a runtime thread) while someone holds the core.
-    async fn checkpoint(&self, part: &mut Partition) {
+    /// Hands the records gathered since the last checkpoint to the core, with where the
+    /// partition stands, for the next commit; waits (without blocking a runtime thread) while
+    /// someone holds the core.
+    async fn checkpoint(&self, part: &mut Partition, window: &Window) {
         let Some(core) = self.core() else {
             return;
         };
-        while !part.pending.is_empty() && !core.absorb(part.number, &mut part.pending) {
+        if part.pending.is_empty() {
+            return;
+        }
+        let position = window.position();
+        while !part.pending.is_empty() && !core.absorb(part.number, &mut part.pending, &position) {
             core.until_released().await;
         }
     }
@@ -355,35 +355,11 @@ impl Durability for ExactlyOnce {
         offsets: &Arc<dyn Offsets>,
         shutdown: &CancellationToken,
     ) -> std::io::Result<()> {
-        use std::sync::mpsc::{RecvTimeoutError, channel};
         let interval = Duration::from_millis(self.config.processor.commit_interval_ms);
-        let (stop, stopped) = channel::<()>();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            shutdown.cancelled().await;
-            drop(stop);
-        });
         let (this, offsets) = (self.clone(), offsets.clone());
-        let handle = std::thread::Builder::new()
-            .name("eos-committer".into())
-            .spawn(move || {
-                let mut due = std::time::Instant::now() + interval;
-                loop {
-                    let wait = due.saturating_duration_since(std::time::Instant::now());
-                    match stopped.recv_timeout(wait) {
-                        Err(RecvTimeoutError::Timeout) => {}
-                        Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
-                    }
-                    this.commit(offsets.as_ref());
-                    // a commit that overran the interval pushes the next one back a whole
-                    // interval
-                    let now = std::time::Instant::now();
-                    due += interval;
-                    if due < now {
-                        due = now + interval;
-                    }
-                }
-            })?;
+        let handle = super::every(interval, shutdown, "eos-committer", move || {
+            this.commit(offsets.as_ref());
+        })?;
         *self.committer.locked() = Some(handle);
         Ok(())
     }

@@ -23,6 +23,7 @@ use super::ledger::{Change, DeadLetter, Ledger, Pending};
 use crate::aggregate::{PartitionState, StatsReport};
 use crate::config::Config;
 use crate::durability::Offsets;
+use crate::position::Position;
 
 /// librdkafka's "beginning of the partition" offset, for a partition with no committed offset.
 const OFFSET_BEGINNING: i64 = -2;
@@ -242,9 +243,9 @@ impl Core {
         }
     }
 
-    /// The offset of `partition`'s next record as applied here (0 when not held).
-    pub fn next_offset(&self, partition: i32) -> i64 {
-        self.with_lock(|inner| inner.ledger.next_offset(partition))
+    /// Where `partition` stands as applied here (offset 0 when not held).
+    pub fn position(&self, partition: i32) -> Position {
+        self.with_lock(|inner| inner.ledger.position(partition))
     }
 
     /// This replica's partitions: their working totals, as `/stats` serves them.
@@ -290,7 +291,7 @@ impl Core {
                         {
                             self.seek_to_start(offsets, partition);
                         }
-                        self.position(offsets, partition, state, group_offset)
+                        self.place(offsets, partition, state, group_offset)
                     });
                     let state = match restored {
                         Ok(state) => state,
@@ -334,7 +335,7 @@ impl Core {
 
     /// A restored partition's state, with the consumer positioned at its next offset: the
     /// changelog's (`restored`) decides over the group's committed offset (`group_offset`).
-    fn position(
+    fn place(
         &self,
         offsets: &dyn Offsets,
         partition: i32,
@@ -381,16 +382,18 @@ impl Core {
         });
     }
 
-    /// Makes `pending`'s processed records part of the next commit; `false` without waiting
-    /// when someone holds the core (try again after [`Core::until_released`]). They write
-    /// nothing until the commit, so they go in even while one is in flight.
-    pub fn absorb(&self, partition: i32, pending: &mut Pending) -> bool {
-        self.try_with_lock(|inner| inner.ledger.absorb(partition, pending))
+    /// Makes `pending`'s processed records part of the next commit, with the partition at
+    /// `position`; `false` without waiting when someone holds the core (try again after
+    /// [`Core::until_released`]). They write nothing until the commit, so they go in even
+    /// while one is in flight.
+    pub fn absorb(&self, partition: i32, pending: &mut Pending, position: &Position) -> bool {
+        self.try_with_lock(|inner| inner.ledger.absorb(partition, pending, position))
             .is_some()
     }
 
     /// Makes one record's dead letter part of the next commit, after the partition's
-    /// `pending` records (which come before it). Never waits: `Locked` when someone holds the
+    /// `pending` records (final before it), with the partition at `position` (which counts it
+    /// final). Never waits: `Locked` when someone holds the
     /// core, `Committing` while a commit is in flight (a dead letter is produced inside the
     /// transaction), `QueueFull` when the producer cannot take it yet.
     pub fn dead_letter(
@@ -400,6 +403,7 @@ impl Core {
         headers: &OwnedHeaders,
         retries: u32,
         pending: &mut Pending,
+        position: &Position,
     ) -> Applied {
         let partition = msg.partition();
         self.try_with_lock(|inner| {
@@ -419,10 +423,10 @@ impl Core {
                 // a failed send poisons the transaction; the commit aborts it and redoes this
                 Sent::Failed | Sent::Ok => {}
             }
-            inner.ledger.absorb(partition, pending);
+            inner.ledger.absorb(partition, pending, position);
             inner
                 .ledger
-                .dead_lettered(partition, msg.offset(), category, retries, dead);
+                .dead_lettered(partition, position, category, retries, dead);
             Applied::Yes
         })
         .unwrap_or(Applied::Locked)
