@@ -139,7 +139,11 @@ done
 grep -v '^kafka-init' "$work/compose.txt" | grep -q 'healthcheck=false' && fail "a long-running service has no health check"
 grep '^order-processor' "$work/compose.txt" | grep -q 'container_name="".*published=\[\]' \
   || fail "order-processor must have no fixed container name or host port, or it cannot scale"
-echo "every service present; all long-running ones have health checks; the processor scales"
+# a port published on every address of the host is open to the user's LAN
+grep 'host_ip=' "$work/compose.txt" | grep -v 'host_ip=\[\]' | grep -Ev 'host_ip=\[("127\.0\.0\.1" ?)+\]' \
+  && fail "a port is published beyond 127.0.0.1"
+echo "every service present; all long-running ones have health checks; the processor scales;"
+echo "every port is published on 127.0.0.1 only"
 
 step "helm lint"
 "$helm" lint "$chart"

@@ -2,8 +2,10 @@
 driven through its ChromeDriver by Selenium.
 
 After a known set of orders, the totals on the page equal `/stats/global`, the dead letters
-equal the analyzer's `/report`, nothing on the page fails to load, and the browser's console
-has no error. The screenshot stays in target/test-logs/status-page.png.
+equal the analyzer's `/report`, each trace id links to that trace in the Jaeger UI, a page
+opened after the orders stopped draws their throughput at once (the processor keeps the
+history), no table is cut off at 1400 px, nothing on the page fails to load, and the browser's
+console has no error. The screenshot stays in target/test-logs/status-page.png.
 """
 
 import pathlib
@@ -26,6 +28,9 @@ SCREENSHOT = ROOT / "target" / "test-logs" / "status-page.png"
 # traces to the native stack's Jaeger (spans are made at the info level), so that dead letters
 # carry trace ids
 TRACED = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "RUST_LOG": "info,rdkafka=warn"}
+# the stack's Jaeger has the query API and no UI (make stack-up says so): the links are checked
+# by the trace they name, which its API must hold
+JAEGER = "http://127.0.0.1:16686"
 
 
 def browser():
@@ -34,7 +39,7 @@ def browser():
     # no network but loopback here: nothing in the background, no component updates
     for flag in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--no-first-run", "--window-size=1280,1400"]:
+                 "--no-first-run", "--window-size=1400,1400"]:
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
@@ -54,6 +59,13 @@ def rows(driver, css):
         ".map(r => [...r.querySelectorAll('td')].map(td => td.innerText.trim()));", css)
 
 
+def clipped(driver):
+    """The tables wider than the card that holds them: their right edge is cut off."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll('table')]"
+        ".filter(t => t.scrollWidth > t.parentElement.clientWidth + 1).map(t => t.id);")
+
+
 def card(driver, key):
     return text(driver, f'.card[data-key="{key}"] .value').replace("$", "").replace(",", "")
 
@@ -70,18 +82,17 @@ def test_the_status_page_shows_the_groups_totals_and_the_dead_letters():
         [BIN / "order-processor"],
         env=service_env(topic, HTTP_PORT=ports["processor"], CONSUMER_GROUP=unique("page-processor"),
                         TRANSIENT_FAILURE_RATE="0.2", RETRY_INITIAL_BACKOFF_MS="20",
-                        ANALYZER_URL=f"http://127.0.0.1:{ports['analyzer']}", **TRACED),
+                        ANALYZER_URL=f"http://127.0.0.1:{ports['analyzer']}", JAEGER_UI_URL=JAEGER + "/",
+                        **TRACED),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     driver = None
     try:
         for p in ports.values():
             wait_for("ready", lambda p=p: urllib.request.urlopen(f"http://127.0.0.1:{p}/readyz", timeout=2).status == 200, 60)
-        # the page is open while the orders flow, so that it draws their throughput
         driver = browser()
-        driver.get(f"http://127.0.0.1:{ports['processor']}/")
-        wait_for("the page's first answer", lambda: driver.find_element(By.TAG_NAME, "body").get_attribute("data-loaded") == "true", 30)
+        # ten seconds of orders: the processor notes its throughput every 5 s
         run = subprocess.run([BIN / "order-generator"],
-                             env=service_env(topic, ORDER_COUNT=150, ORDER_RATE=30, INVALID_ORDER_RATIO=0.1,
+                             env=service_env(topic, ORDER_COUNT=150, ORDER_RATE=15, INVALID_ORDER_RATIO=0.1,
                                              HTTP_PORT=free_port(), **TRACED),
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, run.stderr + run.stdout
@@ -95,12 +106,20 @@ def test_the_status_page_shows_the_groups_totals_and_the_dead_letters():
         report = wait_for("the analyzer's report", lambda: (
             r if (r := get_json(ports["analyzer"], "/report"))["total"] == stats["dead_lettered"] else None), 60)
         assert stats["dead_lettered"] >= 1  # the garbage at least
+        # the page is opened only now, after the orders: it draws their throughput from the
+        # processor's history at its first answer
+        driver.get(f"http://127.0.0.1:{ports['processor']}/")
+        wait_for("the page's first answer", lambda: driver.find_element(By.TAG_NAME, "body").get_attribute("data-loaded") == "true", 30)
+        first = text(driver, "#rate")
+        assert first.startswith("now ") and "top of the chart 1 orders/s" not in first, first
+        # and the line is drawn across the chart, not squeezed into its last pixels
+        drawn = driver.execute_script("return document.querySelector('#throughput polyline').getBBox().width;")
+        assert drawn > 300, f"the throughput line spans {drawn} of 600"
         # the page polls every 2 s
         wait_for("the page to show the final figures", lambda: (
             int(card(driver, "processed")) == stats["processed"]
             and text(driver, "#dead-total").replace(",", "") == str(report["total"])), 30)
-        peak = text(driver, "#rate")
-        assert peak.startswith("now ") and not peak.endswith("top of the chart 1 orders/s"), peak
+        assert clipped(driver) == [], "cut off at their right edge"
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(SCREENSHOT))
 
@@ -127,7 +146,20 @@ def test_the_status_page_shows_the_groups_totals_and_the_dead_letters():
         shown = {row[5] for row in recent}
         assert shown == {f.get("trace_id") or "–" for f in report["recent"]}
         # every dead letter but the garbage (which no producer of ours wrote) carries its trace
-        assert sum(1 for t in shown if len(t) == 32) >= len(report["recent"]) - 1
+        traced = [t for t in shown if len(t) == 32]
+        assert len(traced) >= len(report["recent"]) - 1
+        # each trace id is a link to its trace in the Jaeger UI, and Jaeger holds that trace
+        links = driver.execute_script(
+            "return Object.fromEntries([...document.querySelectorAll('#recent tbody a')]"
+            ".map(a => [a.innerText.trim(), a.getAttribute('href')]));")
+        assert links == {t: f"{JAEGER}/trace/{t}" for t in traced}, links
+        # an order's (the garbage's trace begins at the processor): all three services in it
+        order = next(f["trace_id"] for f in report["recent"] if f.get("trace_id") and f.get("key") != "garbage")
+        services = wait_for("the linked trace in Jaeger, with the analyzer's span", lambda: (
+            s if {"order-generator", "order-processor", "dlq-analyzer"} <= (s := {
+                p["serviceName"] for p in get_json(16686, f"/api/traces/{order}")["data"][0]["processes"].values()})
+            else None), 30)
+        assert links[order] == f"{JAEGER}/trace/{order}", services
 
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert errors == [], errors

@@ -1,7 +1,8 @@
 // compose-check loads a Compose file with compose-go, the loader `docker compose` itself uses:
 // it validates the file against the Compose specification, resolves anchors, merges and
 // interpolation, and prints the services it defines, one per line: profiles, whether it has a
-// health check, its fixed container name and its published host ports.
+// health check, its fixed container name, its published host ports and the host addresses its
+// ports bind (empty: every address of the host).
 //
 //	go run ./compose-check ../docker-compose.yml
 package main
@@ -46,13 +47,15 @@ func main() {
 	for _, name := range names {
 		s := project.Services[name]
 		published := []string{}
+		hosts := []string{}
 		for _, p := range s.Ports {
 			if p.Published != "" {
 				published = append(published, p.Published)
 			}
+			hosts = append(hosts, fmt.Sprintf("%q", p.HostIP))
 		}
-		fmt.Printf("%s\tprofiles=%v\thealthcheck=%t\tcontainer_name=%q\tpublished=%v\n",
-			name, s.Profiles, s.HealthCheck != nil && !s.HealthCheck.Disable, s.ContainerName, published)
+		fmt.Printf("%s\tprofiles=%v\thealthcheck=%t\tcontainer_name=%q\tpublished=%v\thost_ip=%v\n",
+			name, s.Profiles, s.HealthCheck != nil && !s.HealthCheck.Disable, s.ContainerName, published, hosts)
 	}
 }
 

@@ -232,6 +232,7 @@ impl<D: Durability> Pipeline<D> {
                 &config,
                 probe,
                 registry,
+                &shutdown,
             ),
             shutdown.clone(),
         ));

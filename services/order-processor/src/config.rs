@@ -99,6 +99,9 @@ pub struct ProcessorSettings {
     /// `ANALYZER_URL`: the dlq-analyzer whose `/report` the status page (`/`) shows beside the
     /// group's totals.
     pub analyzer_url: String,
+    /// `JAEGER_UI_URL`: a Jaeger UI as the browser reaches it; the status page links each
+    /// trace id to `<JAEGER_UI_URL>/trace/<id>`. Unset: trace ids are plain text.
+    pub jaeger_ui_url: Option<String>,
 }
 
 /// `HTTP_PORT`'s default, which `order-processor healthcheck` asks too.
@@ -125,6 +128,7 @@ impl Default for ProcessorSettings {
             transaction_timeout_ms: 10_000,
             product_catalogue: None,
             analyzer_url: "http://127.0.0.1:8103".to_owned(),
+            jaeger_ui_url: None,
         }
     }
 }
@@ -201,10 +205,20 @@ impl Config {
         if p.consumer_group.trim().is_empty() {
             return Err(ConfigError("CONSUMER_GROUP must not be empty".into()));
         }
-        if !(p.analyzer_url.starts_with("http://") || p.analyzer_url.starts_with("https://")) {
+        let http = |url: &str| url.starts_with("http://") || url.starts_with("https://");
+        if !http(&p.analyzer_url) {
             return Err(ConfigError(format!(
                 "ANALYZER_URL {:?} is not an http(s) URL",
                 p.analyzer_url
+            )));
+        }
+        if let Some(url) = p
+            .jaeger_ui_url
+            .as_deref()
+            .filter(|u| !u.is_empty() && !http(u))
+        {
+            return Err(ConfigError(format!(
+                "JAEGER_UI_URL {url:?} is not an http(s) URL"
             )));
         }
         if p.state_topic
@@ -272,6 +286,7 @@ mod tests {
                 ("PROCESSING_GUARANTEE", "exactly_twice"),
                 ("COMMIT_INTERVAL_MS", "5"),
                 ("ANALYZER_URL", "localhost:8103"),
+                ("JAEGER_UI_URL", "javascript:alert(1)"),
                 ("PRODUCT_CATALOGUE", ","),
                 ("PROCESSING_ORDER", "random"),
                 ("MAX_IN_FLIGHT_RECORDS", "0"),

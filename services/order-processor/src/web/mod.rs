@@ -12,18 +12,21 @@ use axum::routing::get;
 use axum::{Json, Router};
 use order_runtime::http::Probe;
 use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::durability::{Durability, GroupTotals, TotalsError};
 use crate::partition::worker::Processing;
 
-/// The routes: shared health and metrics, `/stats`, `/stats/global` and the status page.
+/// The routes: shared health and metrics, `/stats`, `/stats/global` and the status page,
+/// whose throughput history is kept from now until `shutdown`.
 pub fn router<D: Durability>(
     processing: Arc<Processing<D>>,
     totals: Arc<dyn GroupTotals>,
     config: &Config,
     probe: Arc<Probe>,
     registry: Registry,
+    shutdown: &CancellationToken,
 ) -> Router {
     let stats = Router::new()
         .route(
@@ -51,10 +54,14 @@ pub fn router<D: Durability>(
     let global = Router::new()
         .route("/stats/global", get(global_stats))
         .with_state(totals.clone());
+    let durability = processing.durability.clone();
+    let own: status::OwnCount = Box::new(move || durability.report().processed);
+    let status_page = Arc::new(status::StatusPage::new(config.clone(), totals, own));
+    tokio::spawn(status_page.clone().keep_history(shutdown.clone()));
     let page = Router::new()
         .route("/", get(status::page))
         .route("/status.json", get(status::status))
-        .with_state(Arc::new(status::StatusPage::new(config.clone(), totals)));
+        .with_state(status_page);
     let pause = pause::router(processing.pause.clone(), config.common.operations.clone());
     order_runtime::http::router(probe, registry)
         .merge(pause)

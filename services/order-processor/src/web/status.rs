@@ -1,31 +1,88 @@
 //! The status page: `GET /` is one self-contained page (HTML, CSS and script compiled into the
 //! binary, nothing loaded from elsewhere) that polls `GET /status.json` every 2 s while it is
-//! open, and draws the throughput of the last five minutes from what it polled.
+//! open, and draws the throughput of the last five minutes from the history the processor
+//! keeps, so that a page opened now shows it at once.
 //!
 //! The processor serves it because the group's totals, the per-partition lag and retries are
 //! its own: they come from the exactly-once changelog, which any replica reads (so the page
 //! behind a Service that balances over replicas shows the same figures). The dead letters
 //! come from the analyzer's `/report` (`ANALYZER_URL`), which has read every one of them.
 //!
-//! Nothing runs while nobody watches: the figures are read when asked, and an answer is kept
-//! for a second so that several open pages share one read of the changelog.
+//! The figures are read when asked, and an answer is kept for a second so that several open
+//! pages share one read of the changelog. Only the throughput's history is kept while nobody
+//! watches: one processed count every [`SAMPLE_EVERY`].
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
+use order_runtime::sync::Locked;
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use crate::aggregate::{PartitionState, StatsReport};
 use crate::config::{Config, Guarantee};
-use crate::durability::{CommittedPartition, GroupTotals};
+use crate::durability::{CommittedPartition, GroupTotals, TotalsError};
 
 /// The page, compiled in.
 pub const PAGE: &str = include_str!("status.html");
 /// How long one answer of `/status.json` serves.
 const FRESH_FOR: Duration = Duration::from_secs(1);
+/// How often the processed count is noted for the throughput chart.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
+/// How much of that history is kept: the chart's five minutes, and one sample before them.
+const HISTORY: usize = 61;
+
+/// The processed count at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Sample {
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    pub processed: u64,
+}
+
+/// Whose processed count the history holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Counted {
+    /// The group's committed total (exactly-once).
+    Group,
+    /// This replica's own (at-least-once keeps no group totals).
+    Replica,
+}
+
+/// The throughput's history, oldest first.
+#[derive(Debug, Clone, Serialize)]
+pub struct Throughput {
+    pub counted: Option<Counted>,
+    pub sample_every_ms: u64,
+    pub samples: VecDeque<Sample>,
+}
+
+impl Throughput {
+    fn new() -> Self {
+        Throughput {
+            counted: None,
+            sample_every_ms: u64::try_from(SAMPLE_EVERY.as_millis()).unwrap_or(u64::MAX),
+            samples: VecDeque::with_capacity(HISTORY),
+        }
+    }
+
+    /// Notes `processed` at `at_ms`; a change of whose count it is starts the history again.
+    fn note(&mut self, counted: Counted, at_ms: u64, processed: u64) {
+        if self.counted != Some(counted) {
+            self.samples.clear();
+            self.counted = Some(counted);
+        }
+        if self.samples.len() == HISTORY {
+            self.samples.pop_front();
+        }
+        self.samples.push_back(Sample { at_ms, processed });
+    }
+}
 
 /// One orders partition as the group has committed it.
 #[derive(Debug, Serialize)]
@@ -59,19 +116,27 @@ pub struct Status {
     /// Why `dead_letters` is missing, when it is.
     pub dead_letters_error: Option<String>,
     pub analyzer_url: String,
+    /// Where the page links a trace id: `<jaeger_ui_url>/trace/<id>` (none: plain text).
+    pub jaeger_ui_url: Option<String>,
+    pub throughput: Throughput,
 }
 
-/// The page's state: the settings and the last answer.
+/// This replica's own processed count, for the history under at-least-once.
+pub type OwnCount = Box<dyn Fn() -> u64 + Send + Sync>;
+
+/// The page's state: the settings, the throughput's history and the last answer.
 pub struct StatusPage {
     config: Config,
     totals: Arc<dyn GroupTotals>,
+    own: OwnCount,
     /// For the analyzer's `/report`; the reason when none could be built.
     client: Result<reqwest::Client, String>,
+    history: Mutex<Throughput>,
     last: Mutex<Option<(Instant, Arc<String>)>>,
 }
 
 impl StatusPage {
-    pub fn new(config: Config, totals: Arc<dyn GroupTotals>) -> Self {
+    pub fn new(config: Config, totals: Arc<dyn GroupTotals>, own: OwnCount) -> Self {
         let client = order_runtime::http::client_builder(&config.processor.analyzer_url)
             .timeout(Duration::from_secs(2))
             .build()
@@ -79,8 +144,32 @@ impl StatusPage {
         StatusPage {
             config,
             totals,
+            own,
             client,
+            history: Mutex::new(Throughput::new()),
             last: Mutex::new(None),
+        }
+    }
+
+    /// Notes the processed count every [`SAMPLE_EVERY`] until `shutdown`: the group's, or
+    /// this replica's where the group keeps no totals. A read that fails leaves a gap.
+    pub async fn keep_history(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(SAMPLE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let totals = self.totals.clone();
+            let noted = match tokio::task::spawn_blocking(move || totals.report()).await {
+                Ok(Ok(report)) => Some((Counted::Group, report.processed)),
+                Ok(Err(TotalsError::NotKept(_))) => Some((Counted::Replica, (self.own)())),
+                Ok(Err(TotalsError::Unavailable(_))) | Err(_) => None,
+            };
+            if let Some((counted, processed)) = noted {
+                self.history.locked().note(counted, now_ms(), processed);
+            }
         }
     }
 
@@ -122,6 +211,14 @@ impl StatusPage {
             dead_letters,
             dead_letters_error,
             analyzer_url: self.config.processor.analyzer_url.clone(),
+            jaeger_ui_url: self
+                .config
+                .processor
+                .jaeger_ui_url
+                .as_deref()
+                .map(|u| u.trim_end_matches('/').to_owned())
+                .filter(|u| !u.is_empty()),
+            throughput: self.history.locked().clone(),
         }
     }
 
@@ -139,6 +236,12 @@ impl StatusPage {
         }
         body
     }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn rows(committed: &[CommittedPartition]) -> Vec<PartitionRow> {
@@ -206,6 +309,27 @@ mod tests {
             assert!(!PAGE.contains(external), "the page loads {external}…");
         }
         assert!(PAGE.contains("fetch(\"status.json\""));
+    }
+
+    #[test]
+    fn the_history_keeps_five_minutes_of_one_count() {
+        let mut t = Throughput::new();
+        for i in 0..100 {
+            t.note(Counted::Group, i * 5000, i * 10);
+        }
+        assert_eq!(t.samples.len(), HISTORY);
+        assert_eq!(t.samples.front().map(|s| s.at_ms), Some(39 * 5000));
+        assert_eq!(t.samples.back().map(|s| s.processed), Some(990));
+        // another count's figures are not comparable with these: the history starts again
+        t.note(Counted::Replica, 500_000, 3);
+        assert_eq!(t.counted, Some(Counted::Replica));
+        assert_eq!(
+            t.samples.iter().copied().collect::<Vec<_>>(),
+            [Sample {
+                at_ms: 500_000,
+                processed: 3
+            }]
+        );
     }
 
     #[test]
