@@ -152,7 +152,8 @@ impl StatusPage {
     }
 
     /// Notes the processed count every [`SAMPLE_EVERY`] until `shutdown`: the group's, or
-    /// this replica's where the group keeps no totals. A read that fails leaves a gap.
+    /// this replica's where the group keeps no totals. A read that fails is skipped, and the
+    /// page averages the rate over the longer interval.
     pub async fn keep_history(self: Arc<Self>, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(SAMPLE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
