@@ -147,6 +147,15 @@ impl Config {
     pub fn from_vars(vars: &[(String, String)]) -> Result<Self, ConfigError> {
         let common = CommonConfig::from_vars(vars)?;
         let mut processor: ProcessorSettings = load(vars.iter().cloned())?;
+        // an empty value (Compose's `${TRANSIENT_FAILURE_SEED:-}`) is no value
+        for optional in [
+            &mut processor.transient_failure_seed,
+            &mut processor.jaeger_ui_url,
+        ] {
+            if optional.as_deref().is_some_and(|s| s.trim().is_empty()) {
+                *optional = None;
+            }
+        }
         let p = &processor;
         check_range("MAX_RETRIES", p.max_retries, 0, 100)?;
         check_range(
@@ -175,14 +184,6 @@ impl Config {
             i64::try_from(p.max_in_flight_records).unwrap_or(i64::MAX),
             10_000_000,
         )?;
-        if p.transient_failure_seed
-            .as_deref()
-            .is_some_and(|s| s.trim().is_empty())
-        {
-            return Err(ConfigError(
-                "TRANSIENT_FAILURE_SEED must not be empty".into(),
-            ));
-        }
         check_range(
             "STATS_LOG_INTERVAL_MS",
             p.stats_log_interval_ms,
@@ -212,11 +213,7 @@ impl Config {
                 p.analyzer_url
             )));
         }
-        if let Some(url) = p
-            .jaeger_ui_url
-            .as_deref()
-            .filter(|u| !u.is_empty() && !http(u))
-        {
+        if let Some(url) = p.jaeger_ui_url.as_deref().filter(|u| !http(u)) {
             return Err(ConfigError(format!(
                 "JAEGER_UI_URL {url:?} is not an http(s) URL"
             )));
@@ -227,15 +224,6 @@ impl Config {
         {
             return Err(ConfigError("STATE_TOPIC must not be empty".into()));
         }
-        // an empty seed (Compose's `${TRANSIENT_FAILURE_SEED:-}`) is no seed
-        if processor
-            .transient_failure_seed
-            .as_deref()
-            .is_some_and(|s| s.trim().is_empty())
-        {
-            processor.transient_failure_seed = None;
-        }
-        let p = &processor;
         let catalogue = match &p.product_catalogue {
             None => Catalogue::default(),
             Some(text) => Catalogue::parse(text)
@@ -270,6 +258,19 @@ mod tests {
         assert_eq!(c.processor.max_retries, 3);
         assert_eq!(c.processor.processing_guarantee, Guarantee::ExactlyOnce);
         assert_eq!(c.state_topic(), "order-processor-aggregates-changelog");
+    }
+
+    /// Compose passes `${TRANSIENT_FAILURE_SEED:-}`: unset in the shell, the processor gets
+    /// an empty value, which must start it as if unset.
+    #[test]
+    fn an_empty_optional_value_is_no_value() {
+        let vars = [
+            ("TRANSIENT_FAILURE_SEED".to_owned(), String::new()),
+            ("JAEGER_UI_URL".to_owned(), " ".to_owned()),
+        ];
+        let c = Config::from_vars(&vars).unwrap();
+        assert_eq!(c.processor.transient_failure_seed, None);
+        assert_eq!(c.processor.jaeger_ui_url, None);
     }
 
     #[test]

@@ -217,8 +217,7 @@ impl StatusPage {
                 .processor
                 .jaeger_ui_url
                 .as_deref()
-                .map(|u| u.trim_end_matches('/').to_owned())
-                .filter(|u| !u.is_empty()),
+                .map(|u| u.trim_end_matches('/').to_owned()),
             throughput: self.history.locked().clone(),
         }
     }
