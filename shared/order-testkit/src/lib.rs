@@ -328,7 +328,6 @@ impl Service {
         }
     }
 
-    /// Sends SIGTERM and waits for the exit.
     /// The process's resident memory now, in bytes (`VmRSS`); `None` once it exited.
     pub fn rss(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
@@ -343,6 +342,7 @@ impl Service {
         Some(kb * 1024)
     }
 
+    /// Sends SIGTERM and waits for the exit.
     pub fn terminate(self, timeout: Duration) -> (ExitStatus, String) {
         let pid = self.child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
