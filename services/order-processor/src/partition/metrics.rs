@@ -271,14 +271,14 @@ impl Metrics {
     /// Percentiles of the end-to-end latency since start-up, for `/stats`: of every order, and
     /// of the orders whose first attempt succeeded.
     pub fn end_to_end_summary(&self) -> (LatencySummary, LatencySummary) {
-        let (first_attempt, retried) = {
-            let h = self.end_to_end_exact.locked();
-            (h.first_attempt.clone(), h.retried.clone())
-        };
-        let mut all = first_attempt.clone();
+        let h = self.end_to_end_exact.locked();
+        let mut all = h.first_attempt.clone();
         // both have the same bounds and precision (`exact()`), so the sum always fits
-        let _ = all.add(&retried);
-        (LatencySummary::of(&all), LatencySummary::of(&first_attempt))
+        let _ = all.add(&h.retried);
+        (
+            LatencySummary::of(&all),
+            LatencySummary::of(&h.first_attempt),
+        )
     }
 }
 
