@@ -256,11 +256,12 @@ def start_ready_processor(topic, group, guarantee, **extra):
     return proc, port
 
 
-def wait_processed(port, n, timeout=120):
+def wait_processed(port, n, timeout=120, count=lambda stats: stats["processed"]):
+    """The processor's /stats once `count` of it (processed orders, by default) reaches n."""
     deadline = time.monotonic() + timeout
-    while (stats := get_json(port, "/stats"))["processed"] < n:
+    while count(stats := get_json(port, "/stats")) < n:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"processor saw {stats['processed']} of {n} in time")
+            raise RuntimeError(f"processor got {count(stats)} of {n} in time")
         time.sleep(0.05)
     return stats
 
@@ -356,7 +357,7 @@ def run_sustained(guarantee, order):
             raise RuntimeError("the generator failed in a sustained run")
         ended = final(get_json(port, "/stats")) - restored
         if order == "key":
-            stats = wait_processed_or_dead(port, n + restored, timeout=60)
+            stats = wait_processed(port, n + restored, timeout=60, count=final)
         else:
             stats = get_json(port, "/stats")
         half = samples[-1][0] / 2
@@ -369,15 +370,6 @@ def run_sustained(guarantee, order):
             if p.poll() is None:
                 p.terminate()
                 p.wait(timeout=60)
-
-
-def wait_processed_or_dead(port, n, timeout):
-    deadline = time.monotonic() + timeout
-    while final(stats := get_json(port, "/stats")) < n:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"processor made {final(stats)} of {n} final in time")
-        time.sleep(0.05)
-    return stats
 
 
 def run_end_to_end_latency_tool(n):
