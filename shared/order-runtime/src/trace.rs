@@ -424,6 +424,18 @@ pub async fn in_context<F: Future>(cx: Option<Context>, fut: F) -> F::Output {
     }
 }
 
+/// [`in_context`] for work that does not wait: `f` runs with `cx` (when there is one) as the
+/// current OpenTelemetry context.
+pub fn in_context_now<T>(cx: Option<&Context>, f: impl FnOnce() -> T) -> T {
+    match cx {
+        Some(cx) => {
+            let _current = cx.clone().attach();
+            f()
+        }
+        None => f(),
+    }
+}
+
 /// Sets an attribute of the current span: a `tracing` span's field (when one is entered,
 /// which must have declared it) or else the span of the current OpenTelemetry context.
 pub fn set_attribute(key: &'static str, value: &str) {

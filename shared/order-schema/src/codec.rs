@@ -283,6 +283,11 @@ pub struct OrderCodec {
 /// No schema id: ids are 32-bit, so this never matches one.
 const NO_ID: u64 = u64::MAX;
 
+/// A record that [`OrderCodec::decode_now`] cannot decode without asking the registry: its
+/// bytes and the schema id they name.
+#[derive(Debug)]
+pub struct NeedsRegistry<'b>(&'b [u8], u32);
+
 impl OrderCodec {
     pub fn new(registry_url: &str, topic: &str) -> Result<Self, CodecError> {
         Self::with_access(&RegistryAccess::new(registry_url), topic)
@@ -361,40 +366,62 @@ impl OrderCodec {
     /// Garbage, a wrong magic byte, an unknown schema id, truncated Avro or a record of another
     /// shape are `Malformed`; an unreachable registry is `RegistryUnavailable`.
     pub async fn decode(&self, payload: Option<&[u8]>) -> Result<Order, CodecError> {
+        match self.decode_now(payload) {
+            Ok(decoded) => decoded,
+            Err(NeedsRegistry(bytes, id)) => self.decode_asking(bytes, id).await,
+        }
+    }
+
+    /// What [`OrderCodec::decode`] gives, when it can be had without asking the registry: a
+    /// record that is not wire format, or one written with `order.avsc`'s id once that is
+    /// known (nearly every record). A consumer calls this first and awaits `decode` only
+    /// for the rest, so that the common record's path has nothing to wait on.
+    pub fn decode_now<'b>(
+        &self,
+        payload: Option<&'b [u8]>,
+    ) -> Result<Result<Order, CodecError>, NeedsRegistry<'b>> {
         let bytes = match payload {
             None => {
-                return Err(CodecError::malformed(
+                return Ok(Err(CodecError::malformed(
                     MalformedKind::NullValue,
                     "record has no value (tombstone)",
-                ));
+                )));
             }
             Some(b) if b.len() < 5 => {
-                return Err(CodecError::malformed(
+                return Ok(Err(CodecError::malformed(
                     MalformedKind::TooShort,
                     format!(
                         "{} bytes is shorter than the 5-byte Confluent header",
                         b.len()
                     ),
-                ));
+                )));
             }
             Some(b) if b[0] != 0 => {
-                return Err(CodecError::malformed(
+                return Ok(Err(CodecError::malformed(
                     MalformedKind::BadMagicByte,
                     format!(
                         "magic byte is {:#04x}, not 0x00: not Confluent wire format",
                         b[0]
                     ),
-                ));
+                )));
             }
             Some(b) => b,
         };
         // the header was checked above, so the id is there
-        let id = Self::schema_id(bytes).ok_or_else(|| {
-            CodecError::malformed(MalformedKind::TooShort, "no Confluent wire-format header")
-        })?;
+        let Some(id) = Self::schema_id(bytes) else {
+            return Ok(Err(CodecError::malformed(
+                MalformedKind::TooShort,
+                "no Confluent wire-format header",
+            )));
+        };
         if self.order_avsc_id.load(Ordering::Relaxed) == u64::from(id) {
-            return self.reader.read(&bytes[5..]);
+            return Ok(self.reader.read(&bytes[5..]));
         }
+        Err(NeedsRegistry(bytes, id))
+    }
+
+    /// The rest of `decode`: a schema id not yet known to be `order.avsc`'s.
+    async fn decode_asking(&self, bytes: &[u8], id: u32) -> Result<Order, CodecError> {
         let known = self.layouts.read().ok().and_then(|l| l.get(&id).copied());
         let is_order_avsc = match known {
             Some(known) => known,
@@ -622,6 +649,43 @@ mod tests {
                 kind: MalformedKind::InvalidAvro,
                 ..
             })
+        ));
+    }
+
+    #[test]
+    fn decode_now_waits_for_the_registry_only_for_an_id_not_yet_known() {
+        // never asked: the registry's port is closed
+        let codec = OrderCodec::new("http://127.0.0.1:1", "orders").unwrap();
+        let kind = |decoded: Result<Result<Order, CodecError>, NeedsRegistry<'_>>| match decoded {
+            Ok(Err(CodecError::Malformed { kind, .. })) => kind,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(kind(codec.decode_now(None)), MalformedKind::NullValue);
+        assert_eq!(
+            kind(codec.decode_now(Some(&[0, 0]))),
+            MalformedKind::TooShort
+        );
+        assert_eq!(
+            kind(codec.decode_now(Some(&[1, 0, 0, 0, 7, 2]))),
+            MalformedKind::BadMagicByte
+        );
+        let mut wire = Vec::new();
+        OrderWriter::new(7)
+            .unwrap()
+            .write(&order(), &mut wire)
+            .unwrap();
+        assert!(matches!(
+            codec.decode_now(Some(&wire)),
+            Err(NeedsRegistry(_, 7))
+        ));
+        // what `decode` notes once the registry said id 7 is order.avsc
+        codec.order_avsc_id.store(7, Ordering::Relaxed);
+        assert_eq!(codec.decode_now(Some(&wire)).unwrap().unwrap(), order());
+        let mut other = wire.clone();
+        other[4] = 8;
+        assert!(matches!(
+            codec.decode_now(Some(&other)),
+            Err(NeedsRegistry(_, 8))
         ));
     }
 

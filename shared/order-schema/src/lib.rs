@@ -21,7 +21,8 @@ pub mod rules;
 
 pub use access::{AccessError, REDACTED, RegistryAccess};
 pub use codec::{
-    CodecError, MAX_AVRO_ALLOCATION_BYTES, MalformedKind, OrderCodec, OrderReader, OrderWriter,
+    CodecError, MAX_AVRO_ALLOCATION_BYTES, MalformedKind, NeedsRegistry, OrderCodec, OrderReader,
+    OrderWriter,
 };
 pub use money::Cents;
 pub use order::{ORDER_RECORD_NAME, ORDER_SCHEMA, Order};

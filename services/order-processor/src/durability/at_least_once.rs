@@ -15,6 +15,7 @@ use std::time::Duration;
 use order_runtime::backoff::Backoff;
 use order_runtime::kafka::is_retriable_produce_error;
 use order_runtime::sync::Locked;
+use order_schema::{Cents, Order};
 use rdkafka::consumer::CommitMode;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
@@ -26,7 +27,7 @@ use tracing::{Instrument, info, warn};
 use super::{CommittedPartition, Durability, GroupTotals, Offsets, TotalsError};
 use crate::aggregate::{PartitionState, StatsReport};
 use crate::position::{Position, Window};
-use crate::record::{DeadLetter, Outcome};
+use crate::record::DeadLetter;
 
 /// The at-least-once guarantee of one replica.
 pub struct AtLeastOnce {
@@ -235,25 +236,27 @@ impl Durability for AtLeastOnce {
         true
     }
 
-    async fn settle<M: Message + Sync>(
+    fn processed(&self, part: &mut Partition, order: &Order, price: Cents, retries: u32) -> bool {
+        let mut st = part.totals.locked();
+        st.add(&order.product, price);
+        st.retries += u64::from(retries);
+        true
+    }
+
+    async fn dead_letter<M: Message + Sync>(
         &self,
         part: &mut Partition,
         msg: &M,
-        outcome: &Outcome,
+        dead: &DeadLetter,
         _: &Window,
         cancel: &CancellationToken,
     ) -> bool {
-        if let Outcome::DeadLetter(dead) = outcome
-            && !self.send(msg, dead, cancel).await
-        {
+        if !self.send(msg, dead, cancel).await {
             return false;
         }
         let mut st = part.totals.locked();
-        match outcome {
-            Outcome::Processed { order, price, .. } => st.add(&order.product, *price),
-            Outcome::DeadLetter(dead) => st.dead_letter(dead.category),
-        }
-        st.retries += u64::from(outcome.retries());
+        st.dead_letter(dead.category);
+        st.retries += u64::from(dead.retries);
         true
     }
 

@@ -16,6 +16,7 @@ pub mod offsets;
 use std::future::Future;
 use std::sync::Arc;
 
+use order_schema::{Cents, Order};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -28,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 pub use self::offsets::Offsets;
 use crate::aggregate::{PartitionState, StatsReport};
 use crate::position::{Position, Window};
-use crate::record::Outcome;
+use crate::record::DeadLetter;
 
 /// A processing guarantee.
 pub trait Durability: Send + Sync + Sized + 'static {
@@ -68,14 +69,27 @@ pub trait Durability: Send + Sync + Sized + 'static {
     /// Whether the partition's records may still be processed here.
     fn holds(&self, part: &Self::Partition) -> bool;
 
-    /// Makes one record's outcome durable; `window` already counts it final. `false` when it
-    /// did not become so (stopped, or the partition is no longer this replica's): the record
-    /// will be processed again, here or by the partition's next owner.
-    fn settle<M: Message + Sync>(
+    /// Makes a processed record's outcome durable, or as durable as the guarantee makes it
+    /// between checkpoints, without waiting: nearly every record takes this way, so it is
+    /// not a future. `false` when the partition is no longer this replica's: the record will be
+    /// processed again by the partition's next owner.
+    fn processed(
+        &self,
+        part: &mut Self::Partition,
+        order: &Order,
+        price: Cents,
+        retries: u32,
+    ) -> bool;
+
+    /// Makes a dead letter durable (the send can wait for the broker); `window` already counts
+    /// its record final. `false` when it did not become so (stopped, or the partition is no
+    /// longer this replica's): the record will be processed again, here or by the partition's
+    /// next owner.
+    fn dead_letter<M: Message + Sync>(
         &self,
         part: &mut Self::Partition,
         msg: &M,
-        outcome: &Outcome,
+        dead: &DeadLetter,
         window: &Window,
         cancel: &CancellationToken,
     ) -> impl Future<Output = bool> + Send;

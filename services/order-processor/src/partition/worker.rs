@@ -11,6 +11,11 @@
 //! final above it) and nothing final is done twice after a restart. Intake stops while the
 //! records not final reach `MAX_IN_FLIGHT_RECORDS`, or their span `MAX_IN_FLIGHT_SPAN`
 //! offsets, until the oldest of them finish: memory stays bounded, nothing is dropped.
+//!
+//! Nearly every record is read, decided, made durable and counted without a wait: its schema
+//! is known and its first attempt succeeds. That way is plain functions; only what has to wait
+//! (the registry, a dead letter's send) is a future, since a future built and moved at every
+//! step of every record cost more CPU than the rest of the worker's own work.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -18,6 +23,7 @@ use std::time::Instant;
 
 use kafka_batch::{PartitionBatches, RawMessage};
 use order_runtime::trace::{self, Context};
+use order_schema::{Cents, Order};
 use rdkafka::message::{Message, OwnedMessage};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -26,7 +32,7 @@ use super::metrics::{CategoryLabel, Metrics, PartitionGauges, Tally};
 use super::pause::PauseControl;
 use crate::durability::{Durability, Offsets};
 use crate::position::{Take, Window};
-use crate::record::{Outcome, Records, Retry, Step};
+use crate::record::{DeadLetter, Outcome, Records, Retry, Step};
 
 /// What the workers of one processor share.
 pub struct Processing<D> {
@@ -98,6 +104,18 @@ impl Waits {
         let at = (retry.at, held.msg.offset());
         self.due.insert(at, Parked { held, retry, key });
     }
+}
+
+/// The rest of a record that [`Run::take`] could not take to its end without waiting.
+enum Waiting {
+    /// Its first step needs the schema registry.
+    Start { cx: Option<Context>, taken: Instant },
+    /// Its outcome is a dead letter, to be made durable.
+    DeadLetter {
+        dead: DeadLetter,
+        cx: Option<Context>,
+        taken: Instant,
+    },
 }
 
 /// How a record's handling ended, for the loop.
@@ -201,7 +219,11 @@ impl<D: Durability> Run<'_, D> {
             // whatever is settled before the worker is done goes into the commit that follows.
             self.since = Instant::now();
             for m in batch.drain(..) {
-                if let Handled::Stop = self.take(&m).await {
+                let handled = match self.take(&m) {
+                    Ok(handled) => handled,
+                    Err(waiting) => self.take_waiting(&m, waiting).await,
+                };
+                if let Handled::Stop = handled {
                     return;
                 }
                 if self.tally.pending() >= Tally::FLUSH_EVERY {
@@ -237,19 +259,20 @@ impl<D: Durability> Run<'_, D> {
     }
 
     /// A record just read: skipped when final already, queued behind its key when the key is
-    /// busy, else taken a first step.
-    async fn take(&mut self, m: &RawMessage<'_>) -> Handled {
+    /// busy, else taken a first step, and to its end when that needs no wait. `Err`: what is
+    /// left of it to do, which waits ([`Run::take_waiting`]).
+    fn take(&mut self, m: &RawMessage<'_>) -> Result<Handled, Waiting> {
         let w = self.w;
         let p = &w.processing;
         if !p.durability.holds(&self.part) {
-            return Handled::Stop;
+            return Ok(Handled::Stop);
         }
         if let Some(e) = m.error() {
             warn!(error = %e, partition = w.partition, "consumer error");
-            return Handled::Next;
+            return Ok(Handled::Next);
         }
         if let Take::Skip = self.window.take(m.offset()) {
-            return Handled::Next;
+            return Ok(Handled::Next);
         }
         let taken = self.since;
         let cx = trace::consumer_context(m, &p.spans, |m| m.last_header(c"traceparent"));
@@ -264,25 +287,62 @@ impl<D: Durability> Run<'_, D> {
                 taken,
             });
             self.window.waiting(m.offset(), taken);
-            return Handled::Next;
+            return Ok(Handled::Next);
         }
-        let step = trace::in_context(cx.clone(), p.records.start(m, &w.cancel)).await;
-        let Some(step) = step else {
-            return Handled::Stop;
+        let Some(step) = trace::in_context_now(cx.as_ref(), || p.records.start_now(m)) else {
+            return Err(Waiting::Start { cx, taken });
         };
         match step {
-            Step::Final(outcome) => self.finish(m, &outcome, cx, taken).await,
+            Step::Final(Outcome::Processed {
+                order,
+                price,
+                retries,
+            }) => Ok(self.processed(m, &order, price, retries, taken)),
+            Step::Final(Outcome::DeadLetter(dead)) => Err(Waiting::DeadLetter { dead, cx, taken }),
             Step::Retry(retry) => {
-                let held = Held {
-                    msg: kafka_batch::detach(m),
-                    cx,
-                    taken,
-                };
-                self.window.waiting(m.offset(), taken);
-                self.waits.park(held, retry, key.map(<[u8]>::to_vec));
-                Handled::Next
+                self.wait_for_retry(m, retry, key, cx, taken);
+                Ok(Handled::Next)
             }
         }
+    }
+
+    /// The rest of a record that [`Run::take`] could not take to its end without waiting.
+    async fn take_waiting(&mut self, m: &RawMessage<'_>, waiting: Waiting) -> Handled {
+        let w = self.w;
+        let p = &w.processing;
+        match waiting {
+            Waiting::DeadLetter { dead, cx, taken } => self.dead_letter(m, dead, cx, taken).await,
+            Waiting::Start { cx, taken } => {
+                let step = trace::in_context(cx.clone(), p.records.start(m, &w.cancel)).await;
+                match step {
+                    None => Handled::Stop,
+                    Some(Step::Final(outcome)) => self.finish(m, outcome, cx, taken).await,
+                    Some(Step::Retry(retry)) => {
+                        self.wait_for_retry(m, retry, (p.key_rule)(m.key()), cx, taken);
+                        Handled::Next
+                    }
+                }
+            }
+        }
+    }
+
+    /// A record just taken failed its first attempt: it waits beside the path for its retry,
+    /// and its key is busy until it is final.
+    fn wait_for_retry(
+        &mut self,
+        m: &RawMessage<'_>,
+        retry: Retry,
+        key: Option<&[u8]>,
+        cx: Option<Context>,
+        taken: Instant,
+    ) {
+        let held = Held {
+            msg: kafka_batch::detach(m),
+            cx,
+            taken,
+        };
+        self.window.waiting(m.offset(), taken);
+        self.waits.park(held, retry, key.map(<[u8]>::to_vec));
     }
 
     /// The earliest retry that is due: its attempt, and when it is final the records of its
@@ -302,7 +362,7 @@ impl<D: Durability> Run<'_, D> {
                 return Handled::Next;
             }
             Step::Final(outcome) => {
-                if let Handled::Stop = self.finish(&held.msg, &outcome, held.cx, held.taken).await {
+                if let Handled::Stop = self.finish(&held.msg, outcome, held.cx, held.taken).await {
                     return Handled::Stop;
                 }
             }
@@ -323,7 +383,7 @@ impl<D: Durability> Run<'_, D> {
                 None => return Handled::Stop,
                 Some(Step::Final(outcome)) => {
                     if let Handled::Stop =
-                        self.finish(&next.msg, &outcome, next.cx, next.taken).await
+                        self.finish(&next.msg, outcome, next.cx, next.taken).await
                     {
                         return Handled::Stop;
                     }
@@ -345,7 +405,53 @@ impl<D: Durability> Run<'_, D> {
     async fn finish<M: Message + Sync>(
         &mut self,
         msg: &M,
-        outcome: &Outcome,
+        outcome: Outcome,
+        cx: Option<Context>,
+        taken: Instant,
+    ) -> Handled {
+        match outcome {
+            Outcome::Processed {
+                order,
+                price,
+                retries,
+            } => self.processed(msg, &order, price, retries, taken),
+            Outcome::DeadLetter(dead) => self.dead_letter(msg, dead, cx, taken).await,
+        }
+    }
+
+    /// [`Run::finish`] of a processed record, which waits for nothing.
+    fn processed<M: Message>(
+        &mut self,
+        msg: &M,
+        order: &Order,
+        price: Cents,
+        retries: u32,
+        taken: Instant,
+    ) -> Handled {
+        let p = &self.w.processing;
+        self.window.finished(msg.offset());
+        if !p
+            .durability
+            .processed(&mut self.part, order, price, retries)
+        {
+            return Handled::Stop;
+        }
+        // the record's one reading of the clock: its end-to-end latency, its duration, and the
+        // start of the next record's
+        let now = Instant::now();
+        self.tally.processed(u64::try_from(price.0).unwrap_or(0));
+        if let Some(ts) = msg.timestamp().to_millis() {
+            p.metrics
+                .observe_end_to_end(&mut self.tally, ts, now, retries == 0);
+        }
+        self.ended(taken, now)
+    }
+
+    /// [`Run::finish`] of a dead letter.
+    async fn dead_letter<M: Message + Sync>(
+        &mut self,
+        msg: &M,
+        dead: DeadLetter,
         cx: Option<Context>,
         taken: Instant,
     ) -> Handled {
@@ -353,17 +459,25 @@ impl<D: Durability> Run<'_, D> {
         self.window.finished(msg.offset());
         let durable = trace::in_context(cx, async {
             p.durability
-                .settle(&mut self.part, msg, outcome, &self.window, &self.w.cancel)
+                .dead_letter(&mut self.part, msg, &dead, &self.window, &self.w.cancel)
                 .await
         })
         .await;
         if !durable {
             return Handled::Stop;
         }
-        // the record's one reading of the clock: its end-to-end latency, its duration, and the
-        // start of the next record's
-        let now = Instant::now();
-        count(&p.metrics, &mut self.tally, msg, outcome, now);
+        p.metrics.dead_lettered.inc();
+        p.metrics
+            .dead_letters
+            .get_or_create(&CategoryLabel {
+                category: dead.category.as_str(),
+            })
+            .inc();
+        self.ended(taken, Instant::now())
+    }
+
+    /// A record that was taken at `taken` is done, `now`.
+    fn ended(&mut self, taken: Instant, now: Instant) -> Handled {
         self.tally
             .process_duration(now.saturating_duration_since(taken).as_secs_f64());
         self.since = now;
@@ -376,32 +490,5 @@ impl<D: Durability> Run<'_, D> {
         p.durability.checkpoint(&mut self.part, &self.window).await;
         p.metrics.flush(&mut self.tally);
         self.gauges.show(&self.window, Instant::now());
-    }
-}
-
-/// Counts a durable outcome.
-fn count<M: Message>(
-    metrics: &Metrics,
-    tally: &mut Tally,
-    msg: &M,
-    outcome: &Outcome,
-    now: Instant,
-) {
-    match outcome {
-        Outcome::Processed { price, retries, .. } => {
-            tally.processed(u64::try_from(price.0).unwrap_or(0));
-            if let Some(ts) = msg.timestamp().to_millis() {
-                metrics.observe_end_to_end(tally, ts, now, *retries == 0);
-            }
-        }
-        Outcome::DeadLetter(dead) => {
-            metrics.dead_lettered.inc();
-            metrics
-                .dead_letters
-                .get_or_create(&CategoryLabel {
-                    category: dead.category.as_str(),
-                })
-                .inc();
-        }
     }
 }

@@ -106,7 +106,21 @@ impl Records {
     /// while the registry could not be asked (the record will be seen again). No side effects
     /// but metrics and logs.
     pub async fn start<M: Message>(&self, msg: &M, cancel: &CancellationToken) -> Option<Step> {
-        let (verdict, message) = match self.decode(msg, cancel).await? {
+        let decoded = self.decode(msg, cancel).await?;
+        Some(self.judge(msg, decoded))
+    }
+
+    /// The same first step when it needs nothing from the registry (nearly every record: see
+    /// [`OrderCodec::decode_now`]), without waiting; `None` when it does, and then
+    /// [`Records::start`] is the way.
+    pub fn start_now<M: Message>(&self, msg: &M) -> Option<Step> {
+        let decoded = self.codec.decode_now(msg.payload()).ok()?;
+        Some(self.judge(msg, decoded))
+    }
+
+    /// What follows from a record's decoding: validation, then the first attempt.
+    fn judge<M: Message>(&self, msg: &M, decoded: Result<Order, CodecError>) -> Step {
+        let (verdict, message) = match decoded {
             Err(e) => {
                 let kind = match &e {
                     CodecError::Malformed { kind, .. } => *kind,
@@ -122,11 +136,11 @@ impl Records {
                 trace::set_attribute("order.id", &order.order_id);
                 match order.validate_in(&self.catalogue) {
                     Err(e) => (decide(Known::Invalid(&e), &self.policy), e.to_string()),
-                    Ok(price) => return Some(self.attempt(msg, order, price, 1)),
+                    Ok(price) => return self.attempt(msg, order, price, 1),
                 }
             }
         };
-        Some(self.conclude(msg, verdict, &message))
+        self.conclude(msg, verdict, &message)
     }
 
     /// A waiting record's next attempt, now that it is due.

@@ -47,6 +47,7 @@ use std::time::Duration;
 
 use order_runtime::backoff::Backoff;
 use order_runtime::sync::Locked;
+use order_schema::{Cents, Order};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::error::KafkaError;
@@ -62,7 +63,7 @@ use super::{CommittedPartition, Durability, GroupTotals, Offsets, TotalsError, T
 use crate::aggregate::StatsReport;
 use crate::config::Config;
 use crate::position::{Position, Window};
-use crate::record::Outcome;
+use crate::record::DeadLetter;
 
 /// The exactly-once guarantee of one replica.
 pub struct ExactlyOnce {
@@ -276,24 +277,25 @@ impl Durability for ExactlyOnce {
             .is_some_and(|c| c.holds(part.number, &part.checked))
     }
 
-    async fn settle<M: Message + Sync>(
+    fn processed(&self, part: &mut Partition, order: &Order, price: Cents, retries: u32) -> bool {
+        if self.core().is_none() {
+            return false;
+        }
+        // gathered here, handed to the core at the next checkpoint
+        part.pending.add(&order.product, price, retries);
+        true
+    }
+
+    async fn dead_letter<M: Message + Sync>(
         &self,
         part: &mut Partition,
         msg: &M,
-        outcome: &Outcome,
+        dead: &DeadLetter,
         window: &Window,
         _: &CancellationToken,
     ) -> bool {
         let Some(core) = self.core() else {
             return false;
-        };
-        let dead = match outcome {
-            // gathered here, handed to the core at the next checkpoint
-            Outcome::Processed { order, price, .. } => {
-                part.pending.add(&order.product, *price, outcome.retries());
-                return true;
-            }
-            Outcome::DeadLetter(dead) => dead,
         };
         let position = window.position();
         loop {
@@ -302,7 +304,7 @@ impl Durability for ExactlyOnce {
                     msg,
                     dead.category,
                     &dead.headers,
-                    outcome.retries(),
+                    dead.retries,
                     &mut part.pending,
                     &position,
                 )
