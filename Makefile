@@ -136,21 +136,29 @@ compose-down: ## stop the Compose demo and remove its containers, network and vo
 	$(COMPOSE) --profile ui down -v --remove-orphans
 
 KIND ?= kind
-HELM ?= .stack/bin/helm-v3.22.0
+HELM ?= .stack/bin/helm-v4.3.2
 KIND_CLUSTER ?= order-pipeline
-IMAGE_TAG ?= 0.1.0
+# the images' tag: the commit, and a digest of uncommitted changes, so that a rebuilt image is a
+# new tag and reaches the pods (the chart pulls IfNotPresent)
+IMAGE_TAG ?= $(shell v=$$(git rev-parse --short HEAD 2>/dev/null || echo dev); \
+  git diff --quiet HEAD 2>/dev/null || v=$$v-$$(git diff HEAD | sha256sum | cut -c1-8); echo 0.1.0-$$v)
 kind-up: ## create the kind cluster (k8s/kind-config.yaml)
 	$(KIND) create cluster --config k8s/kind-config.yaml --name $(KIND_CLUSTER)
 
-kind-load: ## build the three images and load them into the kind cluster
+kind-load: ## build the three images (tag IMAGE_TAG) and load them into the kind cluster
+	@# through an archive: `kind load docker-image` fails on images that carry BuildKit's
+	@# provenance in Docker's containerd image store (kind#3795)
+	set -e; archive=$$(mktemp); trap 'rm -f "$$archive"' EXIT; \
 	for s in order-generator order-processor dlq-analyzer; do \
-	  docker build --target $$s -t order-pipeline/$$s:$(IMAGE_TAG) . || exit 1; \
-	  $(KIND) load docker-image order-pipeline/$$s:$(IMAGE_TAG) --name $(KIND_CLUSTER) || exit 1; \
+	  docker build --target $$s -t order-pipeline/$$s:$(IMAGE_TAG) .; \
+	  docker save -o "$$archive" order-pipeline/$$s:$(IMAGE_TAG); \
+	  $(KIND) load image-archive "$$archive" --name $(KIND_CLUSTER); \
 	done
 
 kind-install: ## install (or upgrade) the chart into the kind cluster (HELM=helm to use your own)
 	@command -v $(HELM) >/dev/null || bash scripts/check-deploy.sh helm
-	$(HELM) upgrade --install order-pipeline helm/order-pipeline --namespace order-pipeline --create-namespace --wait --timeout 10m
+	$(HELM) upgrade --install order-pipeline helm/order-pipeline --namespace order-pipeline --create-namespace \
+	  --set default.image.tag=$(IMAGE_TAG) --wait --timeout 10m
 
 kind-down: ## delete the kind cluster
 	$(KIND) delete cluster --name $(KIND_CLUSTER)

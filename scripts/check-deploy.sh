@@ -15,7 +15,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 
-HELM_VERSION=v3.22.0
+HELM_VERSION=v4.3.2
 bin="$repo/.stack/bin"
 helm="$bin/helm-$HELM_VERSION"
 compose_check="$bin/compose-check"
@@ -32,7 +32,7 @@ build_helm() {
   mkdir -p "$bin"
   if [ ! -x "$helm" ]; then
     echo "building helm $HELM_VERSION from the Go module proxy"
-    (cd tools && go build -trimpath -o "$helm.part" helm.sh/helm/v3/cmd/helm) && mv "$helm.part" "$helm"
+    (cd tools && go build -trimpath -o "$helm.part" helm.sh/helm/v4/cmd/helm) && mv "$helm.part" "$helm"
   fi
 }
 
@@ -70,7 +70,7 @@ tools() {
   # helm and compose-check from the Go module proxy, versions pinned in tools/go.mod and go.sum
   build_helm
   build_promtool
-  if [ ! -x "$compose_check" ] || [ tools/compose-check/main.go -nt "$compose_check" ]; then
+  if [ ! -x "$compose_check" ] || [ tools/compose-check/main.go -nt "$compose_check" ] || [ tools/go.sum -nt "$compose_check" ]; then
     (cd tools && go build -o "$compose_check" ./compose-check)
   fi
   if [ ! -f "$venv/.deploy-tools" ] || [ tools/requirements.txt -nt "$venv/.deploy-tools" ]; then
@@ -88,8 +88,11 @@ render_manifests() {
     echo "# Pause, resume and redrive need a token in the Secret order-pipeline-operations (without it"
     echo "# they are refused), e.g.:"
     echo "#   kubectl -n order-pipeline create secret generic order-pipeline-operations --from-literal=token=\$(openssl rand -hex 24)"
+    # Helm's ownership annotations beside its labels: a later `helm install order-pipeline -n
+    # order-pipeline` adopts the applied objects instead of refusing them
     "$helm" template order-pipeline "$chart" --namespace order-pipeline \
-      --set operations.existingSecret=order-pipeline-operations
+      --set operations.existingSecret=order-pipeline-operations |
+      sed '/^metadata:$/a\  annotations:\n    meta.helm.sh/release-name: order-pipeline\n    meta.helm.sh/release-namespace: order-pipeline'
   }
 }
 
@@ -169,8 +172,8 @@ grep -q -- '- create-topics' "$work/external.yaml" || fail "no topics Job agains
 "$helm" template op "$chart" --set kafka.enabled=false,kafka.bootstrapServers=kafka.example:9092 \
   --set topics.create=false >"$work/no-topics.yaml"
 case "$(kinds_in "$work/no-topics.yaml")" in *Job*) fail "topics.create=false still renders the topics Job";; esac
-grep -q 'value: "kafka.example:9092"' "$work/external.yaml" || fail "external bootstrap servers not used"
-grep -q 'value: "https://registry.example"' "$work/external.yaml" || fail "external registry URL not used"
+grep -Eq 'value: "?kafka.example:9092"?$' "$work/external.yaml" || fail "external bootstrap servers not used"
+grep -Eq 'value: "?https://registry.example"?$' "$work/external.yaml" || fail "external registry URL not used"
 
 step "helm template --set orderProcessor.replicas=3, autoscaling on"
 "$helm" template op "$chart" --set orderProcessor.replicas=3 >"$work/scaled.yaml"
@@ -189,6 +192,8 @@ step "helm template with secrets as env, extra volumes and NetworkPolicies"
   --set 'orderProcessor.extraEnv[0].name=RDKAFKA_SASL_PASSWORD' \
   --set 'orderProcessor.extraEnv[0].valueFrom.secretKeyRef.name=kafka-user' \
   --set 'orderProcessor.extraEnv[0].valueFrom.secretKeyRef.key=password' \
+  --set 'orderProcessor.extraEnv[1].name=CONSUMER_GROUP' --set 'orderProcessor.extraEnv[1].value=from-extra-env' \
+  --set orderProcessor.env.ANALYZER_URL=http://analyzer.example:8103 \
   --set 'default.extraVolumes[0].name=ca' --set 'default.extraVolumes[0].secret.secretName=kafka-ca' \
   --set 'default.extraVolumeMounts[0].name=ca' --set 'default.extraVolumeMounts[0].mountPath=/etc/kafka-ca' \
   >"$work/secrets.yaml"
@@ -209,11 +214,21 @@ for d in services:
     names = [e["name"] for e in c["env"]]
     if d["metadata"]["labels"]["app.kubernetes.io/component"] == "order-processor":
         assert names[-1] == "RDKAFKA_SASL_PASSWORD" and "valueFrom" in c["env"][-1], names
+        # a name given again replaces the entry where it stood (the chart's, or env's)
+        values = {e["name"]: e.get("value") for e in c["env"]}
+        assert values["CONSUMER_GROUP"] == "from-extra-env", values
+        assert values["ANALYZER_URL"] == "http://analyzer.example:8103", values
+        assert names.index("ANALYZER_URL") < names.index("OTEL_RESOURCE_ATTRIBUTES"), names
+# every name once in every container: Helm 4's server-side apply refuses a duplicate
+for d in docs:
+    for c in d.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+        names = [e["name"] for e in c.get("env", [])]
+        assert len(names) == len(set(names)), (d["metadata"]["name"], names)
 for p in policies:
     assert p["spec"]["policyTypes"] == ["Ingress"], p["spec"]
     assert len(p["spec"]["ingress"][0]["from"]) == 2, p["spec"]["ingress"]
 print("envFrom the existing Secret and a mounted Secret in all three; the password from a secretKeyRef, last;"
-      " three ingress-only NetworkPolicies")
+      " extraEnv and env override a name in place, every name once; three ingress-only NetworkPolicies")
 EOF2
 
 step "monitoring: ServiceMonitor, PrometheusRule, Grafana dashboard, KEDA ScaledObject"
@@ -326,6 +341,26 @@ jaeger = yaml.safe_load(one("ConfigMap", "-jaeger")["data"]["config.yaml"])
 cap = jaeger["extensions"]["jaeger_storage"]["backends"]["memstore"]["memory"]["max_traces"]
 if not 0 < cap <= 20000:
     problems.append(f"Jaeger keeps {cap} traces in memory")
+heap = kenv.get("KAFKA_HEAP_OPTS", "")
+request = kafka["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["memory"]
+if "-Xmx512M" not in heap or request != "768Mi":
+    problems.append(f"Kafka's heap ({heap or 'the script default, 1G'}) is not within its request ({request})")
+if kenv.get("KAFKA_ADVERTISED_LISTENERS") != "PLAINTEXT://op-order-pipeline-kafka.default.svc:9092":
+    problems.append("the broker advertises a name other namespaces (KEDA's) cannot resolve: "
+                    + str(kenv.get("KAFKA_ADVERTISED_LISTENERS")))
+jpod = one("Deployment", "-jaeger")["spec"]["template"]["spec"]
+if not any(m["mountPath"] == "/tmp" for m in jpod["containers"][0]["volumeMounts"]):
+    problems.append("Jaeger has a read-only root and no writable /tmp")
+pdb = one("PodDisruptionBudget", "-order-processor")
+if pdb["spec"].get("unhealthyPodEvictionPolicy") != "AlwaysAllow":
+    problems.append("the PDB keeps a replica that is not ready from being evicted")
+processor = one("Deployment", "-order-processor")
+spread = processor["spec"]["template"]["spec"].get("topologySpreadConstraints", [])
+if [c["labelSelector"]["matchLabels"]["app.kubernetes.io/name"] for c in spread] != ["order-processor"]:
+    problems.append(f"the processor's replicas are not spread over the nodes: {spread}")
+attrs = env(processor)["OTEL_RESOURCE_ATTRIBUTES"]
+if "k8s.pod.name=$(K8S_POD_NAME)" not in attrs or "deployment.environment.name" in attrs:
+    problems.append(f"resource attributes: {attrs}")
 registry = one("Deployment", "-schema-registry")
 if "SCHEMA_REGISTRY_HEAP_OPTS" not in env(registry) or "startupProbe" not in registry["spec"]["template"]["spec"]["containers"][0]:
     problems.append("the registry has the image's default heap or no startup probe")
@@ -342,6 +377,12 @@ render_manifests >"$work/manifests.yaml"
 diff -u "$manifests" "$work/manifests.yaml" >/dev/null \
   || fail "$manifests is stale: run 'make k8s-manifests'"
 validate "$manifests"
+"$venv/bin/python" - "$manifests" <<'PY' || fail "$manifests: an object without Helm's ownership annotations"
+import sys, yaml
+for d in yaml.safe_load_all(open(sys.argv[1])):
+    if d and (d["metadata"].get("annotations") or {}).get("meta.helm.sh/release-name") != "order-pipeline":
+        sys.exit(f"{d['kind']} {d['metadata']['name']}")
+PY
 echo "$manifests is current and valid"
 
 echo

@@ -35,7 +35,7 @@ from truth import BOOTSTRAP, Failures, check_totals, read_all  # noqa: E402
 from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType  # noqa: E402
 
 CLUSTER = ROOT / "cluster" / "cluster.sh"
-HELM = os.environ.get("HELM", str(ROOT / ".stack" / "bin" / "helm-v3.22.0"))
+HELM = os.environ.get("HELM", str(ROOT / ".stack" / "bin" / "helm-v4.3.2"))
 CHART = ROOT / "helm" / "order-pipeline"
 TAG = os.environ.get("IMAGE_TAG", "dev")
 # the cluster bridge's host address (cluster/cluster.sh), where the stack listens for pods

@@ -30,9 +30,15 @@ order-processor: orderProcessor
 dlq-analyzer: dlqAnalyzer
 {{- end -}}
 
+{{/* The in-cluster Kafka's Service by its namespaced name: KEDA's operator, in a namespace of
+     its own, reaches the broker by it, and the broker advertises the same name. */}}
+{{- define "op.kafkaHost" -}}
+{{ include "op.fullname" . }}-kafka.{{ .Release.Namespace }}.svc
+{{- end -}}
+
 {{- define "op.kafkaBootstrap" -}}
 {{- if .Values.kafka.enabled -}}
-{{ include "op.fullname" . }}-kafka:9092
+{{ include "op.kafkaHost" . }}:9092
 {{- else -}}
 {{ required "kafka.bootstrapServers is required when kafka.enabled is false" .Values.kafka.bootstrapServers }}
 {{- end -}}
@@ -65,7 +71,8 @@ capabilities:
   What a service's container gets from values besides the chart's own variables, shared by its
   Deployment and (for the processor) the topics Job. Call with
   (dict "root" $ "key" "orderProcessor" "c" <the service's values merged over default>).
-  op.userEnv: `env` (over default.env) and then `extraEnv` (EnvVar objects: they win).
+  op.userEnv: `env` (over default.env) and then `extraEnv` (EnvVar objects: they win, see
+  op.env).
 */}}
 {{- define "op.userEnv" -}}
 {{- $own := index .root.Values .key -}}
@@ -74,9 +81,25 @@ capabilities:
   value: {{ $v | quote }}
 {{- end }}
 {{- with concat (.root.Values.default.extraEnv | default list) ($own.extraEnv | default list) }}
-# extraEnv: full EnvVar objects (valueFrom.secretKeyRef for passwords and tokens);
-# they come last, so they win over a same-named variable above
 {{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/*
+  A container's `env` list from the chart's own variables (`own`, a YAML list) and then the
+  user's (`user`, op.userEnv's): a name given again replaces the earlier entry where it stood,
+  so every name is there once. The API server refuses a name twice under server-side apply,
+  which Helm 4 uses, and where a later entry wins is no contract of the API anyway.
+*/}}
+{{- define "op.env" -}}
+{{- $byName := dict -}}
+{{- $names := list -}}
+{{- range concat (.own | fromYamlArray) (.user | default "" | fromYamlArray) -}}
+{{- if not (hasKey $byName .name) }}{{ $names = append $names .name }}{{ end -}}
+{{- $_ := set $byName .name . -}}
+{{- end -}}
+{{- range $names }}
+- {{ get $byName . | toYaml | nindent 2 | trim }}
 {{- end }}
 {{- end -}}
 
@@ -124,4 +147,66 @@ volumes:
 {{- $tag := .c.image.tag | default .root.Values.default.image.tag | default .root.Chart.AppVersion -}}
 {{- $registry := .c.image.registry | default .root.Values.default.image.registry -}}
 {{ if $registry }}{{ $registry }}/{{ end }}{{ .c.image.repository }}:{{ $tag }}
+{{- end -}}
+
+{{/*
+  A service's own variables (before the user's, see op.env): where the others are, its name
+  for the traces, and what the chart wires up. Same arguments as op.userEnv, and "name".
+*/}}
+{{- define "op.serviceEnv" -}}
+{{- $root := .root -}}
+- name: HTTP_PORT
+  value: {{ .c.port | quote }}
+- name: KAFKA_BOOTSTRAP_SERVERS
+  value: {{ include "op.kafkaBootstrap" $root | quote }}
+- name: SCHEMA_REGISTRY_URL
+  value: {{ include "op.registryUrl" $root | quote }}
+- name: ORDERS_TOPIC
+  value: {{ $root.Values.topics.orders | quote }}
+- name: DLQ_TOPIC
+  value: {{ $root.Values.topics.dlq | quote }}
+- name: OTEL_SERVICE_NAME
+  value: {{ .name }}
+{{- if eq .name "order-processor" }}
+# the status page (/) shows the analyzer's dead letters
+- name: ANALYZER_URL
+  value: "http://{{ include "op.fullname" $root }}-dlq-analyzer:{{ $root.Values.dlqAnalyzer.port }}"
+{{- if $root.Values.jaeger.enabled }}
+# the status page links trace ids to the chart's Jaeger UI, as the notes' port-forward puts it
+# in the browser
+- name: JAEGER_UI_URL
+  value: "http://localhost:16686"
+{{- end }}
+{{- end }}
+{{- with include "op.otlpEndpoint" $root }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
+# the pod's name, for the resource attributes below ($(...) reads a variable defined before it)
+- name: K8S_POD_NAME
+  valueFrom:
+    fieldRef:
+      apiVersion: v1
+      fieldPath: metadata.name
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: "k8s.namespace.name={{ $root.Release.Namespace }},k8s.pod.name=$(K8S_POD_NAME){{ with $root.Values.environment }},deployment.environment.name={{ . }}{{ end }}"
+{{- if and $root.Values.operations.enabled (ne .name "order-generator") }}
+# the operations credential (pause, resume, redrive): docs/security.md
+- name: OPERATIONS_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ $root.Values.operations.existingSecret | default (printf "%s-operations" (include "op.fullname" $root)) }}
+      key: {{ $root.Values.operations.existingSecretKey | default "token" }}
+      {{- if $root.Values.operations.existingSecret }}
+      optional: true
+      {{- end }}
+{{- end }}
+{{- if .c.staticMembership }}
+# static group membership (KIP-345): the pod's name is its group.instance.id
+- name: GROUP_INSTANCE_ID
+  valueFrom:
+    fieldRef:
+      apiVersion: v1
+      fieldPath: metadata.name
+{{- end }}
 {{- end -}}
