@@ -2,19 +2,30 @@
 # A container engine of the project's own, and the three images built and kept in it.
 #
 # Debian's docker.io runs a daemon whose state, socket and pid file live in .engine/ (git-ignored;
-# ENGINE_DIR moves it): never the machine's default daemon, its settings or its socket. The daemon
-# has no bridge and touches no iptables, so containers use host networking and all their traffic
-# stays on loopback. No image registry is needed: the base images are made here from Debian's
+# ENGINE_DIR moves it): never the machine's default daemon, its settings or its socket.
+#
+# Network: the daemon touches no iptables (no NAT, no masquerading, no forwarding) and has no
+# default bridge. Networks that Compose makes are bridges whose subnets come from a pool this
+# project owns on the machine (ENGINE_POOL, 10.215.0.0/16, /24 each), with an `unreachable` route
+# for the whole pool beside each bridge's own, so that nothing addressed into it leaves the
+# machine. Ports are published by docker-proxy on the host's addresses the file names (127.0.0.1
+# in ours); the engine's DNS answers containers' names, and any other query goes to an address
+# inside the pool, which nothing answers. The daemon pulls nothing (no registry is reachable). `down` removes the route and whatever bridge the daemon
+# left. Containers with --network host (the tests against the native stack) are unaffected.
+#
+# No image registry is needed: the base images are made here from Debian's
 # packages (mmdebstrap) and the machine's Rust toolchain, and the Dockerfile is pointed at them
 # with its BUILDER_IMAGE and RUNTIME_IMAGE build arguments.
 #
-#   engine.sh install   the Debian packages (docker.io, mmdebstrap), when missing
+#   engine.sh install   the Debian packages (docker.io, mmdebstrap, iproute2), when missing
 #   engine.sh up        start the daemon (a no-op when it runs)
 #   engine.sh down      stop what `up` started, by pid, and anything it left mounted
 #   engine.sh status    one line
 #   engine.sh env       `export DOCKER_HOST=...` for `eval`
 #   engine.sh bases     make and import the local base images (once; kept in the daemon)
 #   engine.sh build     build the Dockerfile's three targets on the local bases
+#   engine.sh deps      build the images of Compose's and the chart's dependencies (Kafka, Apicurio
+#                       Registry, Jaeger) from what the native stack installs (images/*)
 #   engine.sh sizes     image sizes as JSON (all of each image, and our layers above the base)
 #   engine.sh compose   Docker Compose v5 (built once from the Go module proxy) on this engine
 #   engine.sh save IMAGE...   the images as a tar archive on stdout (for the local cluster)
@@ -31,12 +42,27 @@ docker=/usr/bin/docker
 debian_mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 suite=bookworm
 services=(order-generator order-processor dlq-analyzer)
+pool=${ENGINE_POOL:-10.215.0.0/16}
+# the containers' only DNS server besides the engine's own: in the pool, so no query leaves
+pool_dns=${pool%.0.0/*}.255.253
 image_tag=${IMAGE_TAG:-dev}
 runtime_image=order-pipeline-base/runtime:$suite
 # the toolchain that builds the images is the one that builds the workspace here
 rust_sysroot=$(rustc --print sysroot)
 rust_version=$(rustc --version | awk '{print $2}')
 builder_image=order-pipeline-base/builder:$suite-rust$rust_version
+# the dependencies' bases: a Java 21 runtime (Debian 13 has it; Apicurio Registry 3.3 needs it, and
+# the official Kafka image runs on 21 too), and the runtime base with busybox
+jre_image=order-pipeline-base/jre21:trixie
+busybox_image=order-pipeline-base/busybox:$suite
+stack_dir=${STACK_DIR:-$repo/.stack}
+# the dependencies' versions are the native stack's
+stack_version() { awk -F= -v k="$1" '$1 == k { sub(/[ \t].*/, "", $2); print $2; exit }' "$repo/stack/stack.sh"; }
+kafka_version=$(stack_version KAFKA_VERSION)
+apicurio_version=$(stack_version APICURIO_VERSION)
+jaeger_module_version=$(stack_version JAEGER_MODULE_VERSION)
+jaeger_version=$(stack_version JAEGER_VERSION)
+dependency_images=("order-pipeline/kafka:$kafka_version" "order-pipeline/apicurio-registry:$apicurio_version" "order-pipeline/jaeger:$jaeger_version")
 
 say() { printf '[engine] %s\n' "$*"; }
 fail() { printf 'engine: %s\n' "$*" >&2; exit 1; }
@@ -45,7 +71,8 @@ running() { [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
 
 install() {
   local missing=() p
-  for p in docker.io mmdebstrap; do
+  # iproute2: the pool's route; binutils (strip) comes with build-essential, as the build needs
+  for p in docker.io mmdebstrap iproute2; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   [ "${#missing[@]}" -eq 0 ] && return 0
@@ -61,15 +88,20 @@ up() {
   if running; then say "daemon running (pid $(cat "$pidfile"))"; return 0; fi
   install
   mkdir -p "$dir/data" "$dir/exec"
-  echo '{}' >"$dir/daemon.json"
-  # --config-file: none of /etc/docker/daemon.json; --bridge=none, --iptables=false: no network
-  # setting of the machine is changed, containers run with --network host
-  setsid /usr/sbin/dockerd \
+  # no registry is reachable, and the daemon asks none: an image that is not here is refused at
+  # once (its pull goes to a closed port on loopback) instead of a lookup of a registry's name
+  printf '{"default-address-pools": [{"base": "%s", "size": 24}], "dns": ["%s"]}\n' "$pool" "$pool_dns" \
+    >"$dir/daemon.json"
+  ip route show type unreachable | grep -q "^unreachable $pool " || ip route add unreachable "$pool"
+  # --config-file: none of /etc/docker/daemon.json; --bridge=none, --iptables=false,
+  # --ip-forward=false: no default bridge, and no packet-filter or forwarding setting of the
+  # machine is changed; docker-proxy publishes ports
+  HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 NO_PROXY= setsid /usr/sbin/dockerd \
     --config-file "$dir/daemon.json" \
     --data-root "$dir/data" --exec-root "$dir/exec" \
     --pidfile "$pidfile" -H "unix://$sock" \
-    --bridge=none --iptables=false --ip-masq=false --ip-forward=false \
-    --userland-proxy=false --storage-driver=overlay2 \
+    --bridge=none --iptables=false --ip6tables=false --ip-masq=false --ip-forward=false \
+    --userland-proxy=true --userland-proxy-path=/usr/sbin/docker-proxy --storage-driver=overlay2 \
     >"$log" 2>&1 </dev/null &
   local i
   for i in $(seq 1 120); do
@@ -105,6 +137,14 @@ down() {
   for m in $(awk -v d="$dir/" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r); do
     umount -l "$m" 2>/dev/null || true
   done
+  # the bridges of networks left behind (br-<id>, with an address in the pool), and the route
+  local link
+  for link in $(ip -o -4 addr show | awk -v p="${pool%.0.0/*}." '$2 ~ /^br-/ && index($4, p) == 1 { print $2 }'); do
+    ip link delete "$link" && say "removed bridge $link"
+  done
+  if ip route show type unreachable | grep -q "^unreachable $pool "; then
+    ip route del unreachable "$pool" && say "removed the route unreachable $pool"
+  fi
 }
 
 status() {
@@ -167,6 +207,89 @@ runtime_base() {
 
 bases() { up; builder_base; runtime_base; }
 
+# Debian 13's OpenJDK 21 runtime on a minbase root (bash, coreutils, apt), with curl for
+# healthchecks, as the official Java images carry a shell and a package manager.
+jre_base() {
+  have_image "$jre_image" && return 0
+  local root="$dir/roots/jre"
+  rm -rf "$root"; mkdir -p "$root"
+  say "making the Java base: mmdebstrap minbase trixie, openjdk-21-jre-headless, curl"
+  mmdebstrap --quiet --variant=minbase --mode=root --include=openjdk-21-jre-headless,curl,ca-certificates \
+    trixie "$root" "$debian_mirror"
+  rm -rf "$root/usr/share/doc" "$root/usr/share/man" "$root/usr/share/info" "$root/var/cache/apt"/*.bin \
+    "$root/var/lib/apt/lists"/*
+  tar -C "$root" -c . | $docker import \
+    --change 'ENV JAVA_HOME=/usr/lib/jvm/java-21-openjdk-amd64' --change 'ENV LANG=C.UTF-8' \
+    --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' - "$jre_image" >/dev/null
+  rm -rf "$root"
+  say "imported $jre_image"
+}
+
+# The runtime base with Debian's static busybox and its applets (sh, wget, ...), for images
+# whose healthchecks or helpers need a shell.
+busybox_base() {
+  have_image "$busybox_image" && return 0
+  runtime_base
+  local root="$dir/roots/busybox" ctx="$dir/contexts/busybox"
+  rm -rf "$root" "$ctx"; mkdir -p "$root" "$ctx"
+  mmdebstrap --quiet --variant=extract --mode=root --include=busybox-static "$suite" "$root" "$debian_mirror"
+  cp "$root/bin/busybox" "$ctx/busybox" 2>/dev/null || cp "$root/usr/bin/busybox" "$ctx/busybox"
+  printf '%s\n' "FROM $runtime_image" 'USER 0' 'COPY busybox /usr/bin/busybox' \
+    'RUN ["/usr/bin/busybox", "--install", "-s", "/usr/bin"]' 'USER 65532:65532' >"$ctx/Dockerfile"
+  DOCKER_BUILDKIT=1 $docker build --network none -q -t "$busybox_image" "$ctx" >/dev/null
+  rm -rf "$root" "$ctx"
+  say "built $busybox_image"
+}
+
+# A build context: images/NAME, plus what the caller copies in (hard links where they can be)
+context() {
+  local ctx="$dir/contexts/$1"
+  rm -rf "$ctx"; mkdir -p "$dir/contexts"; cp -r "$repo/images/$1" "$ctx"
+  echo "$ctx"
+}
+link_or_copy() { cp -l "$@" 2>/dev/null || cp "$@"; }
+
+build_dependency() { # image context build-args...
+  local image=$1 ctx=$2; shift 2
+  say "docker build $image"
+  DOCKER_BUILDKIT=1 $docker build --network none --progress plain "$@" -t "$image" "$ctx" >"$ctx.log" 2>&1 \
+    || { tail -30 "$ctx.log" >&2; fail "docker build of $image failed (log: $ctx.log)"; }
+}
+
+deps() {
+  up; jre_base; busybox_base
+  bash "$repo/stack/stack.sh" install
+  local started=$SECONDS ctx jars tool class
+  # Kafka: the jars, and a launcher for each tool whose class they hold
+  ctx=$(context kafka); mkdir -p "$ctx/libs"
+  link_or_copy "$stack_dir/kafka-$kafka_version/libs/"*.jar "$ctx/libs/"
+  jars=$(python3 -c 'import sys, zipfile
+for j in sys.argv[1:]:
+    print("\n".join(n[:-6].replace("/", ".") for n in zipfile.ZipFile(j).namelist() if n.endswith(".class")))' "$ctx/libs/"*.jar)
+  while read -r tool class; do
+    grep -qxF "$class" <<<"$jars" || fail "images/kafka/docker/tools.txt: $tool's class $class is in none of Kafka $kafka_version's jars"
+  done <"$ctx/docker/tools.txt"
+  build_dependency "${dependency_images[0]}" "$ctx" --build-arg "JRE_IMAGE=$jre_image"
+  # Apicurio Registry: the unpacked distribution
+  ctx=$(context apicurio-registry); mkdir -p "$ctx/app"
+  cp -rl "$stack_dir/apicurio-registry-$apicurio_version/." "$ctx/app/" 2>/dev/null \
+    || cp -r "$stack_dir/apicurio-registry-$apicurio_version/." "$ctx/app/"
+  rm -f "$ctx/app/.installed"
+  build_dependency "${dependency_images[1]}" "$ctx" --build-arg "JRE_IMAGE=$jre_image"
+  # Jaeger: the stack's binary and the module's sampling strategies
+  ctx=$(context jaeger)
+  # without its symbols and debug information, as release builds ship
+  strip -o "$ctx/jaeger-linux" "$stack_dir/bin/jaeger-$jaeger_module_version"
+  cp "$(go env GOMODCACHE)/github.com/jaegertracing/jaeger@$jaeger_module_version/cmd/jaeger/sampling-strategies.json" "$ctx/"
+  build_dependency "${dependency_images[2]}" "$ctx" --build-arg "BASE_IMAGE=$busybox_image"
+  rm -rf "$dir/contexts"
+  say "built ${dependency_images[*]} in $((SECONDS - started)) s"
+  local image
+  for image in "${dependency_images[@]}"; do
+    printf '[engine] %-42s %s MB\n' "$image" "$($docker image inspect -f '{{.Size}}' "$image" | awk '{ printf "%.0f", $1 / 1e6 }')"
+  done
+}
+
 build() {
   bases
   local s started=$SECONDS
@@ -224,8 +347,9 @@ case "${1:-}" in
   env) echo "export DOCKER_HOST=$DOCKER_HOST" ;;
   bases) bases ;;
   build) build ;;
+  deps) deps ;;
   sizes) sizes ;;
   compose) shift; compose "$@" ;;
   save) shift; running || fail "the engine is not running (make engine-up)"; $docker save "$@" ;;
-  *) echo "usage: $0 install|up|down|status|env|bases|build|sizes|compose ARGS..." >&2; exit 2 ;;
+  *) echo "usage: $0 install|up|down|status|env|bases|build|deps|sizes|compose ARGS..." >&2; exit 2 ;;
 esac

