@@ -14,7 +14,7 @@ PY_REQS := tests/interop/requirements.txt
 
 .PHONY: help demo test reset-test-logs check-deploy k8s-manifests kind-up kind-load kind-install kind-down stack-up stack-down stack-status stack-env build lint \
         test-rust test-interop test-demo test-images python-env compose-demo compose-down bench engine-up engine-down engine-status images trace \
-        cluster-up cluster-down cluster-status test-cluster
+        cluster-up cluster-down cluster-status test-cluster deps-images test-compose
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{ printf "  make %-14s %s\n", $$1, $$2 }'
@@ -22,7 +22,7 @@ help: ## list the targets
 demo: ## native stack + build + about a hundred orders end to end, with summaries and one dead letter's trace
 	bash scripts/demo.sh
 
-test: reset-test-logs stack-up lint test-rust test-interop test-demo check-deploy test-images test-cluster ## everything CI checks (starts the native stack, the container engine and the local cluster itself)
+test: reset-test-logs stack-up lint test-rust test-interop test-demo check-deploy test-images test-cluster test-compose ## everything CI checks (starts the native stack, the container engine and the local cluster itself)
 	@bash scripts/test-summary.sh $(LOGS)
 
 reset-test-logs:
@@ -85,6 +85,9 @@ engine-status: ## one line: is the engine running
 images: ## build the three images in that engine, on base images made here from Debian's packages
 	$(ENGINE) build
 
+deps-images: ## build Kafka, Apicurio Registry and Jaeger images in the official images' layouts, from the native stack's packages
+	$(ENGINE) deps
+
 test-images: stack-up python-env images ## the images under the chart's constraints, and the Compose services scaled, against the native stack
 	@mkdir -p $(LOGS)
 	$(ENGINE) compose version
@@ -121,19 +124,44 @@ k8s-manifests: ## regenerate k8s/order-pipeline.yaml from the chart
 	bash scripts/check-deploy.sh manifests
 
 COMPOSE ?= docker compose
-compose-demo: ## the demo with Docker Compose: build, start, wait for health, show where to look
-	$(COMPOSE) up -d --build --wait
+# SCHEMA_REGISTRY=apicurio: Apicurio Registry in place of Confluent's (compose.apicurio.yml);
+# COMPOSE_OVERRIDE: more -f files (the test's images built here); COMPOSE_BUILD=--no-build: use
+# the images as they are
+SCHEMA_REGISTRY ?= confluent
+COMPOSE_OVERRIDE ?=
+COMPOSE_BUILD ?= --build
+COMPOSE_FILES = -f docker-compose.yml $(if $(filter apicurio,$(SCHEMA_REGISTRY)),-f compose.apicurio.yml) $(COMPOSE_OVERRIDE)
+compose-demo: ## the demo with Docker Compose: build, start, wait for health, show where to look (SCHEMA_REGISTRY=apicurio for Apicurio)
+	$(COMPOSE) $(COMPOSE_FILES) up -d $(COMPOSE_BUILD) --wait
 	@echo
+	@echo "status page             http://localhost:$$($(COMPOSE) $(COMPOSE_FILES) port order-processor 8102 | cut -d: -f2)/"
 	@echo "order-generator stats   http://localhost:8101/stats"
-	@echo "order-processor stats   $$($(COMPOSE) port order-processor 8102 | sed 's/^0.0.0.0/http:\/\/localhost/')/stats"
 	@echo "dlq-analyzer report     http://localhost:8103/report"
 	@echo "Jaeger UI               http://localhost:16686"
-	@echo "Kafka from the host     localhost:29092; Schema Registry http://localhost:8081"
-	@echo "scale the processor:    $(COMPOSE) up -d --scale order-processor=3"
-	@echo "stop and clean up:      make compose-down"
+	@echo "Kafka from the host     localhost:29092; schema registry http://localhost:8081$(if $(filter apicurio,$(SCHEMA_REGISTRY)),/apis/ccompat/v7)"
+	@echo "scale the processor:    $(COMPOSE) $(COMPOSE_FILES) up -d --scale order-processor=3"
+	@echo "stop and clean up:      make compose-down$(if $(filter apicurio,$(SCHEMA_REGISTRY)), SCHEMA_REGISTRY=apicurio)"
 
 compose-down: ## stop the Compose demo and remove its containers, network and volumes
-	$(COMPOSE) --profile ui down -v --remove-orphans
+	$(COMPOSE) $(COMPOSE_FILES) --profile ui down -v --remove-orphans
+
+# The Compose file as a laptop runs it, on the engine's bridge network, with only the images
+# replaced by those built here. It publishes the ports the native stack listens on (8081, 16686),
+# so the stack is stopped first. The engine is restarted around the test so that the machine's
+# network settings are compared with none of its own.
+test-compose: python-env images deps-images ## make compose-demo and compose-down on the engine, Apicurio switch, images built here
+	@mkdir -p $(LOGS)
+	$(STACK) down
+	$(ENGINE) down
+	$(CLUSTER) fingerprint >$(LOGS)/machine-before-compose.txt
+	$(ENGINE) up
+	status=0; $(VENV)/bin/pytest tests/compose -q -rA -s --timeout=900 2>&1 | tee $(LOGS)/pytest-compose.log || status=$$?; \
+	  $(ENGINE) down; \
+	  $(CLUSTER) fingerprint >$(LOGS)/machine-after-compose.txt; \
+	  if diff $(LOGS)/machine-before-compose.txt $(LOGS)/machine-after-compose.txt; then \
+	    echo "the machine's network and kernel settings are as before the engine and Compose"; \
+	  else echo "the engine or Compose left the machine changed (diff above)"; status=1; fi; \
+	  exit $$status
 
 KIND ?= kind
 HELM ?= .stack/bin/helm-v4.3.2

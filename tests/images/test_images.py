@@ -5,46 +5,26 @@ a read-only root file system, every capability dropped and no privilege escalati
 network, so that all traffic stays on loopback. The ground truth comes from the topics
 themselves, read back with Python's confluent-kafka: every record on the orders topic is decoded
 and judged by the business rules here, independently of our Rust code.
-
-The Compose file's own service definitions run too: `tests/images/compose.native.yml` points
-them at the native stack (Compose cannot pull the Kafka, registry and Jaeger images here), and
-the processor is scaled to three replicas with `--scale`.
+The Compose file itself runs in tests/compose, on the engine's bridge network.
 """
 
-import json
 import os
 import pathlib
 import subprocess
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from engine import ENV, docker  # noqa: E402
 from support import free_port, get_json, unique, wait_for  # noqa: E402
 from truth import BOOTSTRAP, REGISTRY, Failures, check_totals, create_topics, send_garbage  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-ENGINE = ROOT / "scripts" / "engine.sh"
 TAG = os.environ.get("IMAGE_TAG", "dev")
 # the constraints the Helm chart sets on every pod
 CONSTRAINED = ["--network", "host", "--read-only", "--cap-drop", "ALL",
                "--security-opt", "no-new-privileges", "--user", "65532:65532"]
 # the image's own HEALTHCHECK command, asked more often than its 10 s so the test is quick
 HEALTH_OFTEN = ["--health-interval", "1s", "--health-start-period", "60s"]
-
-
-def engine_env():
-    line = subprocess.run(["bash", ENGINE, "env"], check=True, capture_output=True, text=True).stdout
-    key, value = line.strip().removeprefix("export ").split("=", 1)
-    return {**os.environ, key: value}
-
-
-ENV = engine_env()
-
-
-def docker(*args, check=True, timeout=120):
-    run = subprocess.run(["/usr/bin/docker", *args], env=ENV, capture_output=True, text=True, timeout=timeout)
-    if check and run.returncode != 0:
-        raise AssertionError(f"docker {' '.join(args)}: {run.stderr.strip()}")
-    return run.stdout.strip()
 
 
 def health(container):
@@ -107,66 +87,3 @@ def test_images_process_a_known_mix_exactly_and_survive_docker_stop():
     finally:
         for name in names.values():
             docker("rm", "-f", name, check=False)
-
-
-def listening_port(container):
-    """The HTTP port a service logged at start (`HTTP listening`, JSON logs)."""
-    def port():
-        logs = subprocess.run(["/usr/bin/docker", "logs", container], env=ENV, capture_output=True, text=True)
-        for line in (logs.stdout + logs.stderr).splitlines():
-            if line.startswith("{") and (entry := json.loads(line)).get("fields", {}).get("message") == "HTTP listening":
-                return entry["fields"]["port"]
-        return None
-    return wait_for(f"{container}'s HTTP port", port, 30)
-
-
-def test_compose_services_scale_to_three_replicas_with_exact_totals():
-    run = unique("compose")
-    orders, dlq = f"{run}-orders", f"{run}-orders-dlq"
-    create_topics(orders, dlq)
-    ports = {"generator": free_port(), "analyzer": free_port()}
-    failures = Failures(unique("seed"), 0.1)  # the Compose file's rate
-    env = {**ENV, "COMPOSE_PROJECT_NAME": run, "IMAGE_TAG": TAG, "KAFKA_BOOTSTRAP_SERVERS": BOOTSTRAP,
-           "TRANSIENT_FAILURE_SEED": failures.seed,
-           "SCHEMA_REGISTRY_URL": REGISTRY, "ORDERS_TOPIC": orders, "DLQ_TOPIC": dlq,
-           "GENERATOR_PORT": str(ports["generator"]), "ANALYZER_PORT": str(ports["analyzer"]),
-           "CONSUMER_GROUP_PREFIX": run}
-    compose = ["bash", str(ENGINE), "compose", "-f", str(ROOT / "docker-compose.yml"),
-               "-f", str(ROOT / "tests" / "images" / "compose.native.yml")]
-
-    def up(*args):
-        done = subprocess.run([*compose, "up", "-d", "--no-deps", "--no-build", *args],
-                              env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr
-
-    replicas = []
-    try:
-        # --wait: every replica's own Compose health check passes (the port from its port file)
-        up("--wait", "--wait-timeout", "120", "--scale", "order-processor=3", "order-processor", "dlq-analyzer")
-        replicas = docker("ps", "-q", "--filter", f"label=com.docker.compose.project={run}",
-                          "--filter", "label=com.docker.compose.service=order-processor").split()
-        assert len(replicas) == 3
-        assert all(health(r) == "healthy" for r in replicas)
-        up("order-generator")
-        generator = docker("ps", "-aq", "--filter", f"label=com.docker.compose.project={run}",
-                           "--filter", "label=com.docker.compose.service=order-generator")
-        assert docker("wait", generator, timeout=120) == "0"
-        send_garbage(orders)
-        # any replica answers for the whole group
-        replica_ports = [listening_port(r) for r in replicas]
-        processed, dead = check_totals(orders, dlq, replica_ports[0], ports["analyzer"], failures)
-        assert processed > 200 and dead >= 3
-        # all three replicas took part: each owns one of the three partitions
-        shares = [get_json(p, "/stats") for p in replica_ports]
-        assert all(s["processed"] > 0 for s in shares), shares
-        print(f"compose: {processed} processed, {dead} dead-lettered, exact; replicas' shares "
-              f"{[s['processed'] for s in shares]} on ports {replica_ports}")
-        for r in replicas:
-            assert_untouched(r)
-    except AssertionError:
-        for r in replicas:  # what each replica said, for the reader of a failure
-            logs = subprocess.run(["/usr/bin/docker", "logs", "--tail", "40", r], env=ENV, capture_output=True, text=True)
-            print(f"--- {r}\n{logs.stdout}{logs.stderr}")
-        raise
-    finally:
-        subprocess.run([*compose, "down", "--timeout", "20"], env=env, capture_output=True, timeout=120)

@@ -1,5 +1,4 @@
-"""The processor's status page (`/`), looked at in a real browser: Debian's Chromium, headless,
-driven through its ChromeDriver by Selenium.
+"""The processor's status page (`/`), looked at in a real browser (tests/browser.py).
 
 After a known set of orders, the totals on the page equal `/stats/global`, the dead letters
 equal the analyzer's `/report`, each trace id links to that trace in the Jaeger UI, a page
@@ -15,13 +14,11 @@ import sys
 import urllib.request
 
 from confluent_kafka import Producer
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
-from selenium.webdriver.common.by import By
 
 from test_confluent import BIN, BOOTSTRAP, ROOT, create_topic, free_port, service_env, unique
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from browser import browser, card, clipped, loaded, rows, text, trace_links  # noqa: E402
 from support import get_json, wait_for  # noqa: E402
 
 SCREENSHOT = ROOT / "target" / "test-logs" / "status-page.png"
@@ -31,43 +28,6 @@ TRACED = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "RUST_LOG": "i
 # the stack's Jaeger has the query API and no UI (make stack-up says so): the links are checked
 # by the trace they name, which its API must hold
 JAEGER = "http://127.0.0.1:16686"
-
-
-def browser():
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    # no network but loopback here: nothing in the background, no component updates
-    for flag in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--no-first-run", "--window-size=1400,1400"]:
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
-
-
-# The page redraws its cards and tables at every poll (2 s): an element found by one WebDriver
-# call can be gone by the next (StaleElementReferenceException, seen in CI). So each read below
-# is one script, which runs between two redraws.
-def text(driver, css):
-    return driver.execute_script("return document.querySelector(arguments[0]).innerText.trim();", css)
-
-
-def rows(driver, css):
-    """The text of each cell of each row matched by `css`, read at once."""
-    return driver.execute_script(
-        "return [...document.querySelectorAll(arguments[0])]"
-        ".map(r => [...r.querySelectorAll('td')].map(td => td.innerText.trim()));", css)
-
-
-def clipped(driver):
-    """The tables wider than the card that holds them: their right edge is cut off."""
-    return driver.execute_script(
-        "return [...document.querySelectorAll('table')]"
-        ".filter(t => t.scrollWidth > t.parentElement.clientWidth + 1).map(t => t.id);")
-
-
-def card(driver, key):
-    return text(driver, f'.card[data-key="{key}"] .value').replace("$", "").replace(",", "")
 
 
 def test_the_status_page_shows_the_groups_totals_and_the_dead_letters():
@@ -109,7 +69,7 @@ def test_the_status_page_shows_the_groups_totals_and_the_dead_letters():
         # the page is opened only now, after the orders: it draws their throughput from the
         # processor's history at its first answer
         driver.get(f"http://127.0.0.1:{ports['processor']}/")
-        wait_for("the page's first answer", lambda: driver.find_element(By.TAG_NAME, "body").get_attribute("data-loaded") == "true", 30)
+        wait_for("the page's first answer", lambda: loaded(driver), 30)
         first = text(driver, "#rate")
         assert first.startswith("now ") and "top of the chart 1 orders/s" not in first, first
         # and the line is drawn across the chart, not squeezed into its last pixels
@@ -149,9 +109,7 @@ def test_the_status_page_shows_the_groups_totals_and_the_dead_letters():
         traced = [t for t in shown if len(t) == 32]
         assert len(traced) >= len(report["recent"]) - 1
         # each trace id is a link to its trace in the Jaeger UI, and Jaeger holds that trace
-        links = driver.execute_script(
-            "return Object.fromEntries([...document.querySelectorAll('#recent tbody a')]"
-            ".map(a => [a.innerText.trim(), a.getAttribute('href')]));")
+        links = trace_links(driver)
         assert links == {t: f"{JAEGER}/trace/{t}" for t in traced}, links
         # an order's (the garbage's trace begins at the processor): all three services in it
         order = next(f["trace_id"] for f in report["recent"] if f.get("trace_id") and f.get("key") != "garbage")
