@@ -103,14 +103,15 @@ cluster-down: ## stop the local cluster by pid; remove its bridge, and what the 
 cluster-status: ## one line per cluster component
 	$(CLUSTER) status
 
-test-cluster: python-env images ## helm install/scale/upgrade/uninstall on the local cluster, against the native stack
+test-cluster: python-env images deps-images ## the chart's default install (its own Kafka, registry, Jaeger) and one against the native stack, on the local cluster
 	@mkdir -p $(LOGS)
 	bash scripts/check-deploy.sh helm
 	$(CLUSTER) install
 	$(CLUSTER) fingerprint >$(LOGS)/machine-before-cluster.txt
 	$(CLUSTER) up
 	STACK_POD_ADDRESS=$(CLUSTER_HOST_ADDRESS) $(STACK) up
-	$(CLUSTER) load order-pipeline/order-generator:dev order-pipeline/order-processor:dev order-pipeline/dlq-analyzer:dev
+	$(CLUSTER) load order-pipeline/order-generator:dev order-pipeline/order-processor:dev order-pipeline/dlq-analyzer:dev \
+	  order-pipeline/kafka:4.1.1 order-pipeline/apicurio-registry:3.3.3 order-pipeline/jaeger:2.13.0
 	status=0; CLUSTER_HOST_ADDRESS=$(CLUSTER_HOST_ADDRESS) $(VENV)/bin/pytest tests/cluster -q -rA -s --timeout=900 \
 	  2>&1 | tee $(LOGS)/pytest-cluster.log || status=$$?; \
 	  $(CLUSTER) down; \

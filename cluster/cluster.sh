@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A real single-node Kubernetes on this machine, for the chart's install test: etcd, the API
-# server, the controller manager, the scheduler and the kubelet as local processes, on a
-# containerd of the cluster's own (Debian's containerd, runc and CNI plugins). The Kubernetes
-# binaries and etcd are built once from the Go module proxy (cluster/go.mod) and cached.
+# server, the controller manager, the scheduler, the kubelet and kube-proxy as local processes,
+# on a containerd of the cluster's own (Debian's containerd, runc and CNI plugins), with CoreDNS
+# answering the cluster's names. The Kubernetes binaries and etcd are built once from the Go
+# module proxy (cluster/go.mod), CoreDNS from its own (cluster/coredns), and cached.
 #
 #   cluster/cluster.sh install   Debian packages and the binaries, when missing
 #   cluster/cluster.sh up        start what is not running, wait until the node is Ready
@@ -17,10 +18,15 @@
 # CLUSTER_DIR (default: <repo>/.cluster, git-ignored) holds binaries, PKI, state and logs.
 #
 # Network: pods get a bridge of the cluster's own (op-k8s0, 10.213.0.0/24), whose host side is
-# 10.213.0.1. The bridge has no gateway for pods and no masquerading, and forwarding stays off,
-# so pods reach only this machine (the bridge address) and each other. The API server listens on
-# 127.0.0.1; the kubelet on the bridge address. Pods get a resolv.conf naming the bridge address
-# (no DNS runs there: the chart's services are given addresses, not names).
+# 10.213.0.1. Pods have no default route: only the bridge's subnet and the service range
+# (10.214.0.0/24) through the bridge address, where kube-proxy's rules (iptables) translate a
+# Service's cluster IP to a pod's. Forwarding is on for packets that arrive on the bridge alone
+# (the bridge's own setting; the machine's stays off), a rule drops any that would leave by
+# another interface, nothing is masqueraded beyond the bridge, and the service range has an
+# `unreachable` route on the host: a packet to a cluster IP is translated here or dropped.
+# CoreDNS listens on the bridge address, answers for cluster.local (and the reverse zones of the
+# two ranges) from the API, and NXDOMAIN for any other name: it has no forwarder. The API server
+# listens on 127.0.0.1; the kubelet on the bridge address.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 src="$repo/cluster"
@@ -39,7 +45,10 @@ ETCD_PORT=12379
 KUBELET_PORT=20250
 READY_TIMEOUT_S=${CLUSTER_READY_TIMEOUT_S:-180}
 PAUSE_IMAGE=localhost/order-pipeline/pause:3.10
-components=(containerd etcd kube-apiserver kube-controller-manager kube-scheduler kubelet)
+CLUSTER_DOMAIN=cluster.local
+# the rule that keeps pods' packets on the bridge (mangle FORWARD), found and removed by its comment
+GUARD_COMMENT="order-pipeline cluster: pods' packets stay on $BRIDGE"
+components=(containerd etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy coredns)
 
 say() { printf '[cluster] %s\n' "$*" >&2; }
 die() { printf '[cluster] error: %s\n' "$*" >&2; exit 1; }
@@ -76,12 +85,13 @@ install() {
     ldflags+=" -X $x.gitTreeState=clean"
   done
   # built again when the module's requirements or the flags change
-  recipe="$ldflags $(cat "$src/go.mod" "$src/go.sum" | sha256sum)"
+  recipe="$ldflags $(cat "$src/go.mod" "$src/go.sum" "$src/coredns/go.mod" "$src/coredns/go.sum" "$src/coredns/main.go" | sha256sum)"
   if [ "$(cat "$bin/.built" 2>/dev/null)" != "$recipe" ]; then
     command -v go >/dev/null || die "Go is needed to build Kubernetes from the Go module proxy"
     t=$(now)
-    say "building Kubernetes $K8S_VERSION (kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl) and etcd from the Go module proxy; about ten minutes the first time"
-    (cd "$src" && go build -trimpath -ldflags "$ldflags" -o "$bin/" tool) >"$dir/logs/build.log" 2>&1 \
+    say "building Kubernetes $K8S_VERSION (kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy, kubectl), etcd and CoreDNS from the Go module proxy; about ten minutes the first time"
+    { (cd "$src" && go build -trimpath -ldflags "$ldflags" -o "$bin/" tool) \
+        && (cd "$src/coredns" && go build -trimpath -o "$bin/coredns" .); } >"$dir/logs/build.log" 2>&1 \
       || { tail -n 20 "$dir/logs/build.log" >&2; die "the build failed; its log is $dir/logs/build.log"; }
     # go names the etcd server module's binary after its path without the major version
     mv "$bin/server" "$bin/etcd"
@@ -165,11 +175,15 @@ make_pki() {
   cert scheduler system:kube-scheduler ""
   cert kubelet-client "system:node:$NODE" system:nodes
   cert kubelet "$NODE" "" "IP:$BRIDGE_ADDRESS,DNS:$NODE"
+  cert kube-proxy system:kube-proxy ""
+  cert coredns system:coredns ""
   [ -f "$pki/sa.key" ] || { openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null; openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null; }
   kubeconfig "$dir/admin.kubeconfig" admin admin
   kubeconfig "$dir/controller-manager.kubeconfig" controller-manager controller-manager
   kubeconfig "$dir/scheduler.kubeconfig" scheduler scheduler
   kubeconfig "$dir/kubelet.kubeconfig" "system:node:$NODE" kubelet-client
+  kubeconfig "$dir/kube-proxy.kubeconfig" system:kube-proxy kube-proxy
+  kubeconfig "$dir/coredns.kubeconfig" system:coredns coredns
 }
 
 # ---------------------------------------------------------------- network
@@ -180,14 +194,39 @@ bridge_up() {
     ip addr add "$BRIDGE_ADDRESS/24" dev "$BRIDGE"
   fi
   ip link set "$BRIDGE" up
+  # packets that arrive on the bridge may be routed (to a Service's pod, back onto the bridge);
+  # the machine's own forwarding setting stays as it is
+  sysctl -qw "net.ipv4.conf.$BRIDGE.forwarding=1"
+  # bridged packets pass iptables, so that a reply from a Service's pod to a pod on the same
+  # bridge is translated back (kube-proxy's requirement; restored by down)
+  sysctl -qw net.bridge.bridge-nf-call-iptables=1
+  # in mangle, which packets pass before kube-proxy's ACCEPT rules in filter
+  iptables -t mangle -C FORWARD -i "$BRIDGE" ! -o "$BRIDGE" -m comment --comment "$GUARD_COMMENT" -j DROP 2>/dev/null \
+    || iptables -t mangle -I FORWARD 1 -i "$BRIDGE" ! -o "$BRIDGE" -m comment --comment "$GUARD_COMMENT" -j DROP
+  ip route show type unreachable | grep -q "^unreachable $SERVICE_RANGE " || ip route add unreachable "$SERVICE_RANGE"
 }
 
-# The kernel settings the kubelet changes, one "sysctl <key> <value>" line each.
+network_down() {
+  while iptables -t mangle -D FORWARD -i "$BRIDGE" ! -o "$BRIDGE" -m comment --comment "$GUARD_COMMENT" -j DROP 2>/dev/null; do
+    say "removed the FORWARD rule that kept pods on $BRIDGE"
+  done
+  if ip route show type unreachable | grep -q "^unreachable $SERVICE_RANGE "; then
+    ip route del unreachable "$SERVICE_RANGE" && say "removed the route unreachable $SERVICE_RANGE"
+  fi
+  ip link show "$BRIDGE" >/dev/null 2>&1 && { ip link delete "$BRIDGE"; say "bridge $BRIDGE removed"; }
+  return 0
+}
+
+# The kernel settings the kubelet, kube-proxy and bridge_up change, one "sysctl <key> <value>"
+# line each (those this kernel has).
 kernel_settings() {
   local k
-  for k in vm/overcommit_memory vm/panic_on_oom kernel/panic kernel/panic_on_oops kernel/keys/root_maxkeys kernel/keys/root_maxbytes; do
-    echo "sysctl $k $(cat "/proc/sys/$k")"
+  for k in vm/overcommit_memory vm/panic_on_oom kernel/panic kernel/panic_on_oops kernel/keys/root_maxkeys kernel/keys/root_maxbytes \
+      net/bridge/bridge-nf-call-iptables net/ipv4/conf/all/route_localnet net/netfilter/nf_conntrack_max \
+      net/netfilter/nf_conntrack_tcp_timeout_established net/netfilter/nf_conntrack_tcp_timeout_close_wait; do
+    [ -e "/proc/sys/$k" ] && echo "sysctl $k $(cat "/proc/sys/$k")"
   done
+  return 0
 }
 
 # The network namespaces and the kubelet's cgroups, one "netns <name>" or "cgroup <path>" line
@@ -295,7 +334,8 @@ cni_config() {
       "ipam": {
         "type": "host-local",
         "dataDir": "$dir/cni/ipam",
-        "ranges": [[{ "subnet": "$POD_SUBNET", "rangeStart": "${POD_SUBNET%.0/*}.10" }]]
+        "ranges": [[{ "subnet": "$POD_SUBNET", "rangeStart": "${POD_SUBNET%.0/*}.10" }]],
+        "routes": [{ "dst": "$SERVICE_RANGE", "gw": "$BRIDGE_ADDRESS" }]
       }
     }
   ]
@@ -401,7 +441,10 @@ cgroupDriver: cgroupfs
 # these machines mount cgroup v1 (the cgroup2 mount at /sys/fs/cgroup/unified is empty)
 failCgroupV1: false
 failSwapOn: false
-# DNS: none runs; the bridge address refuses queries, so nothing leaves the machine
+# DNS: CoreDNS on the bridge address (cluster.local, NXDOMAIN for any other name); pods with
+# dnsPolicy Default get the same server
+clusterDNS: [$BRIDGE_ADDRESS]
+clusterDomain: $CLUSTER_DOMAIN
 resolvConf: $dir/resolv.conf
 # the kubelet changes these kernel settings when they differ; down restores the old values
 protectKernelDefaults: false
@@ -429,6 +472,104 @@ start_kubelet() {
   wait_for kubelet node_ready
 }
 
+kube_proxy_config() {
+  cat <<EOF
+# Generated by cluster/cluster.sh
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+clientConnection:
+  kubeconfig: $dir/kube-proxy.kubeconfig
+hostnameOverride: $NODE
+mode: iptables
+clusterCIDR: $POD_SUBNET
+# node ports on the bridge address only; none on loopback (which would need route_localnet)
+nodePortAddresses: ["$BRIDGE_ADDRESS/32"]
+iptables:
+  localhostNodePorts: false
+healthzBindAddress: 127.0.0.1:20256
+metricsBindAddress: 127.0.0.1:20249
+# the machine's connection-tracking settings are left as they are
+conntrack:
+  maxPerCore: 0
+  min: 0
+  tcpEstablishedTimeout: 0s
+  tcpCloseWaitTimeout: 0s
+EOF
+}
+
+start_kube_proxy() {
+  kube_proxy_config >"$dir/kube-proxy-config.yaml"
+  launch kube-proxy kube-proxy --config "$dir/kube-proxy-config.yaml"
+  wait_for kube-proxy curl -sf http://127.0.0.1:20256/livez
+}
+
+# The cluster's zone and the reverse zones of its two ranges from the API (as kind's CoreDNS
+# answers them); any other name NXDOMAIN, since nothing here may ask a server beyond the machine.
+corefile() {
+  local reverse
+  reverse=$(for r in "$POD_SUBNET" "$SERVICE_RANGE"; do echo "$r" | awk -F'[./]' '{ printf "%s.%s.%s.in-addr.arpa ", $3, $2, $1 }'; done)
+  cat <<EOF
+$CLUSTER_DOMAIN:53 ${reverse% } {
+    bind $BRIDGE_ADDRESS
+    errors
+    health 127.0.0.1:20180
+    ready 127.0.0.1:20181
+    kubernetes $CLUSTER_DOMAIN ${reverse% } {
+        kubeconfig $dir/coredns.kubeconfig order-pipeline
+        pods insecure
+        ttl 30
+    }
+    cache 30
+    loop
+    loadbalance
+}
+.:53 {
+    bind $BRIDGE_ADDRESS
+    errors
+    template ANY ANY {
+        rcode NXDOMAIN
+    }
+}
+EOF
+}
+
+# What CoreDNS's kubernetes plugin reads, granted to its user (as kind's system:coredns role).
+coredns_rbac() {
+  kubectl apply -f - >/dev/null <<EOF
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: system:coredns
+rules:
+  - apiGroups: [""]
+    resources: [endpoints, services, pods, namespaces]
+    verbs: [list, watch]
+  - apiGroups: [discovery.k8s.io]
+    resources: [endpointslices]
+    verbs: [list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata:
+  name: system:coredns
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: ClusterRole
+  name: system:coredns
+subjects:
+  - apiGroup: rbac.authorization.k8s.io
+    kind: User
+    name: system:coredns
+EOF
+}
+
+start_coredns() {
+  coredns_rbac
+  corefile >"$dir/Corefile"
+  launch coredns coredns -conf "$dir/Corefile"
+  wait_for coredns curl -sf http://127.0.0.1:20181/ready
+}
+
 node_ready() {
   [ "$(kubectl get node "$NODE" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}')" = True ]
 }
@@ -445,7 +586,9 @@ up() {
   start_apiserver
   start_controllers
   start_kubelet
-  say "cluster up in $(elapsed "$t")s: node $NODE Ready; KUBECONFIG=$dir/admin.kubeconfig; pods on $BRIDGE ($POD_SUBNET), this machine at $BRIDGE_ADDRESS"
+  start_kube_proxy
+  start_coredns
+  say "cluster up in $(elapsed "$t")s: node $NODE Ready; KUBECONFIG=$dir/admin.kubeconfig; pods on $BRIDGE ($POD_SUBNET), services $SERVICE_RANGE, DNS $CLUSTER_DOMAIN at $BRIDGE_ADDRESS"
 }
 
 down() {
@@ -457,6 +600,10 @@ down() {
       || say "some pods did not go in 60s; removing their containers directly"
   fi
   stop kubelet
+  stop coredns
+  stop kube-proxy
+  # kube-proxy's own clean-up of the rules it made (restore_machine_state removes what is left)
+  [ -x "$bin/kube-proxy" ] && { "$bin/kube-proxy" --cleanup >>"$dir/logs/kube-proxy.log" 2>&1 || true; }
   if running containerd; then
     # the sandboxes' shims and network namespaces; the CNI plugin releases the addresses
     local c="$cnt/containerd.sock" id
@@ -485,7 +632,7 @@ down() {
     grep -qx "netns $ns" "$dir/run/machine-state" 2>/dev/null && continue
     ip netns delete "$ns" 2>/dev/null && say "removed network namespace $ns"
   done
-  ip link show "$BRIDGE" >/dev/null 2>&1 && { ip link delete "$BRIDGE"; say "bridge $BRIDGE removed"; }
+  network_down
   rm -rf "$dir/cni/ipam"
   restore_machine_state
   say "cluster down"

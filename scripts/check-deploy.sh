@@ -175,6 +175,15 @@ case "$(kinds_in "$work/no-topics.yaml")" in *Job*) fail "topics.create=false st
 grep -Eq 'value: "?kafka.example:9092"?$' "$work/external.yaml" || fail "external bootstrap servers not used"
 grep -Eq 'value: "?https://registry.example"?$' "$work/external.yaml" || fail "external registry URL not used"
 
+step "helm template, the in-cluster registry switched to Apicurio"
+"$helm" template op "$chart" --set schemaRegistry.server=apicurio >"$work/apicurio.yaml"
+validate "$work/apicurio.yaml"
+grep -q 'image: apicurio/apicurio-registry:' "$work/apicurio.yaml" || fail "schemaRegistry.server=apicurio did not run Apicurio's image"
+[ "$(grep -c 'value: "*http://op-order-pipeline-schema-registry:8081/apis/ccompat/v7"*$' "$work/apicurio.yaml")" = 3 ] \
+  || fail "the three services do not reach Apicurio's Confluent-compatible API"
+grep -q 'confluentinc' "$work/apicurio.yaml" && fail "Confluent's image rendered beside Apicurio"
+echo "Apicurio's image, the services at /apis/ccompat/v7"
+
 step "helm template --set orderProcessor.replicas=3, autoscaling on"
 "$helm" template op "$chart" --set orderProcessor.replicas=3 >"$work/scaled.yaml"
 [ "$(replicas_of "$work/scaled.yaml" order-processor)" = 3 ] || fail "orderProcessor.replicas=3 did not give 3 replicas"

@@ -5,6 +5,8 @@ its ChromeDriver by Selenium."""
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
+from support import wait_for
+
 
 def browser():
     options = webdriver.ChromeOptions()
@@ -53,3 +55,21 @@ def trace_links(driver):
     return driver.execute_script(
         "return Object.fromEntries([...document.querySelectorAll('#recent tbody a')]"
         ".map(a => [a.innerText.trim(), a.getAttribute('href')]));")
+
+
+def check_final_figures(driver, port, stats, report, screenshot):
+    """Opens the status page at http://localhost:`port`/ as a person would, waits until it shows
+    the group's `stats` (/stats/global) and the analyzer's `report` (/report), checks that it
+    shows no error, cuts no table off and counts the dead letters by kind as the report does,
+    keeps a screenshot, and returns the recent dead letters' trace links."""
+    driver.get(f"http://localhost:{port}/")
+    wait_for("the page's first answer", lambda: loaded(driver), 30)
+    wait_for("the page to show the final figures", lambda: (
+        int(card(driver, "processed")) == stats["processed"]
+        and text(driver, "#dead-total").replace(",", "") == str(report["total"])), 30)
+    assert text(driver, "#dead-error") == "" and text(driver, "#global-error") == ""
+    assert clipped(driver) == [], "cut off at their right edge"
+    assert {row[0]: int(row[1]) for row in rows(driver, "#kinds tbody tr")} == report["by_kind"]
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(screenshot))
+    return trace_links(driver)

@@ -25,7 +25,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 os.environ["KAFKA_BOOTSTRAP_SERVERS"] = "127.0.0.1:29092"
 os.environ["SCHEMA_REGISTRY_URL"] = "http://127.0.0.1:8081/apis/ccompat/v7"
 sys.path.insert(0, str(ROOT / "tests"))
-from browser import browser, card, clipped, loaded, rows, text, trace_links  # noqa: E402
+from browser import browser, check_final_figures  # noqa: E402
 from engine import ENGINE, ENV, docker  # noqa: E402
 from support import get_json, unique, wait_for  # noqa: E402
 from truth import Failures, check_totals, send_garbage  # noqa: E402
@@ -104,17 +104,7 @@ def test_compose_demo_runs_the_real_file_on_its_own_network():
         # the status page, as a browser on the host opens it: the group's totals and the analyzer's
         # dead letters (asked by the processor at dlq-analyzer:8103), each trace linked to the UI
         driver = browser()
-        driver.get(f"http://localhost:{page}/")
-        wait_for("the page's first answer", lambda: loaded(driver), 30)
-        wait_for("the page to show the final figures", lambda: (
-            int(card(driver, "processed")) == stats["processed"]
-            and text(driver, "#dead-total").replace(",", "") == str(report["total"])), 30)
-        assert text(driver, "#dead-error") == "" and text(driver, "#global-error") == ""
-        assert clipped(driver) == [], "cut off at their right edge"
-        assert {row[0]: int(row[1]) for row in rows(driver, "#kinds tbody tr")} == report["by_kind"]
-        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        driver.save_screenshot(str(SCREENSHOT))
-        links = trace_links(driver)
+        links = check_final_figures(driver, page, stats, report, SCREENSHOT)
         assert links and all(href == f"http://localhost:16686/trace/{t}" for t, href in links.items()), links
 
         # an order's trace, read back from the Compose Jaeger's query API: all three services

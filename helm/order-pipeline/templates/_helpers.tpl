@@ -46,7 +46,7 @@ dlq-analyzer: dlqAnalyzer
 
 {{- define "op.registryUrl" -}}
 {{- if .Values.schemaRegistry.enabled -}}
-http://{{ include "op.fullname" . }}-schema-registry:8081
+http://{{ include "op.fullname" . }}-schema-registry:8081{{ if eq .Values.schemaRegistry.server "apicurio" }}/apis/ccompat/v7{{ end }}
 {{- else -}}
 {{ required "schemaRegistry.url is required when schemaRegistry.enabled is false" .Values.schemaRegistry.url }}
 {{- end -}}
