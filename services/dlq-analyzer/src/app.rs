@@ -199,6 +199,8 @@ impl Application {
                             Some(_) => codec.decode(m.payload()).await.ok(),
                             None => None,
                         };
+                        // every message read (messaging_client_consumed_messages); the
+                        // report counts each dead letter once, however often it is read
                         consumed
                             .get_or_create(&CategoryLabel {
                                 category: meta.category.as_str(),

@@ -46,9 +46,17 @@ pub struct Report {
     pub recent: VecDeque<Failure>,
     /// The redrives this analyzer ran: what, when, how many.
     pub redrives: Vec<crate::redrive::RedriveRun>,
+    /// Per dead-letter partition, the offset after the last one counted. The analyzer commits
+    /// no offsets, so a partition assigned to it again (after a rebalance, or the broker's
+    /// restart) is read again from its beginning; what was counted is skipped, not counted twice.
+    #[serde(skip)]
+    counted: BTreeMap<i32, i64>,
 }
 
 impl Report {
+    /// Counts the dead letter at `(partition, offset)`, unless it was counted already (read
+    /// again after its partition came back to this analyzer): then nothing changes and the
+    /// answer is false.
     pub fn add(
         &mut self,
         meta: &Metadata,
@@ -56,7 +64,12 @@ impl Report {
         order: Option<&Order>,
         trace_id: Option<String>,
         (partition, offset): (i32, i64),
-    ) {
+    ) -> bool {
+        let next = self.counted.entry(partition).or_default();
+        if offset < *next {
+            return false;
+        }
+        *next = offset + 1;
         self.total += 1;
         *self.by_category.entry(meta.category).or_default() += 1;
         *self
@@ -85,6 +98,7 @@ impl Report {
             trace_id,
             meta: meta.clone(),
         });
+        true
     }
 }
 
@@ -166,5 +180,25 @@ mod tests {
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["failed_value"], 12.5);
         assert_eq!(json["by_category"]["unknown"], 1);
+    }
+
+    #[test]
+    fn a_partition_read_again_from_its_beginning_is_not_counted_twice() {
+        let mut r = Report::default();
+        let letter = meta(Category::Validation, "unknown_product");
+        for offset in 0..3 {
+            assert!(r.add(&letter, "a", None, None, (0, offset)));
+        }
+        assert!(r.add(&letter, "b", None, None, (1, 0)));
+        // partition 0 comes back to this analyzer and is read from offset 0 again
+        for offset in 0..3 {
+            assert!(!r.add(&letter, "a", None, None, (0, offset)));
+        }
+        assert!(r.add(&letter, "c", None, None, (0, 3)));
+        // a gap (offsets of aborted transactions, compacted records) is no reason to skip
+        assert!(r.add(&letter, "d", None, None, (0, 7)));
+        assert_eq!(r.total, 6);
+        assert_eq!(r.by_kind["validation/unknown_product"], 6);
+        assert_eq!(r.recent.len(), 6);
     }
 }
