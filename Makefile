@@ -12,7 +12,8 @@ CLUSTER_HOST_ADDRESS := 10.213.0.1
 VENV := .venv
 PY_REQS := tests/interop/requirements.txt
 
-.PHONY: help demo test reset-test-logs check-deploy k8s-manifests kind-up kind-load kind-install kind-down stack-up stack-down stack-status stack-env build lint \
+.PHONY: help demo test reset-test-logs check-deploy k8s-manifests kind-up kind-load kind-install kind-down \
+        minikube-up minikube-load minikube-install minikube-down stack-up stack-down stack-status stack-env build lint \
         test-rust test-interop test-demo test-images python-env compose-demo compose-down bench engine-up engine-down engine-status images trace \
         cluster-up cluster-down cluster-status test-cluster deps-images test-compose
 
@@ -184,13 +185,31 @@ kind-load: ## build the three images (tag IMAGE_TAG) and load them into the kind
 	  $(KIND) load image-archive "$$archive" --name $(KIND_CLUSTER); \
 	done
 
+# the cluster the chart goes to: kind's context for KIND_CLUSTER, or minikube's
+KUBE_CONTEXT ?= kind-$(KIND_CLUSTER)
 kind-install: ## install (or upgrade) the chart into the kind cluster (HELM=helm to use your own)
 	@command -v $(HELM) >/dev/null || bash scripts/check-deploy.sh helm
-	$(HELM) upgrade --install order-pipeline helm/order-pipeline --namespace order-pipeline --create-namespace \
-	  --set default.image.tag=$(IMAGE_TAG) --wait --timeout 10m
+	$(HELM) upgrade --install order-pipeline helm/order-pipeline --kube-context $(KUBE_CONTEXT) \
+	  --namespace order-pipeline --create-namespace --set default.image.tag=$(IMAGE_TAG) --wait --timeout 10m
 
 kind-down: ## delete the kind cluster
 	$(KIND) delete cluster --name $(KIND_CLUSTER)
+
+MINIKUBE ?= minikube
+minikube-up: ## start minikube with room for the chart's Kafka, registry and Jaeger
+	$(MINIKUBE) start --cpus 4 --memory 6g
+
+minikube-load: ## build the three images (tag IMAGE_TAG) in minikube's own Docker, where its node finds them
+	eval "$$($(MINIKUBE) docker-env)"; set -e; \
+	for s in order-generator order-processor dlq-analyzer; do \
+	  docker build --target $$s -t order-pipeline/$$s:$(IMAGE_TAG) .; \
+	done
+
+minikube-install: ## install (or upgrade) the chart into minikube
+	$(MAKE) kind-install KUBE_CONTEXT=minikube IMAGE_TAG=$(IMAGE_TAG)
+
+minikube-down: ## delete the minikube cluster
+	$(MINIKUBE) delete
 
 trace: ## one trace from Jaeger as a waterfall: make trace ID=<trace id>; without ID, the last demo's dead letter
 	@id="$(ID)"; [ -n "$$id" ] || id=$$(cat .stack/logs/last-demo-trace 2>/dev/null || true); \

@@ -2,8 +2,10 @@
 # A real single-node Kubernetes on this machine, for the chart's install test: etcd, the API
 # server, the controller manager, the scheduler, the kubelet and kube-proxy as local processes,
 # on a containerd of the cluster's own (Debian's containerd, runc and CNI plugins), with CoreDNS
-# answering the cluster's names. The Kubernetes binaries and etcd are built once from the Go
-# module proxy (cluster/go.mod), CoreDNS from its own (cluster/coredns), and cached.
+# answering the cluster's names and Rancher's local-path provisioner behind the default
+# StorageClass, as kind has them. The Kubernetes binaries and etcd are built once from the Go
+# module proxy (cluster/go.mod), CoreDNS and the provisioner from their own modules
+# (cluster/coredns, cluster/local-path), and cached.
 #
 #   cluster/cluster.sh install   Debian packages and the binaries, when missing
 #   cluster/cluster.sh up        start what is not running, wait until the node is Ready
@@ -46,9 +48,13 @@ KUBELET_PORT=20250
 READY_TIMEOUT_S=${CLUSTER_READY_TIMEOUT_S:-180}
 PAUSE_IMAGE=localhost/order-pipeline/pause:3.10
 CLUSTER_DOMAIN=cluster.local
+# the default StorageClass's provisioner and its helper pods' image (Debian's static busybox)
+LOCAL_PATH_NS=local-path-storage
+STORAGE_CLASS=standard
+HELPER_IMAGE=localhost/order-pipeline/busybox:bookworm
 # the rule that keeps pods' packets on the bridge (mangle FORWARD), found and removed by its comment
 GUARD_COMMENT="order-pipeline cluster: pods' packets stay on $BRIDGE"
-components=(containerd etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy coredns)
+components=(containerd etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy coredns local-path-provisioner)
 
 say() { printf '[cluster] %s\n' "$*" >&2; }
 die() { printf '[cluster] error: %s\n' "$*" >&2; exit 1; }
@@ -68,7 +74,8 @@ kubectl() { "$bin/kubectl" --kubeconfig "$dir/admin.kubeconfig" "$@"; }
 install() {
   local missing=() p
   # containerd and runc also come with docker.io (the engine); the CNI plugins do not
-  for p in containerd runc containernetworking-plugins iproute2 iptables openssl; do
+  # busybox-static: the local-path provisioner's helper image
+  for p in containerd runc containernetworking-plugins iproute2 iptables openssl busybox-static; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   if [ "${#missing[@]}" -gt 0 ]; then
@@ -85,13 +92,15 @@ install() {
     ldflags+=" -X $x.gitTreeState=clean"
   done
   # built again when the module's requirements or the flags change
-  recipe="$ldflags $(cat "$src/go.mod" "$src/go.sum" "$src/coredns/go.mod" "$src/coredns/go.sum" "$src/coredns/main.go" | sha256sum)"
+  recipe="$ldflags $(cat "$src/go.mod" "$src/go.sum" "$src/coredns/go.mod" "$src/coredns/go.sum" "$src/coredns/main.go" \
+    "$src/local-path/go.mod" "$src/local-path/go.sum" | sha256sum)"
   if [ "$(cat "$bin/.built" 2>/dev/null)" != "$recipe" ]; then
     command -v go >/dev/null || die "Go is needed to build Kubernetes from the Go module proxy"
     t=$(now)
-    say "building Kubernetes $K8S_VERSION (kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy, kubectl), etcd and CoreDNS from the Go module proxy; about ten minutes the first time"
+    say "building Kubernetes $K8S_VERSION (kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy, kubectl), etcd, CoreDNS and the local-path provisioner from the Go module proxy; about ten minutes the first time"
     { (cd "$src" && go build -trimpath -ldflags "$ldflags" -o "$bin/" tool) \
-        && (cd "$src/coredns" && go build -trimpath -o "$bin/coredns" .); } >"$dir/logs/build.log" 2>&1 \
+        && (cd "$src/coredns" && go build -trimpath -o "$bin/coredns" .) \
+        && (cd "$src/local-path" && go build -trimpath -o "$bin/" tool); } >"$dir/logs/build.log" 2>&1 \
       || { tail -n 20 "$dir/logs/build.log" >&2; die "the build failed; its log is $dir/logs/build.log"; }
     # go names the etcd server module's binary after its path without the major version
     mv "$bin/server" "$bin/etcd"
@@ -177,6 +186,7 @@ make_pki() {
   cert kubelet "$NODE" "" "IP:$BRIDGE_ADDRESS,DNS:$NODE"
   cert kube-proxy system:kube-proxy ""
   cert coredns system:coredns ""
+  cert local-path local-path-provisioner ""
   [ -f "$pki/sa.key" ] || { openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null; openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null; }
   kubeconfig "$dir/admin.kubeconfig" admin admin
   kubeconfig "$dir/controller-manager.kubeconfig" controller-manager controller-manager
@@ -184,6 +194,7 @@ make_pki() {
   kubeconfig "$dir/kubelet.kubeconfig" "system:node:$NODE" kubelet-client
   kubeconfig "$dir/kube-proxy.kubeconfig" system:kube-proxy kube-proxy
   kubeconfig "$dir/coredns.kubeconfig" system:coredns coredns
+  kubeconfig "$dir/local-path.kubeconfig" local-path-provisioner local-path
 }
 
 # ---------------------------------------------------------------- network
@@ -349,34 +360,58 @@ start_containerd() {
   cni_config >"$dir/cni/net.d/10-order-pipeline.conflist"
   launch containerd containerd --config "$cnt/config.toml"
   wait_for containerd ctr --address "$cnt/containerd.sock" version
-  if ! ctr --address "$cnt/containerd.sock" -n k8s.io images ls -q | grep -qx "$PAUSE_IMAGE"; then
-    pause_image | ctr --address "$cnt/containerd.sock" -n k8s.io images import --no-unpack=false - >/dev/null \
-      || die "could not import the pause image"
-    say "pause image $PAUSE_IMAGE imported"
-  fi
+  local image
+  for image in "$PAUSE_IMAGE" "$HELPER_IMAGE"; do
+    ctr --address "$cnt/containerd.sock" -n k8s.io images ls -q | grep -qx "$image" && continue
+    if [ "$image" = "$PAUSE_IMAGE" ]; then pause_image; else helper_image; fi \
+      | ctr --address "$cnt/containerd.sock" -n k8s.io images import --no-unpack=false - >/dev/null \
+      || die "could not import the image $image"
+    say "image $image imported"
+  done
 }
 
-# An OCI image archive of one layer, the static pause program, made without any registry.
-pause_image() {
-  local w; w=$(mktemp -d)
-  mkdir -p "$w/rootfs" "$w/blobs/sha256"
-  cp "$bin/pause" "$w/rootfs/pause"
-  tar --sort=name --owner=0 --group=0 --mtime=@0 -C "$w/rootfs" -cf "$w/layer.tar" pause
+# An OCI image archive of one layer, made from a root directory without any registry:
+# oci_image NAME (with its tag) ROOT CONFIG (the image config's "config" object, JSON)
+oci_image() {
+  local name=$1 root=$2 cfg=$3 w
+  w=$(mktemp -d)
+  mkdir -p "$w/blobs/sha256"
+  tar --sort=name --owner=0 --group=0 --mtime=@0 -C "$root" -cf "$w/layer.tar" .
   local layer config manifest size_l size_c size_m
   layer=$(sha256sum "$w/layer.tar" | cut -d' ' -f1); size_l=$(stat -c %s "$w/layer.tar")
   mv "$w/layer.tar" "$w/blobs/sha256/$layer"
-  printf '{"architecture":"amd64","os":"linux","config":{"Entrypoint":["/pause"],"User":"65535:65535"},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' "$layer" >"$w/config.json"
+  printf '{"architecture":"amd64","os":"linux","config":%s,"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' "$cfg" "$layer" >"$w/config.json"
   config=$(sha256sum "$w/config.json" | cut -d' ' -f1); size_c=$(stat -c %s "$w/config.json")
   mv "$w/config.json" "$w/blobs/sha256/$config"
   printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%s},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:%s","size":%s}]}' \
     "$config" "$size_c" "$layer" "$size_l" >"$w/manifest.json"
   manifest=$(sha256sum "$w/manifest.json" | cut -d' ' -f1); size_m=$(stat -c %s "$w/manifest.json")
   mv "$w/manifest.json" "$w/blobs/sha256/$manifest"
-  printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"annotations":{"io.containerd.image.name":"%s","org.opencontainers.image.ref.name":"3.10"}}]}' \
-    "$manifest" "$size_m" "$PAUSE_IMAGE" >"$w/index.json"
+  printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"annotations":{"io.containerd.image.name":"%s","org.opencontainers.image.ref.name":"%s"}}]}' \
+    "$manifest" "$size_m" "$name" "${name##*:}" >"$w/index.json"
   echo '{"imageLayoutVersion":"1.0.0"}' >"$w/oci-layout"
   tar -C "$w" -cf - oci-layout index.json blobs
   rm -rf "$w"
+}
+
+# the pod sandbox: the static pause program alone
+pause_image() {
+  local root; root=$(mktemp -d)
+  cp "$bin/pause" "$root/pause"
+  oci_image "$PAUSE_IMAGE" "$root" '{"Entrypoint":["/pause"],"User":"65535:65535"}'
+  rm -rf "$root"
+}
+
+# the local-path provisioner's helper: Debian's static busybox and its applets (sh, mkdir, rm)
+helper_image() {
+  local root applet; root=$(mktemp -d)
+  mkdir -p "$root/bin" "$root/tmp"
+  cp /bin/busybox "$root/bin/busybox"
+  for applet in $(/bin/busybox --list); do
+    [ "$applet" = busybox ] || ln -s busybox "$root/bin/$applet"
+  done
+  oci_image "$HELPER_IMAGE" "$root" '{"Env":["PATH=/bin"],"Cmd":["/bin/sh"]}'
+  rm -rf "$root"
 }
 
 start_etcd() {
@@ -533,6 +568,16 @@ $CLUSTER_DOMAIN:53 ${reverse% } {
 EOF
 }
 
+# A (Cluster)RoleBinding of the role of that name to a user of the cluster's PKI:
+# user_binding Role|ClusterRole NAME USER [NAMESPACE]
+user_binding() {
+  echo "apiVersion: rbac.authorization.k8s.io/v1"
+  echo "kind: ${1}Binding"
+  echo "metadata: {name: \"$2\"${4:+, namespace: $4}}"
+  echo "roleRef: {apiGroup: rbac.authorization.k8s.io, kind: $1, name: \"$2\"}"
+  echo "subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: \"$3\"}]"
+}
+
 # What CoreDNS's kubernetes plugin reads, granted to its user (as kind's system:coredns role).
 coredns_rbac() {
   kubectl apply -f - >/dev/null <<EOF
@@ -548,18 +593,7 @@ rules:
     resources: [endpointslices]
     verbs: [list, watch]
 ---
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata:
-  name: system:coredns
-roleRef:
-  apiGroup: rbac.authorization.k8s.io
-  kind: ClusterRole
-  name: system:coredns
-subjects:
-  - apiGroup: rbac.authorization.k8s.io
-    kind: User
-    name: system:coredns
+$(user_binding ClusterRole system:coredns system:coredns)
 EOF
 }
 
@@ -568,6 +602,113 @@ start_coredns() {
   corefile >"$dir/Corefile"
   launch coredns coredns -conf "$dir/Corefile"
   wait_for coredns curl -sf http://127.0.0.1:20181/ready
+}
+
+# ---------------------------------------------------------------- storage
+
+# The default StorageClass, as kind's: Rancher's local-path provisioner makes each volume a
+# directory under $dir/local-path on this node, through a helper pod (busybox) that creates and
+# removes it. The provisioner runs as a local process with a user of its own.
+local_path_objects() {
+  cat <<EOF
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: $LOCAL_PATH_NS
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: local-path-provisioner-service-account
+  namespace: $LOCAL_PATH_NS
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata:
+  name: local-path-provisioner-role
+  namespace: $LOCAL_PATH_NS
+rules:
+  - apiGroups: [""]
+    resources: [pods]
+    verbs: [get, list, watch, create, patch, update, delete]
+---
+$(user_binding Role local-path-provisioner-role local-path-provisioner "$LOCAL_PATH_NS")
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: local-path-provisioner-role
+rules:
+  - apiGroups: [""]
+    resources: [nodes, persistentvolumeclaims, configmaps, pods, pods/log]
+    verbs: [get, list, watch]
+  - apiGroups: [""]
+    resources: [persistentvolumes]
+    verbs: [get, list, watch, create, patch, update, delete]
+  - apiGroups: [""]
+    resources: [events]
+    verbs: [create, patch]
+  - apiGroups: [storage.k8s.io]
+    resources: [storageclasses]
+    verbs: [get, list, watch]
+---
+$(user_binding ClusterRole local-path-provisioner-role local-path-provisioner)
+---
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata:
+  name: $STORAGE_CLASS
+  annotations:
+    storageclass.kubernetes.io/is-default-class: "true"
+provisioner: rancher.io/local-path
+volumeBindingMode: WaitForFirstConsumer
+reclaimPolicy: Delete
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: local-path-config
+  namespace: $LOCAL_PATH_NS
+data:
+  config.json: |-
+    {"nodePathMap": [{"node": "DEFAULT_PATH_FOR_NON_LISTED_NODES", "paths": ["$dir/local-path"]}]}
+  setup: |-
+    #!/bin/sh
+    set -eu
+    mkdir -m 0777 -p "\$VOL_DIR"
+  teardown: |-
+    #!/bin/sh
+    set -eu
+    rm -rf "\$VOL_DIR"
+  helperPod.yaml: |-
+    apiVersion: v1
+    kind: Pod
+    metadata:
+      name: helper-pod
+    spec:
+      priorityClassName: system-node-critical
+      tolerations:
+        - key: node.kubernetes.io/disk-pressure
+          operator: Exists
+          effect: NoSchedule
+      containers:
+        - name: helper-pod
+          image: $HELPER_IMAGE
+          imagePullPolicy: IfNotPresent
+          securityContext:
+            runAsUser: 0
+EOF
+}
+
+start_local_path() {
+  kubectl apply -f - >/dev/null < <(local_path_objects)
+  mkdir -p "$dir/local-path"
+  launch local-path-provisioner local-path-provisioner start --kubeconfig "$dir/local-path.kubeconfig" \
+    --namespace "$LOCAL_PATH_NS" --configmap-name local-path-config --provisioner-name rancher.io/local-path \
+    --helper-image "$HELPER_IMAGE" --service-account-name local-path-provisioner-service-account
+  # no health endpoint: alive a moment after it read its configuration
+  sleep 1
+  running local-path-provisioner || { tail -n 20 "$dir/logs/local-path-provisioner.log" >&2; die "local-path-provisioner exited; its log is $dir/logs/local-path-provisioner.log"; }
 }
 
 node_ready() {
@@ -588,6 +729,7 @@ up() {
   start_kubelet
   start_kube_proxy
   start_coredns
+  start_local_path
   say "cluster up in $(elapsed "$t")s: node $NODE Ready; KUBECONFIG=$dir/admin.kubeconfig; pods on $BRIDGE ($POD_SUBNET), services $SERVICE_RANGE, DNS $CLUSTER_DOMAIN at $BRIDGE_ADDRESS"
 }
 
@@ -599,6 +741,7 @@ down() {
     kubectl delete pods --all --all-namespaces --grace-period=5 --timeout=60s >/dev/null 2>&1 \
       || say "some pods did not go in 60s; removing their containers directly"
   fi
+  stop local-path-provisioner
   stop kubelet
   stop coredns
   stop kube-proxy

@@ -184,6 +184,24 @@ grep -q 'image: apicurio/apicurio-registry:' "$work/apicurio.yaml" || fail "sche
 grep -q 'confluentinc' "$work/apicurio.yaml" && fail "Confluent's image rendered beside Apicurio"
 echo "Apicurio's image, the services at /apis/ccompat/v7"
 
+step "helm template: the services' ServiceAccount"
+"$venv/bin/python" - "$work/default.yaml" <<'EOF2' || fail "the ServiceAccount is not the services' and the Job's (above)"
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+accounts = [d for d in docs if d["kind"] == "ServiceAccount"]
+assert [a["metadata"]["name"] for a in accounts] == ["op-order-pipeline"], accounts
+assert accounts[0]["automountServiceAccountToken"] is False
+pods = {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in docs if d["kind"] in ("Deployment", "Job")
+        and d["metadata"]["labels"]["app.kubernetes.io/component"] in ("order-generator", "order-processor", "dlq-analyzer", "topics")}
+assert len(pods) == 4, sorted(pods)
+for name, pod in pods.items():
+    assert pod["serviceAccountName"] == "op-order-pipeline" and pod["automountServiceAccountToken"] is False, name
+print("one ServiceAccount, no token mounted, used by the three services and the topics Job")
+EOF2
+"$helm" template op "$chart" --set serviceAccount.create=false >"$work/no-sa.yaml"
+grep -q 'kind: ServiceAccount' "$work/no-sa.yaml" && fail "serviceAccount.create=false still renders a ServiceAccount"
+[ "$(grep -c 'serviceAccountName: default$' "$work/no-sa.yaml")" = 4 ] || fail "without a ServiceAccount of the chart's, the pods must run as default"
+
 step "helm template --set orderProcessor.replicas=3, autoscaling on"
 "$helm" template op "$chart" --set orderProcessor.replicas=3 >"$work/scaled.yaml"
 [ "$(replicas_of "$work/scaled.yaml" order-processor)" = 3 ] || fail "orderProcessor.replicas=3 did not give 3 replicas"

@@ -8,9 +8,13 @@ kube-proxy (cluster/cluster.sh): the topics Job and the services reach `<release
 the registry and Jaeger; the status page asks the analyzer. The test reaches the pods only
 through the NOTES' own `kubectl port-forward` commands (with free local ports, since the native
 stack holds 16686 here), never by a pod address. The ground truth is the orders topic's end
-offsets, read by the Kafka image's own `kafka-get-offsets.sh` in the broker's pod.
+offsets, read by the Kafka image's own `kafka-get-offsets.sh` in the broker's pod: after the
+processor was scaled 1 -> 3 -> 1 and one of its pods deleted, and the broker's pod deleted and
+back on its volume (the default StorageClass's: the local-path provisioner), every order on the
+topic is counted or dead-lettered exactly once; `helm uninstall` takes the volume with it.
 """
 
+import json
 import pathlib
 import re
 import subprocess
@@ -19,7 +23,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from browser import browser, check_final_figures  # noqa: E402
 from support import free_port, get_json, unique, wait_for  # noqa: E402
-from test_helm import CHART, ENV, HELM, ROOT, SERVICES, TAG, kubectl, objects, run  # noqa: E402
+from test_helm import CHART, ENV, HELM, ROOT, SERVICES, TAG, kubectl, objects, ready_pods, run, wait_ready  # noqa: E402
 
 SCREENSHOT = ROOT / "target" / "test-logs" / "cluster-status-page.png"
 # the images built here in place of Docker Hub's: the chart's values for them, and nothing else
@@ -78,6 +82,38 @@ def test_default_install_with_its_own_kafka_registry_and_jaeger():
         forwards += [processor, analyzer, jaeger]
         wait_for("orders counted", lambda: get_json(processor.port, "/stats/global")["processed"] >= 100, 180)
 
+        # the processor scaled 1 -> 3 while orders flow, one of its pods deleted, back to 1
+        deployment = f"deployment/{release}-order-pipeline-order-processor"
+        kubectl("scale", deployment, "-n", namespace, "--replicas=3")
+        victim = wait_ready(namespace, "order-processor", 3)[1]["metadata"]["name"]
+        kubectl("delete", "pod", victim, "-n", namespace, "--wait=true", timeout=90)
+        assert victim not in {p["metadata"]["name"] for p in wait_ready(namespace, "order-processor", 3)}
+        kubectl("scale", deployment, "-n", namespace, "--replicas=1")
+        wait_ready(namespace, "order-processor", 1)
+        # the Service's endpoints changed under the port-forward: a new one to the pod now behind it
+        processor.stop()
+        processor = PortForward(notes, "order-processor")
+        forwards.append(processor)
+
+        # Kafka on its volume (the default StorageClass's, local-path): the broker's pod deleted
+        # mid-stream comes back on the same volume with the records it had
+        claim = objects(namespace, "persistentvolumeclaims", selector)
+        assert len(claim) == 1 and claim[0]["status"]["phase"] == "Bound", claim
+        volume = json.loads(kubectl("get", "pv", claim[0]["spec"]["volumeName"], "-o", "json"))
+        assert volume["metadata"]["annotations"]["pv.kubernetes.io/provisioned-by"] == "rancher.io/local-path"
+        before = end_offsets(namespace, release, "orders")
+        kafka = f"{release}-order-pipeline-kafka-0"
+        uid = objects(namespace, "pods", "app.kubernetes.io/component=kafka")[0]["metadata"]["uid"]
+        kubectl("delete", "pod", kafka, "-n", namespace, "--wait=true", timeout=120)
+        wait_for("the broker back in a new pod", lambda: [
+            p for p in ready_pods(namespace, "app.kubernetes.io/component=kafka") if p["metadata"]["uid"] != uid], 180)
+        after = end_offsets(namespace, release, "orders")
+        assert after >= before, f"the broker lost records with its pod: {before} before, {after} after"
+        wait_for("orders counted after the broker's return",
+                 lambda: get_json(processor.port, "/stats/global")["processed"] > 0 and end_offsets(namespace, release, "orders") > after, 120)
+        print(f"default install: Kafka's pod deleted with {before} orders on the topic; back on volume "
+              f"{claim[0]['spec']['volumeName']} with {after}, and orders flowing again")
+
         # the generator stops (SIGTERM: it flushes); every order on the topic is then counted or
         # dead-lettered, exactly once
         kubectl("scale", f"deployment/{release}-order-pipeline-order-generator", "-n", namespace, "--replicas=0")
@@ -105,6 +141,12 @@ def test_default_install_with_its_own_kafka_registry_and_jaeger():
             else None), 30)
         print(f"default install: trace {order} holds spans of {sorted(found)}; page screenshot {SCREENSHOT}")
         run(HELM, "uninstall", release, "-n", namespace, "--wait", "--timeout", "2m", timeout=180)
+        # the release's volume goes with it (the StatefulSet's retention policy), and its directory
+        wait_for("the Kafka volume deleted", lambda: not objects(namespace, "persistentvolumeclaims", selector)
+                 and claim[0]["spec"]["volumeName"] not in kubectl("get", "pv", "-o", "name"), 120)
+        # and every pod gone (the next test counts the services' processes on this machine)
+        wait_for("no pod left in the namespace", lambda: not json.loads(
+            kubectl("get", "pods", "-n", namespace, "-o", "json"))["items"], 120)
     finally:
         if driver is not None:
             driver.quit()
