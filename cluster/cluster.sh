@@ -376,6 +376,8 @@ oci_image() {
   local name=$1 root=$2 cfg=$3 w
   w=$(mktemp -d)
   mkdir -p "$w/blobs/sha256"
+  # the image's / as any root file system's (mktemp made it 0700)
+  chmod 755 "$root"
   tar --sort=name --owner=0 --group=0 --mtime=@0 -C "$root" -cf "$w/layer.tar" .
   local layer config manifest size_l size_c size_m
   layer=$(sha256sum "$w/layer.tar" | cut -d' ' -f1); size_l=$(stat -c %s "$w/layer.tar")
@@ -406,6 +408,7 @@ pause_image() {
 helper_image() {
   local root applet; root=$(mktemp -d)
   mkdir -p "$root/bin" "$root/tmp"
+  chmod 1777 "$root/tmp"
   cp /bin/busybox "$root/bin/busybox"
   for applet in $(/bin/busybox --list); do
     [ "$applet" = busybox ] || ln -s busybox "$root/bin/$applet"

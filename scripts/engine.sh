@@ -10,8 +10,9 @@
 # for the whole pool beside each bridge's own, so that nothing addressed into it leaves the
 # machine. Ports are published by docker-proxy on the host's addresses the file names (127.0.0.1
 # in ours); the engine's DNS answers containers' names, and any other query goes to an address
-# inside the pool, which nothing answers. The daemon pulls nothing (no registry is reachable). `down` removes the route and whatever bridge the daemon
-# left. Containers with --network host (the tests against the native stack) are unaffected.
+# inside the pool, which nothing answers. The daemon pulls nothing (no registry is reachable).
+# `down` removes the route and whatever bridge the daemon left. Containers with --network host
+# (the tests against the native stack) are unaffected.
 #
 # No image registry is needed: the base images are made here from Debian's
 # packages (mmdebstrap) and the machine's Rust toolchain, and the Dockerfile is pointed at them
@@ -88,14 +89,15 @@ up() {
   if running; then say "daemon running (pid $(cat "$pidfile"))"; return 0; fi
   install
   mkdir -p "$dir/data" "$dir/exec"
-  # no registry is reachable, and the daemon asks none: an image that is not here is refused at
-  # once (its pull goes to a closed port on loopback) instead of a lookup of a registry's name
   printf '{"default-address-pools": [{"base": "%s", "size": 24}], "dns": ["%s"]}\n' "$pool" "$pool_dns" \
     >"$dir/daemon.json"
   ip route show type unreachable | grep -q "^unreachable $pool " || ip route add unreachable "$pool"
   # --config-file: none of /etc/docker/daemon.json; --bridge=none, --iptables=false,
   # --ip-forward=false: no default bridge, and no packet-filter or forwarding setting of the
-  # machine is changed; docker-proxy publishes ports
+  # machine is changed; docker-proxy publishes ports. No registry is reachable and the daemon
+  # asks none: its proxy is a closed port on loopback, so an image that is not here is refused
+  # at once, without a lookup of a registry's name (Docker 20.10 takes the proxy from its
+  # environment only)
   HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 NO_PROXY= setsid /usr/sbin/dockerd \
     --config-file "$dir/daemon.json" \
     --data-root "$dir/data" --exec-root "$dir/exec" \
