@@ -8,9 +8,11 @@
 # default bridge. Networks that Compose makes are bridges whose subnets come from a pool this
 # project owns on the machine (ENGINE_POOL, 10.215.0.0/16, /24 each), with an `unreachable` route
 # for the whole pool beside each bridge's own, so that nothing addressed into it leaves the
-# machine. Ports are published by docker-proxy on the host's addresses the file names (127.0.0.1
-# in ours); the engine's DNS answers containers' names, and any other query goes to an address
-# inside the pool, which nothing answers. The daemon pulls nothing (no registry is reachable).
+# machine, and a rule (mangle FORWARD) that drops whatever a container sends outside the pool.
+# Ports are published by docker-proxy on the host's addresses the file names (127.0.0.1 in ours);
+# the engine's DNS answers containers' names; a query for any other name goes towards the
+# machine's resolver and is dropped by that rule. The daemon pulls nothing (no registry is
+# reachable).
 # `down` removes the route and whatever bridge the daemon left. Containers with --network host
 # (the tests against the native stack) are unaffected.
 #
@@ -44,8 +46,8 @@ debian_mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 suite=bookworm
 services=(order-generator order-processor dlq-analyzer)
 pool=${ENGINE_POOL:-10.215.0.0/16}
-# the containers' only DNS server besides the engine's own: in the pool, so no query leaves
-pool_dns=${pool%.0.0/*}.255.253
+# the rule that keeps the pool's packets on this machine (mangle FORWARD), found by its comment
+guard_comment="order-pipeline engine: the pool's packets stay on this machine"
 image_tag=${IMAGE_TAG:-dev}
 runtime_image=order-pipeline-base/runtime:$suite
 # the toolchain that builds the images is the one that builds the workspace here
@@ -89,12 +91,17 @@ up() {
   if running; then say "daemon running (pid $(cat "$pidfile"))"; return 0; fi
   install
   mkdir -p "$dir/data" "$dir/exec"
-  printf '{"default-address-pools": [{"base": "%s", "size": 24}], "dns": ["%s"]}\n' "$pool" "$pool_dns" \
-    >"$dir/daemon.json"
+  printf '{"default-address-pools": [{"base": "%s", "size": 24}]}\n' "$pool" >"$dir/daemon.json"
   ip route show type unreachable | grep -q "^unreachable $pool " || ip route add unreachable "$pool"
+  # a packet from a container to anything outside the pool is dropped, whatever the machine's
+  # forwarding setting: the engine's DNS asks the machine's resolver from the container's side
+  # for a name it does not know, and that query goes no further than this machine (builds run
+  # on the host's network and resolve as the host does)
+  iptables -t mangle -C FORWARD -s "$pool" ! -d "$pool" -m comment --comment "$guard_comment" -j DROP 2>/dev/null \
+    || iptables -t mangle -I FORWARD 1 -s "$pool" ! -d "$pool" -m comment --comment "$guard_comment" -j DROP
   # --config-file: none of /etc/docker/daemon.json; --bridge=none, --iptables=false,
-  # --ip-forward=false: no default bridge, and no packet-filter or forwarding setting of the
-  # machine is changed; docker-proxy publishes ports. No registry is reachable and the daemon
+  # --ip-forward=false: no default bridge, and the daemon changes no packet-filter or forwarding
+  # setting of the machine; docker-proxy publishes ports. No registry is reachable and the daemon
   # asks none: its proxy is a closed port on loopback, so an image that is not here is refused
   # at once, without a lookup of a registry's name (Docker 20.10 takes the proxy from its
   # environment only)
@@ -147,6 +154,9 @@ down() {
   if ip route show type unreachable | grep -q "^unreachable $pool "; then
     ip route del unreachable "$pool" && say "removed the route unreachable $pool"
   fi
+  while iptables -t mangle -D FORWARD -s "$pool" ! -d "$pool" -m comment --comment "$guard_comment" -j DROP 2>/dev/null; do
+    say "removed the FORWARD rule that kept the pool's packets here"
+  done
 }
 
 status() {
