@@ -284,8 +284,7 @@ for j in sys.argv[1:]:
   build_dependency "${dependency_images[0]}" "$ctx" --build-arg "JRE_IMAGE=$jre_image"
   # Apicurio Registry: the unpacked distribution
   ctx=$(context apicurio-registry); mkdir -p "$ctx/app"
-  cp -rl "$stack_dir/apicurio-registry-$apicurio_version/." "$ctx/app/" 2>/dev/null \
-    || cp -r "$stack_dir/apicurio-registry-$apicurio_version/." "$ctx/app/"
+  link_or_copy -r "$stack_dir/apicurio-registry-$apicurio_version/." "$ctx/app/"
   rm -f "$ctx/app/.installed"
   build_dependency "${dependency_images[1]}" "$ctx" --build-arg "JRE_IMAGE=$jre_image"
   # Jaeger: the stack's binary and the module's sampling strategies
